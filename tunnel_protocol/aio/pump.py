@@ -1,0 +1,234 @@
+"""Drive one Tunnel over one WebSocket attachment: WebSocket <-> Tunnel <-> local ByteStream.
+
+The pump is the same on both sides. It ends with an ``Outcome`` saying whether the stream is
+complete, the WebSocket was lost (resume may follow), the peer closed it with a code, or we closed
+it (protocol error, local stream failure, or an external ``close`` such as a revocation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from websockets.asyncio.connection import Connection
+from websockets.exceptions import ConnectionClosed
+
+from ..codes import CloseCode
+from ..errors import TunnelError
+from ..frames import encode_close
+from ..tunnel import (
+    Acked,
+    DataReceived,
+    EofReceived,
+    Event,
+    Tunnel,
+)
+from .stream import ByteStream
+
+
+class End(enum.Enum):
+    FINISHED = "finished"  # stream complete; closed with 1000 (by us or the peer)
+    LOST = "lost"  # WebSocket dropped without a close code: resumable
+    PEER_CLOSED = "peer_closed"  # the peer closed with a code other than 1000
+    CLOSED = "closed"  # we closed with a code (error, revocation, drain, ...)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    end: End
+    code: int | None = None
+    reason: str = ""
+
+
+class _Stop(Exception):
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.end.value)
+        self.outcome = outcome
+
+
+ControlHandler = Callable[[Event], Awaitable[None]]
+
+# Local read/write failures map to IAP's destination codes on the relay side.
+READ_FAILED = CloseCode.DESTINATION_READ_FAILED
+WRITE_FAILED = CloseCode.DESTINATION_WRITE_FAILED
+
+
+class Pump:
+    """One attachment. ``run`` returns when it ends; ``close`` ends it from outside."""
+
+    def __init__(
+        self,
+        tunnel: Tunnel,
+        ws: Connection,
+        stream: ByteStream,
+        *,
+        on_control: ControlHandler | None = None,
+        on_eof_from_stream: Callable[[], None] | None = None,
+    ) -> None:
+        self.tunnel = tunnel
+        self.ws = ws
+        self.stream = stream
+        self._on_control = on_control
+        self._on_eof = on_eof_from_stream
+        self._send_lock = asyncio.Lock()
+        self._capacity = asyncio.Event()
+        self._timer_wake = asyncio.Event()
+        self._close_request: asyncio.Future[tuple[int, str]] | None = None
+        self.stream_eof = False
+        self.last_activity = asyncio.get_running_loop().time()
+
+    def close(self, code: int, reason: str) -> None:
+        """End this attachment with a typed close (safe to call from any task, any time)."""
+        fut = self._close_request
+        if fut is not None and not fut.done():
+            fut.set_result((code, reason))
+
+    async def run(self) -> Outcome:
+        loop = asyncio.get_running_loop()
+        self._close_request = loop.create_future()
+        try:
+            await self._flush()  # SID / RECONNECT_ACK / replay queued by attach
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._ws_to_stream())
+                tg.create_task(self._stream_to_ws())
+                tg.create_task(self._timers())
+                tg.create_task(self._watch_close())
+        except* _Stop as group:
+            stop = group.exceptions[0]
+            assert isinstance(stop, _Stop)
+            outcome = stop.outcome
+        except* ConnectionClosed as group:
+            exc = group.exceptions[0]
+            assert isinstance(exc, ConnectionClosed)
+            outcome = self._closed_outcome(exc)
+        else:  # pragma: no cover - the tasks only end by raising
+            outcome = Outcome(End.LOST)
+        finally:
+            self.tunnel.detach()
+        if outcome.end in (End.CLOSED, End.FINISHED):
+            await self._close_ws(outcome.code or CloseCode.NORMAL, outcome.reason)
+        return outcome
+
+    @staticmethod
+    def _closed_outcome(exc: ConnectionClosed) -> Outcome:
+        rcvd = exc.rcvd
+        if rcvd is None or rcvd.code in (1005, 1006):
+            return Outcome(End.LOST)
+        if rcvd.code == CloseCode.NORMAL:
+            return Outcome(End.FINISHED, rcvd.code, rcvd.reason)
+        return Outcome(End.PEER_CLOSED, rcvd.code, rcvd.reason)
+
+    async def _close_ws(self, code: int, reason: str) -> None:
+        try:
+            if code != CloseCode.NORMAL and self.tunnel.dialect.native:
+                async with self._send_lock:
+                    await self.ws.send(encode_close(code, reason))
+            # Close frame reasons are limited to 123 bytes.
+            await self.ws.close(code, reason.encode()[:123].decode("utf-8", "ignore"))
+        except ConnectionClosed:
+            pass
+
+    async def _flush(self) -> None:
+        async with self._send_lock:
+            for message in self.tunnel.data_to_send():
+                await self.ws.send(message)
+
+    async def _ws_to_stream(self) -> None:
+        tunnel, stream, ws = self.tunnel, self.stream, self.ws
+        loop = asyncio.get_running_loop()
+        while True:
+            message = await ws.recv()
+            if isinstance(message, str):
+                raise _Stop(
+                    Outcome(
+                        End.CLOSED,
+                        CloseCode.INVALID_WEBSOCKET_OPCODE,
+                        "text messages are not allowed",
+                    )
+                )
+            now = loop.time()
+            self.last_activity = now
+            try:
+                tunnel.receive_message(message, now)
+            except TunnelError as exc:
+                raise _Stop(Outcome(End.CLOSED, exc.code, str(exc))) from None
+            for event in tunnel.events_received():
+                if isinstance(event, DataReceived):
+                    try:
+                        await stream.write(event.data)
+                    except OSError as exc:
+                        raise _Stop(Outcome(End.CLOSED, WRITE_FAILED, str(exc))) from None
+                elif isinstance(event, Acked):
+                    self._capacity.set()
+                elif isinstance(event, EofReceived):
+                    try:
+                        await stream.write_eof()
+                    except OSError as exc:
+                        raise _Stop(Outcome(End.CLOSED, WRITE_FAILED, str(exc))) from None
+                elif self._on_control is not None:
+                    await self._on_control(event)
+            if tunnel.has_pending:
+                await self._flush()
+            self._timer_wake.set()
+            if tunnel.finished:
+                raise _Stop(Outcome(End.FINISHED, CloseCode.NORMAL, ""))
+
+    async def _stream_to_ws(self) -> None:
+        tunnel, stream = self.tunnel, self.stream
+        loop = asyncio.get_running_loop()
+        max_data = tunnel.dialect.max_data
+        if tunnel.eof_sent:
+            await asyncio.Future()  # our direction is over: nothing left to read
+        while True:
+            capacity = tunnel.send_capacity
+            if capacity <= 0:
+                self._capacity.clear()
+                await self._capacity.wait()
+                continue
+            try:
+                data = await stream.read(min(capacity, max_data))
+            except OSError as exc:
+                raise _Stop(Outcome(End.CLOSED, READ_FAILED, str(exc))) from None
+            if not data:
+                break
+            self.last_activity = loop.time()
+            tunnel.send_data(data)
+            await self._flush()
+        self.stream_eof = True
+        if self._on_eof is not None:
+            self._on_eof()
+        if tunnel.dialect.native:
+            tunnel.send_eof()
+            await self._flush()
+            if tunnel.finished:
+                raise _Stop(Outcome(End.FINISHED, CloseCode.NORMAL, ""))
+            await asyncio.Future()  # the reader ends the pump when the peer finishes too
+        # IAP has no half-close: everything is sent, so the tunnel ends with a normal close.
+        raise _Stop(Outcome(End.FINISHED, CloseCode.NORMAL, ""))
+
+    async def _timers(self) -> None:
+        tunnel = self.tunnel
+        loop = asyncio.get_running_loop()
+        while True:
+            self._timer_wake.clear()
+            deadline = tunnel.next_deadline()
+            if deadline is None:
+                await self._timer_wake.wait()
+                continue
+            delay = deadline - loop.time()
+            if delay > 0:
+                try:
+                    async with asyncio.timeout(delay):
+                        await self._timer_wake.wait()
+                    continue
+                except TimeoutError:
+                    pass
+            tunnel.handle_timeout(loop.time())
+            await self._flush()
+
+    async def _watch_close(self) -> None:
+        assert self._close_request is not None
+        code, reason = await self._close_request
+        raise _Stop(Outcome(End.CLOSED, code, reason))

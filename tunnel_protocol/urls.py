@@ -1,0 +1,149 @@
+"""The relay's URL contract (IAP relay v4 paths and query parameters), built and parsed purely.
+
+Connect: ``/v4/connect?project=P&port=N&newWebsocket=True&zone=Z&instance=I&interface=nic0``
+or the destination-group form ``...&region=R&network=N&host=H[&group=G]``.
+Reconnect: ``/v4/reconnect?sid=SID&ack=N&newWebsocket=True&zone=Z`` (or ``region=R``).
+Unknown parameters are ignored (IAP Desktop adds ``_=<guid>``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+CONNECT_PATH = "/v4/connect"
+RECONNECT_PATH = "/v4/reconnect"
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,252}$")
+_HOST = re.compile(r"^[A-Za-z0-9._:%-]{1,253}$")
+_PORT = re.compile(r"^[0-9]{1,5}$")
+_ACK = re.compile(r"^[0-9]{1,20}$")
+
+
+class UrlError(ValueError):
+    """The request URL is malformed; answered with HTTP 400 before any upgrade."""
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceTarget:
+    project: str
+    zone: str
+    instance: str
+    interface: str
+    port: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.project}/{self.zone}/{self.instance}"
+
+
+@dataclass(frozen=True, slots=True)
+class HostTarget:
+    project: str
+    region: str
+    network: str
+    host: str
+    group: str | None
+    port: int
+
+    @property
+    def name(self) -> str:
+        group = f"/{self.group}" if self.group else ""
+        return f"{self.project}/{self.region}/{self.network}{group}/{self.host}"
+
+
+Target = InstanceTarget | HostTarget
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectRequest:
+    target: Target
+
+
+@dataclass(frozen=True, slots=True)
+class ReconnectRequest:
+    sid: str
+    ack: int
+
+
+def parse_port(value: str) -> int:
+    """Strict: decimal digits only, 1..65535."""
+    if not _PORT.match(value) or not 1 <= int(value) <= 65535:
+        raise UrlError(f"invalid port {value!r}")
+    return int(value)
+
+
+def _one(query: dict[str, list[str]], key: str, pattern: re.Pattern[str] = _NAME) -> str:
+    values = query.get(key)
+    if not values:
+        raise UrlError(f"missing query parameter {key!r}")
+    if len(values) > 1:
+        raise UrlError(f"query parameter {key!r} given more than once")
+    value = values[0]
+    if not pattern.match(value):
+        raise UrlError(f"invalid value for {key!r}")
+    return value
+
+
+def _opt(query: dict[str, list[str]], key: str) -> str | None:
+    return _one(query, key) if key in query else None
+
+
+def parse_request_path(path: str) -> ConnectRequest | ReconnectRequest:
+    """Parse the WebSocket request target (path and query). Raises UrlError."""
+    parts = urlsplit(path)
+    query = parse_qs(parts.query, keep_blank_values=True, max_num_fields=32)
+    if parts.path == CONNECT_PATH:
+        project = _one(query, "project")
+        port = parse_port(_one(query, "port", _PORT))
+        if "instance" in query:
+            return ConnectRequest(
+                InstanceTarget(
+                    project=project,
+                    zone=_one(query, "zone"),
+                    instance=_one(query, "instance"),
+                    interface=_opt(query, "interface") or "nic0",
+                    port=port,
+                )
+            )
+        if "host" in query:
+            return ConnectRequest(
+                HostTarget(
+                    project=project,
+                    region=_one(query, "region"),
+                    network=_one(query, "network"),
+                    host=_one(query, "host", _HOST),
+                    group=_opt(query, "group"),
+                    port=port,
+                )
+            )
+        raise UrlError("connect needs 'instance' or 'host'")
+    if parts.path == RECONNECT_PATH:
+        ack = _one(query, "ack", _ACK)
+        return ReconnectRequest(sid=_one(query, "sid"), ack=int(ack))
+    raise UrlError(f"unknown path {parts.path!r}")
+
+
+def connect_query(target: Target) -> str:
+    params: dict[str, str] = {
+        "project": target.project,
+        "port": str(target.port),
+        "newWebsocket": "True",
+    }
+    if isinstance(target, InstanceTarget):
+        params.update(zone=target.zone, instance=target.instance, interface=target.interface)
+    else:
+        params.update(region=target.region, network=target.network, host=target.host)
+        if target.group:
+            params["group"] = target.group
+    return f"{CONNECT_PATH}?{urlencode(params)}"
+
+
+def reconnect_query(sid: str, ack: int, target: Target) -> str:
+    params = {"sid": sid, "ack": str(ack), "newWebsocket": "True"}
+    if isinstance(target, InstanceTarget):
+        params["zone"] = target.zone
+    else:
+        params["region"] = target.region
+    return f"{RECONNECT_PATH}?{urlencode(params)}"
