@@ -15,7 +15,7 @@ def backoff(
 ) -> Iterator[float]:
     """Yield delays: ``initial``, growing by ``factor`` up to ``cap``, each +/- ``jitter``."""
     rnd = rng or random.Random()
-    delay = initial
+    delay = min(cap, initial)
     while True:
         yield delay * (1 + jitter * (2 * rnd.random() - 1))
         delay = min(cap, delay * factor)

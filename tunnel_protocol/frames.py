@@ -116,7 +116,8 @@ def encode_eof(offset: int) -> bytes:
 
 
 def encode_close(code: int, message: str) -> bytes:
-    raw = message.encode("utf-8")[:MAX_CLOSE_MESSAGE]
+    # "replace": reasons come from str(exception) and may hold lone surrogates.
+    raw = message.encode("utf-8", "replace")[:MAX_CLOSE_MESSAGE]
     # Never cut a UTF-8 sequence in half: the peer decodes strictly.
     raw = raw.decode("utf-8", "ignore").encode("utf-8")
     return _TAG_U16_U32.pack(Tag.CLOSE, code, len(raw)) + raw

@@ -179,6 +179,7 @@ class Tunnel:
             self.sid = sid
             self._begin_attach()
             self._out.append(frames.encode_sid(sid))
+            self._replay()  # data (and EOF) queued before the first attach, e.g. a banner
             return
         self._accept_peer_position(resume_from, resume=True)
         self._begin_attach()
@@ -207,6 +208,8 @@ class Tunnel:
         self.attached = True
         self._ready = self.side is Side.SERVER
         self._out.clear()
+        # Every attach acknowledges all received bytes (URL ack / RECONNECT_ACK): no flush due.
+        self._last_receive = None
 
     # -- inbound --------------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,252}$")
 _HOST = re.compile(r"^[A-Za-z0-9._:%-]{1,253}$")
 _PORT = re.compile(r"^[0-9]{1,5}$")
 _ACK = re.compile(r"^[0-9]{1,20}$")
+_SID = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
 
 
 class UrlError(ValueError):
@@ -69,7 +70,8 @@ class ReconnectRequest:
 
 def parse_port(value: str) -> int:
     """Strict: decimal digits only, 1..65535."""
-    if not _PORT.match(value) or not 1 <= int(value) <= 65535:
+    # fullmatch: "$" in match() also accepts a trailing newline ("22\n").
+    if not _PORT.fullmatch(value) or not 1 <= int(value) <= 65535:
         raise UrlError(f"invalid port {value!r}")
     return int(value)
 
@@ -81,7 +83,7 @@ def _one(query: dict[str, list[str]], key: str, pattern: re.Pattern[str] = _NAME
     if len(values) > 1:
         raise UrlError(f"query parameter {key!r} given more than once")
     value = values[0]
-    if not pattern.match(value):
+    if not pattern.fullmatch(value):
         raise UrlError(f"invalid value for {key!r}")
     return value
 
@@ -93,7 +95,10 @@ def _opt(query: dict[str, list[str]], key: str) -> str | None:
 def parse_request_path(path: str) -> ConnectRequest | ReconnectRequest:
     """Parse the WebSocket request target (path and query). Raises UrlError."""
     parts = urlsplit(path)
-    query = parse_qs(parts.query, keep_blank_values=True, max_num_fields=32)
+    try:
+        query = parse_qs(parts.query, keep_blank_values=True, max_num_fields=32)
+    except ValueError as exc:  # more than max_num_fields
+        raise UrlError(str(exc)) from None
     if parts.path == CONNECT_PATH:
         project = _one(query, "project")
         port = parse_port(_one(query, "port", _PORT))
@@ -121,7 +126,7 @@ def parse_request_path(path: str) -> ConnectRequest | ReconnectRequest:
         raise UrlError("connect needs 'instance' or 'host'")
     if parts.path == RECONNECT_PATH:
         ack = _one(query, "ack", _ACK)
-        return ReconnectRequest(sid=_one(query, "sid"), ack=int(ack))
+        return ReconnectRequest(sid=_one(query, "sid", _SID), ack=int(ack))
     raise UrlError(f"unknown path {parts.path!r}")
 
 

@@ -66,12 +66,14 @@ class Pump:
         *,
         on_control: ControlHandler | None = None,
         on_eof_from_stream: Callable[[], None] | None = None,
+        keepalive: tuple[float, float] | None = None,
     ) -> None:
         self.tunnel = tunnel
         self.ws = ws
         self.stream = stream
         self._on_control = on_control
         self._on_eof = on_eof_from_stream
+        self._keepalive = keepalive
         self._send_lock = asyncio.Lock()
         self._capacity = asyncio.Event()
         self._timer_wake = asyncio.Event()
@@ -95,6 +97,8 @@ class Pump:
                 tg.create_task(self._stream_to_ws())
                 tg.create_task(self._timers())
                 tg.create_task(self._watch_close())
+                if self._keepalive is not None and self.tunnel.dialect.native:
+                    tg.create_task(self._keepalives(*self._keepalive))
         except* _Stop as group:
             stop = group.exceptions[0]
             assert isinstance(stop, _Stop)
@@ -227,6 +231,19 @@ class Pump:
                     pass
             tunnel.handle_timeout(loop.time())
             await self._flush()
+
+    async def _keepalives(self, interval: float, pong_timeout: float) -> None:
+        """Native only (gcloud treats a ping as an error): a peer that stops answering pings
+        is dead; the attachment ends as LOST so the tunnel can be resumed."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                pong = await self.ws.ping()
+                async with asyncio.timeout(pong_timeout):
+                    await pong
+            except TimeoutError:
+                self.ws.transport.abort()
+                raise _Stop(Outcome(End.LOST, None, "keepalive timeout")) from None
 
     async def _watch_close(self) -> None:
         assert self._close_request is not None

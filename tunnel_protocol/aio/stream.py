@@ -8,6 +8,7 @@ import collections
 import os
 import sys
 import threading
+from collections.abc import Callable
 from typing import BinaryIO, Protocol
 
 # Reads stay below glibc's 128 KiB mmap threshold (see docs/benchmarks.md): one read fills at
@@ -38,7 +39,8 @@ class ByteStream(Protocol):
 class TcpStream(asyncio.BufferedProtocol):
     """A TCP connection as a ByteStream; create with ``open_tcp`` or ``TcpStream.accept``."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_connected: Callable[[TcpStream], None] | None = None) -> None:
+        self._on_connected = on_connected
         self._buf = bytearray(READ_SIZE)
         self._view = memoryview(self._buf)
         self._chunks: collections.deque[bytes] = collections.deque()
@@ -60,6 +62,8 @@ class TcpStream(asyncio.BufferedProtocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self._closed = asyncio.get_running_loop().create_future()
+        if self._on_connected is not None:
+            self._on_connected(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._view

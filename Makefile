@@ -1,0 +1,46 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+PYTEST_ARGS ?=
+
+.PHONY: all venv system-deps lint test check e2e demo bench clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test,uvloop]'
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# System packages the tests use (OpenSSH client and server, socat); installed only when missing.
+system-deps:
+	@bash scripts/install-system-deps.sh
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+# Everything: lint, unit, integration and the slow end-to-end tests with real OpenSSH and gcloud.
+test: venv system-deps lint
+	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# The quick inner loop: no slow end-to-end tests.
+check: venv lint
+	$(BIN)/pytest -q -p no:cacheprovider -m "not e2e" $(PYTEST_ARGS)
+
+e2e: venv system-deps
+	$(BIN)/pytest -q -p no:cacheprovider -m e2e $(PYTEST_ARGS)
+
+demo: venv system-deps
+	$(BIN)/python -m scripts.demo
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

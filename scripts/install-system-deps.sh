@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install the system packages the tests need, only when missing (Debian/Ubuntu, run as root or
+# with sudo). Each missing tool is named; nothing is installed when everything is present.
+set -euo pipefail
+
+need=()
+command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
+{ command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ]; } || need+=(openssh-server)
+command -v socat >/dev/null 2>&1 || need+=(socat)
+
+if [ ${#need[@]} -eq 0 ]; then
+  exit 0
+fi
+echo "installing system packages: ${need[*]}" >&2
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null

@@ -1,0 +1,1 @@
+"""tunnel-client: the command-line client of the identity-aware TCP tunnel."""

@@ -1,0 +1,113 @@
+"""Local ends of tunnels: a TCP listener (one tunnel per accepted connection, IPv4 and IPv6) and
+the stdin/stdout mode used as an ssh ProxyCommand."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import sys
+from collections.abc import Callable
+
+from tunnel_protocol.aio.stream import ByteStream, StdioStream, TcpStream
+
+from .session import ConnectOptions, TunnelFailed, TunnelSession
+
+log = logging.getLogger("tunnel.client")
+
+
+class PortUnavailable(Exception):
+    def __init__(self, port: int) -> None:
+        super().__init__(f"Local port [{port}] is not available.")
+        self.port = port
+
+
+def _hosts(host: str) -> list[str]:
+    """``localhost`` means both loopbacks (gcloud binds IPv4 and IPv6)."""
+    if host in ("localhost", ""):
+        return ["127.0.0.1", "::1"]
+    return [host.strip("[]")]
+
+
+def pick_free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class LocalListener:
+    """Accepts local connections and runs a TunnelSession for each, until cancelled."""
+
+    def __init__(
+        self,
+        options: ConnectOptions,
+        host: str,
+        port: int,
+        *,
+        report: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
+    ) -> None:
+        self.options = options
+        self.host = host
+        self.port = port
+        self.report = report
+        self.connections = 0
+        self.active: set[TunnelSession] = set()
+        self._servers: list[asyncio.Server] = []
+        self._pending: asyncio.Queue[TcpStream] = asyncio.Queue()
+
+    async def start(self) -> int:
+        """Bind every address of ``host``; returns the port. Raises PortUnavailable."""
+        loop = asyncio.get_running_loop()
+        port = self.port
+        hosts = _hosts(self.host)
+        for n, host in enumerate(hosts):
+            try:
+                server = await loop.create_server(
+                    lambda: TcpStream(on_connected=self._pending.put_nowait),
+                    host,
+                    port,
+                    reuse_address=True,
+                )
+            except OSError as exc:
+                if n > 0 and exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                    continue  # no IPv6 loopback here: IPv4 alone is fine
+                for s in self._servers:
+                    s.close()
+                raise PortUnavailable(port) from None
+            self._servers.append(server)
+            if port == 0:
+                port = int(server.sockets[0].getsockname()[1])
+        self.port = port
+        return port
+
+    async def serve(self) -> None:
+        """Run tunnels for accepted connections until cancelled."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                while True:
+                    stream = await self._pending.get()
+                    self.connections += 1
+                    tg.create_task(self._handle(stream))
+        finally:
+            for server in self._servers:
+                server.close()
+
+    async def _handle(self, stream: TcpStream) -> None:
+        session = TunnelSession(self.options)
+        self.active.add(session)
+        try:
+            await session.run(stream)
+        except TunnelFailed as exc:
+            self.report(f"ERROR: {exc}")
+        except Exception:  # one tunnel's bug must not take the listener down
+            log.exception("tunnel failed")
+        finally:
+            self.active.discard(session)
+            stream.close()
+
+
+async def run_stdio(options: ConnectOptions, stream: ByteStream | None = None) -> None:
+    """stdin/stdout mode (ssh ProxyCommand). Raises TunnelFailed."""
+    await TunnelSession(options).run(stream or StdioStream())

@@ -1,0 +1,1 @@
+"""The relay: authenticates WebSocket tunnels, authorizes them, forwards TCP to private targets."""

@@ -1,0 +1,254 @@
+"""The relay's YAML configuration: pydantic schema, loading, precise errors (file, key, reason)."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$"
+_MEMBER = re.compile(r"^(user|group|serviceAccount|domain|subject):\S+$|^allAuthenticatedUsers$")
+
+Name = Annotated[str, Field(pattern=_NAME)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class ConfigError(Exception):
+    """A configuration file is unreadable or invalid; the message names file, key and reason."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ListenConfig(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8443, ge=0, le=65535)
+
+
+class TlsConfig(_Model):
+    """TLS for the relay listener. ``self_signed`` (development only) writes a new self-signed
+    certificate for localhost/127.0.0.1/::1 to ``cert_file``/``key_file`` when they are missing."""
+
+    cert_file: Path
+    key_file: Path
+    self_signed: bool = False
+
+
+class OidcConfig(_Model):
+    issuer: str = Field(pattern=r"^https?://\S+$")
+    audiences: list[str] = Field(min_length=1)
+    algorithms: list[str] | None = None
+    leeway: float = Field(default=30.0, ge=0, le=60)
+    max_token_lifetime: float = Field(default=24 * 3600, gt=0)
+    jwks_ttl: float = Field(default=300.0, gt=0)
+    groups_claim: str = "groups"
+
+
+class InstanceConfig(_Model):
+    """An instance of the inventory: ``interfaces`` maps nic0.. to a private address."""
+
+    project: Name
+    zone: Name
+    name: Name
+    interfaces: dict[Name, str] = Field(min_length=1)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _address_shorthand(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "address" in data:
+            data = dict(data)
+            if "interfaces" in data:
+                raise ValueError("give 'address' or 'interfaces', not both")
+            data["interfaces"] = {"nic0": data.pop("address")}
+        return data
+
+    @property
+    def key(self) -> str:
+        return f"{self.project}/{self.zone}/{self.name}"
+
+
+class DestinationGroupConfig(_Model):
+    """A destination group: CIDRs and FQDNs reachable in one region/network."""
+
+    project: Name
+    region: Name
+    network: Name = "default"
+    name: Name
+    cidrs: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(default_factory=list)
+    fqdns: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9.-]{1,253}$")]] = Field(
+        default_factory=list
+    )
+
+    @property
+    def key(self) -> str:
+        return f"{self.project}/{self.region}/{self.network}/{self.name}"
+
+
+class InventoryConfig(_Model):
+    instances: list[InstanceConfig] = Field(default_factory=list)
+    destination_groups: list[DestinationGroupConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique(self) -> InventoryConfig:
+        for what, keys in (
+            ("instance", [i.key for i in self.instances]),
+            ("destination group", [g.key for g in self.destination_groups]),
+        ):
+            seen: set[str] = set()
+            for key in keys:
+                if key in seen:
+                    raise ValueError(f"duplicate {what} {key!r}")
+                seen.add(key)
+        return self
+
+
+class PortRange(_Model):
+    first: Port
+    last: Port
+
+    def __contains__(self, port: int) -> bool:
+        return self.first <= port <= self.last
+
+
+def _parse_ports(value: Any) -> Any:
+    if not isinstance(value, list):
+        return value
+    out: list[Any] = []
+    for item in value:
+        if isinstance(item, str) and re.fullmatch(r"[0-9]{1,5}-[0-9]{1,5}", item):
+            first, last = (int(p) for p in item.split("-"))
+            if first > last:
+                raise ValueError(f"port range {item!r} is reversed")
+            out.append({"first": first, "last": last})
+        elif isinstance(item, int) and not isinstance(item, bool):
+            out.append({"first": item, "last": item})
+        else:
+            raise ValueError(f"port {item!r} must be an integer or a range like '8000-8080'")
+    return out
+
+
+class AllowRule(_Model):
+    """Grant ``members`` access to ``ports`` on the listed instances and destination groups.
+
+    ``instances``: ``project/zone/name`` keys, or ``*``. ``destination_groups``:
+    ``project/region/network/name`` keys, or ``*``. Unknown keys are errors (typos fail loudly).
+    """
+
+    members: list[str] = Field(min_length=1)
+    instances: list[str] = Field(default_factory=list)
+    destination_groups: list[str] = Field(default_factory=list)
+    ports: list[PortRange] = Field(min_length=1)
+
+    _check_ports = field_validator("ports", mode="before")(_parse_ports)
+
+    @field_validator("members")
+    @classmethod
+    def _members(cls, members: list[str]) -> list[str]:
+        for member in members:
+            if not _MEMBER.match(member):
+                raise ValueError(
+                    f"member {member!r} must look like user:EMAIL, group:NAME, "
+                    "serviceAccount:ID, domain:NAME or allAuthenticatedUsers"
+                )
+        return members
+
+    @model_validator(mode="after")
+    def _some_resource(self) -> AllowRule:
+        if not self.instances and not self.destination_groups:
+            raise ValueError("a rule needs 'instances' or 'destination_groups'")
+        return self
+
+
+class TunnelSettings(_Model):
+    resume_window: float = Field(default=60.0, ge=0, description="seconds a dropped tunnel waits")
+    resume_buffer: int = Field(default=8 * 1024 * 1024, ge=1024 * 1024, le=1024 * 1024 * 1024)
+    dial_timeout: float = Field(default=10.0, gt=0)
+    handshake_timeout: float = Field(default=10.0, gt=0)
+    keepalive_interval: float = Field(default=20.0, gt=0)
+    keepalive_timeout: float = Field(default=20.0, gt=0)
+
+
+class ServerConfig(_Model):
+    listen: ListenConfig = Field(default_factory=ListenConfig)
+    tls: TlsConfig | None = None
+    oidc: OidcConfig
+    inventory: InventoryConfig = Field(default_factory=InventoryConfig)
+    access: list[AllowRule] = Field(default_factory=list)
+    tunnel: TunnelSettings = Field(default_factory=TunnelSettings)
+    log_format: Literal["json", "text"] = "json"
+
+    @model_validator(mode="after")
+    def _references(self) -> ServerConfig:
+        instances = {i.key for i in self.inventory.instances}
+        groups = {g.key for g in self.inventory.destination_groups}
+        for n, rule in enumerate(self.access):
+            for key in rule.instances:
+                if key != "*" and key not in instances:
+                    raise ValueError(f"access[{n}]: unknown instance {key!r}")
+            for key in rule.destination_groups:
+                if key != "*" and key not in groups:
+                    raise ValueError(f"access[{n}]: unknown destination group {key!r}")
+        return self
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("function-after", "function-before") or "[" in part:
+            continue
+        else:
+            out += f".{part}" if out else part
+    return out or "(top level)"
+
+
+def parse_config(
+    data: Any, *, source: str = "<config>", base_dir: Path | None = None
+) -> ServerConfig:
+    """Validate already-parsed YAML. Raises ConfigError listing every problem."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping")
+    try:
+        config = ServerConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{source}: {_format_loc(err['loc'])}: {err['msg']}" for err in exc.errors()]
+        raise ConfigError("\n".join(lines)) from None
+    if config.tls is not None and base_dir is not None:
+        tls = config.tls.model_copy(
+            update={
+                "cert_file": base_dir / config.tls.cert_file,
+                "key_file": base_dir / config.tls.key_file,
+            }
+        )
+        config = config.model_copy(update={"tls": tls})
+    return config
+
+
+def load_config(path: Path) -> ServerConfig:
+    """Read and validate a YAML file; relative TLS paths are relative to the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}: {where}invalid YAML: {problem}") from None
+    return parse_config(data, source=str(path), base_dir=path.parent)

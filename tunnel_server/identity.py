@@ -1,0 +1,572 @@
+"""Bearer-token verification for the relay: OIDC discovery, an async JWKS cache, and the mapping
+from a verified token to an `Identity` (principal, groups, policy members)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import ipaddress
+import json
+import math
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import aiohttp
+import jwt
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+from jwt.exceptions import InvalidSubjectError
+from jwt.types import Options
+
+__all__ = [
+    "DEFAULT_ALGORITHMS",
+    "AuthError",
+    "FetchJson",
+    "Identity",
+    "IssuerUnavailable",
+    "OidcVerifier",
+]
+
+FetchJson = Callable[[str], Awaitable[Any]]
+
+DEFAULT_ALGORITHMS: Final = (
+    *("RS256", "RS384", "RS512", "PS256", "PS384", "PS512"),
+    *("ES256", "ES384", "ES512", "EdDSA"),
+)
+_RSA_ALGORITHMS: Final = frozenset(a for a in DEFAULT_ALGORITHMS if a[:2] in ("RS", "PS"))
+_EC_CURVES: Final = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}
+_OKP_CURVES: Final = frozenset({"Ed25519", "Ed448"})
+# Only the public members are ever handed to PyJWT: a JWKS that (wrongly) publishes "d" must not
+# turn into a private key object on our side.
+_PUBLIC_MEMBERS: Final = {"RSA": ("n", "e"), "EC": ("crv", "x", "y"), "OKP": ("crv", "x")}
+_MIN_RSA_BITS: Final = 2048
+_MAX_RSA_BITS: Final = 16384  # a huge modulus from a hostile JWKS would make every verify slow
+_MAX_KEYS: Final = 64
+_MAX_KID_CHARS: Final = 256
+_MAX_LEEWAY: Final = 60.0
+_MAX_DOCUMENT_BYTES: Final = 512 * 1024
+_FETCH_TIMEOUT: Final = 10.0
+# Headers that point at key material supplied by the token itself (RFC 8725 §3.10), or that
+# change how the bytes must be processed: refused, never followed.
+_REFUSED_HEADERS: Final = ("jku", "x5u", "jwk", "crit", "zip", "enc", "b64")
+_B64URL: Final = re.compile(r"[A-Za-z0-9_-]+")
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
+_LOOPBACK_V4: Final = ipaddress.ip_network("127.0.0.0/8")
+_LOOPBACK_V6: Final = ipaddress.ip_address("::1")
+
+# Signature, issuer, audience and claim presence are PyJWT's job; the time checks are ours
+# because PyJWT reads the wall clock and the relay injects its clock.
+_DECODE_OPTIONS: Final[Options] = {
+    "require": ["iss", "sub", "aud", "exp"],
+    "verify_signature": True,
+    "verify_iss": True,
+    "verify_aud": True,
+    "verify_sub": True,
+    "verify_exp": False,
+    "verify_nbf": False,
+    "verify_iat": False,
+    "strict_aud": False,
+    "enforce_minimum_key_length": True,
+}
+# Most specific first; the last entry catches everything else PyJWT raises.
+_PYJWT_REASONS: Final[tuple[tuple[type[jwt.PyJWTError], str], ...]] = (
+    (jwt.InvalidSignatureError, "bad signature"),
+    (jwt.InvalidAlgorithmError, "algorithm mismatch"),
+    (jwt.InvalidIssuerError, "bad issuer"),
+    (jwt.InvalidAudienceError, "bad audience"),
+    (InvalidSubjectError, "bad subject"),
+    (jwt.MissingRequiredClaimError, "missing claim"),
+    (jwt.InvalidKeyError, "bad key"),
+    (jwt.PyJWTError, "malformed"),
+)
+
+
+class AuthError(Exception):
+    """Token refused: HTTP 401. `reason` is a short audit string, never token content.
+
+    AuthError
+     └── IssuerUnavailable   discovery or JWKS could not be fetched or was unusable
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class IssuerUnavailable(AuthError):
+    """The issuer's discovery document or JWKS could not be fetched or was unusable."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A verified caller. `members` is what policy bindings match against."""
+
+    principal: str
+    subject: str
+    issuer: str
+    email: str | None
+    groups: tuple[str, ...]
+    expires_at: float
+    members: frozenset[str]
+
+
+@dataclass(frozen=True)
+class _Key:
+    kid: str | None
+    by_alg: Mapping[str, jwt.PyJWK]  # every algorithm this key may verify, already constructed
+
+
+@dataclass(frozen=True)
+class _KeySet:
+    keys: tuple[_Key, ...]
+    fetched_at: float
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    if "%" in host:  # zone ids: never treat a scoped address as loopback
+        return False
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv4Address):
+        return ip in _LOOPBACK_V4
+    return ip == _LOOPBACK_V6
+
+
+def _url_allowed(url: str) -> bool:
+    """https anywhere; plain http only to this machine (dev IdPs); no credentials or fragments."""
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises ValueError on a malformed port
+    except ValueError:
+        return False
+    host = parts.hostname
+    if not host or parts.username is not None or parts.password is not None or parts.fragment:
+        return False
+    if parts.scheme == "https":
+        return True
+    return parts.scheme == "http" and _is_loopback(host)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        # Two parsers may pick different duplicates; refuse rather than guess (RFC 7515 §4).
+        raise ValueError("duplicate member")
+    return obj
+
+
+def _json_segment(segment: str) -> dict[str, Any]:
+    if len(segment) % 4 == 1:
+        raise AuthError("malformed")
+    try:
+        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+        value = json.loads(raw, object_pairs_hook=_no_duplicates)
+    except (binascii.Error, ValueError, RecursionError):
+        raise AuthError("malformed") from None
+    if not isinstance(value, dict):
+        raise AuthError("malformed")
+    return value
+
+
+def _number(claims: Mapping[str, Any], name: str) -> float | None:
+    if name not in claims:
+        return None
+    value = claims[name]
+    # bool is an int subclass: `"exp": true` must not read as 1970-01-01T00:00:01.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise AuthError("invalid claim")
+    try:
+        number = float(value)
+    except OverflowError:  # an int too big for a float
+        raise AuthError("invalid claim") from None
+    if not math.isfinite(number):
+        raise AuthError("invalid claim")
+    return number
+
+
+def _parse_jwk(raw: Any, allowed: frozenset[str]) -> _Key | None:
+    """The key, with the algorithms it may verify; None for anything we will not use."""
+    if not isinstance(raw, dict):
+        return None
+    kty, crv, declared = raw.get("kty"), raw.get("crv"), raw.get("alg")
+    kid = raw.get("kid")
+    if kid is not None and (not isinstance(kid, str) or not kid):
+        return None
+    if raw.get("use", "sig") != "sig":
+        return None
+    ops = raw.get("key_ops")
+    if ops is not None and (not isinstance(ops, list) or "verify" not in ops):
+        return None
+    # The algorithm family follows from the key type; symmetric ("oct") keys are never used, so
+    # an HMAC over a public key can never verify.
+    family: frozenset[str]
+    if kty == "RSA":
+        family = _RSA_ALGORITHMS
+    elif kty == "EC" and isinstance(crv, str) and crv in _EC_CURVES:
+        family = frozenset({_EC_CURVES[crv]})
+    elif kty == "OKP" and crv in _OKP_CURVES:
+        family = frozenset({"EdDSA"})
+    else:
+        return None
+    if declared is not None:
+        if declared not in family:
+            return None
+        family = frozenset({declared})
+    public = {"kty": kty, **{m: raw[m] for m in _PUBLIC_MEMBERS[kty] if m in raw}}
+    by_alg: dict[str, jwt.PyJWK] = {}
+    for alg in sorted(family & allowed):
+        try:
+            key = jwt.PyJWK(public, algorithm=alg)
+        except (jwt.PyJWTError, ValueError, TypeError, KeyError):
+            return None
+        if isinstance(key.key, RSAPublicKey) and not (
+            _MIN_RSA_BITS <= key.key.key_size <= _MAX_RSA_BITS
+        ):
+            return None
+        by_alg[alg] = key
+    return _Key(kid=kid, by_alg=by_alg) if by_alg else None
+
+
+def _select(keys: _KeySet, kid: str | None, alg: str) -> jwt.PyJWK | None:
+    """The one key for (kid, alg); None when the kid is unknown (a refetch may help)."""
+    if kid is None:
+        # Without a kid we only guess when the guess is unique.
+        candidates = [k.by_alg[alg] for k in keys.keys if alg in k.by_alg]
+        if len(candidates) > 1:
+            raise AuthError("ambiguous key")
+        return candidates[0] if candidates else None
+    named = [k for k in keys.keys if k.kid == kid]
+    if not named:
+        return None
+    usable = [k.by_alg[alg] for k in named if alg in k.by_alg]
+    if not usable:
+        raise AuthError("algorithm mismatch")
+    if len(usable) > 1:
+        raise AuthError("ambiguous key")
+    return usable[0]
+
+
+def _verified_email(claims: Mapping[str, Any]) -> str | None:
+    email, verified = claims.get("email"), claims.get("email_verified")
+    if not isinstance(email, str) or not (verified is True or verified == "true"):
+        return None
+    local, at, domain = email.rpartition("@")
+    if not at or not local or not domain or "@" in local or len(email) > 320:
+        return None
+    if _CONTROL.search(email) or any(c.isspace() for c in email):
+        return None
+    # Policies compare strings exactly; IdPs treat addresses case-insensitively, so a deny rule
+    # must not be dodged by "Alice@Example.com".
+    return email.lower()
+
+
+def _groups(value: Any) -> tuple[str, ...]:
+    # Some IdPs (AD FS) send a lone group as a plain string; anything not a string is dropped.
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        return ()
+    return tuple(dict.fromkeys(g for g in value if isinstance(g, str) and g))
+
+
+class OidcVerifier:
+    """Verifies bearer tokens from one OIDC issuer for a set of audiences.
+
+    leeway (seconds, at most 60) applies to exp, nbf and iat. JWKS are cached for jwks_ttl;
+    concurrent callers share one in-flight fetch; an unknown kid refetches at most once per
+    refetch_cooldown. When the issuer is down, cached keys keep working until 2 * jwks_ttl.
+    """
+
+    def __init__(
+        self,
+        issuer: str,
+        audiences: Sequence[str],
+        *,
+        algorithms: Sequence[str] = DEFAULT_ALGORITHMS,
+        leeway: float = 30.0,
+        max_lifetime: float = 24 * 3600,
+        jwks_ttl: float = 300.0,
+        refetch_cooldown: float = 10.0,
+        groups_claim: str = "groups",
+        max_token_bytes: int = 8192,
+        fetch_json: FetchJson | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not _url_allowed(issuer) or urlsplit(issuer).query:
+            raise ValueError("issuer must be an https URL (http only for loopback hosts)")
+        if isinstance(audiences, str) or not audiences:
+            raise ValueError("audiences must be a non-empty sequence of strings")
+        if not all(isinstance(a, str) and a for a in audiences):
+            raise ValueError("audiences must be non-empty strings")
+        if isinstance(algorithms, str) or not algorithms:
+            raise ValueError("algorithms must be a non-empty sequence")
+        unsupported = [a for a in algorithms if a not in DEFAULT_ALGORITHMS]
+        if unsupported:
+            # "none" and HS* are never accepted: a relay has no business sharing secrets.
+            raise ValueError(f"unsupported algorithms: {unsupported}")
+        if not (0.0 <= leeway <= _MAX_LEEWAY):
+            raise ValueError(f"leeway must be between 0 and {_MAX_LEEWAY:g} seconds")
+        for name, value in (("max_lifetime", max_lifetime), ("jwks_ttl", jwks_ttl)):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number")
+        if not (math.isfinite(refetch_cooldown) and refetch_cooldown >= 0):
+            raise ValueError("refetch_cooldown must be >= 0")
+        if max_token_bytes <= 0:
+            raise ValueError("max_token_bytes must be positive")
+        self.issuer: Final = issuer
+        self.audiences: Final = tuple(audiences)
+        self._algorithms = frozenset(algorithms)
+        self._leeway = float(leeway)
+        self._max_lifetime = float(max_lifetime)
+        self._ttl = float(jwks_ttl)
+        self._cooldown = float(refetch_cooldown)
+        self._groups_claim = groups_claim
+        self._max_token_bytes = max_token_bytes
+        self._fetch_json: FetchJson = fetch_json or self._aiohttp_fetch
+        self._clock = clock
+        # OIDC Discovery §4: drop a terminating "/" before appending the well-known path.
+        self._discovery_url = issuer.rstrip("/") + "/.well-known/openid-configuration"
+        self._keys: _KeySet | None = None
+        self._inflight: asyncio.Task[_KeySet] | None = None
+        self._kid_refetch_at: float | None = None
+        self._failed_at: float | None = None
+        self._failure = "issuer unavailable"
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+
+    @property
+    def ready(self) -> bool:
+        keys = self._keys
+        return keys is not None and self._clock() - keys.fetched_at < 2 * self._ttl
+
+    async def refresh(self) -> None:
+        await self._shared_fetch()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        task = self._inflight
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def verify(self, token: str) -> Identity:
+        header, unverified = self._precheck(token)
+        # Foreign tokens are refused before they can cause any JWKS traffic.
+        if unverified.get("iss") != self.issuer:
+            raise AuthError("bad issuer")
+        alg: str = header["alg"]
+        key = await self._key_for(header.get("kid"), alg)
+        try:
+            claims = jwt.decode(
+                token,
+                key=key,
+                algorithms=[key.algorithm_name],
+                audience=list(self.audiences),
+                issuer=self.issuer,
+                options=_DECODE_OPTIONS,
+            )
+        except jwt.PyJWTError as exc:
+            raise AuthError(next(r for t, r in _PYJWT_REASONS if isinstance(exc, t))) from None
+        return self._identity(claims)
+
+    def _precheck(self, token: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Structure and header checks that cost no crypto and no I/O."""
+        if not isinstance(token, str):
+            raise AuthError("malformed")
+        if len(token) > self._max_token_bytes:
+            raise AuthError("too large")
+        if not token.isascii():
+            raise AuthError("malformed")
+        parts = token.split(".")
+        if len(parts) != 3:
+            raise AuthError("malformed")  # JWE compact serialization has five parts
+        # An empty signature is left for the algorithm check to name ("none" tokens have one).
+        head, body, signature = parts
+        if not (_B64URL.fullmatch(head) and _B64URL.fullmatch(body)):
+            raise AuthError("malformed")
+        if signature and (not _B64URL.fullmatch(signature) or len(signature) % 4 == 1):
+            raise AuthError("malformed")
+        header, payload = _json_segment(head), _json_segment(body)
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in self._algorithms:
+            raise AuthError("algorithm not allowed")
+        if any(name in header for name in _REFUSED_HEADERS):
+            raise AuthError("unsupported header")
+        kid = header.get("kid")
+        if kid is not None and (not isinstance(kid, str) or not 0 < len(kid) <= _MAX_KID_CHARS):
+            raise AuthError("malformed")
+        return header, payload
+
+    async def _key_for(self, kid: str | None, alg: str) -> jwt.PyJWK:
+        keys = await self._current_keys()
+        key = _select(keys, kid, alg)
+        if key is not None:
+            return key
+        # Unknown kid: the issuer may just have rotated. Refetch once per cool-down window so a
+        # flood of made-up kids costs the issuer at most one request per window.
+        now = self._clock()
+        if self._kid_refetch_at is None or now - self._kid_refetch_at >= self._cooldown:
+            self._kid_refetch_at = now
+            keys = await self._shared_fetch()
+        elif self._inflight is not None:
+            keys = await self._join(self._inflight)
+        else:
+            raise AuthError("unknown key")
+        key = _select(keys, kid, alg)
+        if key is None:
+            raise AuthError("unknown key")
+        return key
+
+    async def _current_keys(self) -> _KeySet:
+        keys, now = self._keys, self._clock()
+        if keys is not None and now - keys.fetched_at < self._ttl:
+            return keys
+        usable = keys is not None and now - keys.fetched_at < 2 * self._ttl
+        recently_failed = self._failed_at is not None and now - self._failed_at < self._cooldown
+        if recently_failed and self._inflight is None:
+            # Don't hammer an issuer that just failed; serve what we have, if still usable.
+            if keys is not None and usable:
+                return keys
+            raise IssuerUnavailable(self._failure)
+        try:
+            return await self._shared_fetch()
+        except IssuerUnavailable:
+            if keys is not None and usable:
+                return keys
+            raise
+
+    async def _shared_fetch(self) -> _KeySet:
+        if self._closed:
+            raise IssuerUnavailable("issuer unavailable")
+        task = self._inflight
+        if task is None:
+            task = asyncio.create_task(self._fetch_and_store())
+            task.add_done_callback(self._fetch_done)
+            self._inflight = task
+        return await self._join(task)
+
+    @staticmethod
+    async def _join(task: asyncio.Task[_KeySet]) -> _KeySet:
+        # shield: a caller that gives up (client disconnect) must not cancel everyone's fetch.
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and current is not None and not current.cancelling():
+                raise IssuerUnavailable("issuer unavailable") from None  # aclose() stopped it
+            raise
+
+    def _fetch_done(self, task: asyncio.Task[_KeySet]) -> None:
+        if self._inflight is task:
+            self._inflight = None
+        if not task.cancelled():
+            task.exception()  # retrieved here so an unawaited failure is not logged as lost
+
+    async def _fetch_and_store(self) -> _KeySet:
+        try:
+            keys = await self._fetch_keys()
+        except IssuerUnavailable as exc:
+            self._failed_at, self._failure = self._clock(), exc.reason
+            raise
+        self._keys, self._failed_at = keys, None
+        return keys
+
+    async def _fetch_keys(self) -> _KeySet:
+        discovery = await self._get(self._discovery_url)
+        if not isinstance(discovery, dict) or discovery.get("issuer") != self.issuer:
+            raise IssuerUnavailable("issuer mismatch")
+        jwks_uri = discovery.get("jwks_uri")
+        if not isinstance(jwks_uri, str) or not _url_allowed(jwks_uri):
+            raise IssuerUnavailable("bad jwks uri")
+        jwks = await self._get(jwks_uri)
+        raw_keys = jwks.get("keys") if isinstance(jwks, dict) else None
+        if not isinstance(raw_keys, list):
+            raise IssuerUnavailable("bad jwks")
+        parsed = (_parse_jwk(raw, self._algorithms) for raw in raw_keys[:_MAX_KEYS])
+        keys = tuple(k for k in parsed if k is not None)
+        if not keys:
+            # Keep serving the previous keys rather than replacing them with nothing.
+            raise IssuerUnavailable("bad jwks")
+        return _KeySet(keys=keys, fetched_at=self._clock())
+
+    async def _get(self, url: str) -> Any:
+        try:
+            return await self._fetch_json(url)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # The cause may quote the response body; the audit reason stays fixed.
+            raise IssuerUnavailable("issuer unavailable") from None
+
+    async def _aiohttp_fetch(self, url: str) -> Any:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=_FETCH_TIMEOUT),
+                headers={"Accept": "application/json"},
+            )
+        # No redirects: a 302 could lead to plain http or somewhere we did not vet.
+        async with self._session.get(url, allow_redirects=False) as response:
+            if response.status != 200:
+                raise OSError(f"HTTP {response.status}")
+            body = bytearray()
+            async for chunk in response.content.iter_chunked(64 * 1024):
+                body += chunk
+                if len(body) > _MAX_DOCUMENT_BYTES:
+                    raise OSError("document too large")
+        return json.loads(body)
+
+    def _identity(self, claims: dict[str, Any]) -> Identity:
+        now, leeway = self._clock(), self._leeway
+        exp = _number(claims, "exp")
+        nbf = _number(claims, "nbf")
+        iat = _number(claims, "iat")
+        if exp is None:
+            raise AuthError("missing claim")
+        if exp <= now - leeway:
+            raise AuthError("expired")
+        if nbf is not None and nbf > now + leeway:
+            raise AuthError("not yet valid")
+        if iat is not None and iat > now + leeway:
+            raise AuthError("issued in the future")
+        if exp - (iat if iat is not None else now) > self._max_lifetime:
+            raise AuthError("lifetime too long")
+        aud = claims["aud"]
+        if isinstance(aud, list) and len(aud) > 1:
+            # OIDC Core §3.1.3.7: with several audiences, azp names the party it was issued to.
+            azp = claims.get("azp")
+            if not isinstance(azp, str) or azp not in self.audiences:
+                raise AuthError("bad azp")
+        sub = claims["sub"]
+        if not isinstance(sub, str) or not 0 < len(sub) <= 255 or _CONTROL.search(sub):
+            raise AuthError("bad subject")
+        email = _verified_email(claims)
+        if email is not None:
+            principal = f"user:{email}"
+        elif "email" in claims:
+            principal = f"subject:{sub}"  # an unverified email is never trusted as a user
+        else:
+            principal = f"serviceAccount:{sub}"
+        groups = _groups(claims.get(self._groups_claim))
+        members = {principal, *(f"group:{g}" for g in groups)}
+        if email is not None:
+            members.add("domain:" + email.rpartition("@")[2])
+        return Identity(
+            principal=principal,
+            subject=sub,
+            issuer=self.issuer,
+            email=email,
+            groups=groups,
+            expires_at=exp,
+            members=frozenset(members),
+        )

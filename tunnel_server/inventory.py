@@ -1,0 +1,73 @@
+"""Targets: map a connect request (instance, or host in a destination group) to the address
+to dial; unknown instances and hosts outside every group are lookup failures (4047)."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from tunnel_protocol.urls import HostTarget, InstanceTarget, Target
+
+from .config import DestinationGroupConfig, InventoryConfig
+
+
+class LookupFailed(Exception):
+    """No such instance, interface, or destination: close code 4047."""
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    resource: str  # policy resource: instance:P/Z/N or group:P/R/N/G
+    host: str  # address (or FQDN from a destination group) to dial
+    port: int
+
+
+def _group_contains(group: DestinationGroupConfig, host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host.lower().rstrip(".") in {f.lower().rstrip(".") for f in group.fqdns}
+    return any(address in net for net in group.cidrs)
+
+
+class Inventory:
+    def __init__(self, config: InventoryConfig) -> None:
+        self._instances = {i.key: i for i in config.instances}
+        self._groups = config.destination_groups
+
+    def resource_for(self, target: Target) -> str:
+        """The policy resource a request names, before knowing whether it exists."""
+        if isinstance(target, InstanceTarget):
+            return f"instance:{target.name}"
+        group = self._find_group(target)
+        if group is None:
+            return f"group:{target.project}/{target.region}/{target.network}/{target.group or ''}"
+        return f"group:{group.key}"
+
+    def _find_group(self, target: HostTarget) -> DestinationGroupConfig | None:
+        for group in self._groups:
+            if (group.project, group.region, group.network) != (
+                target.project,
+                target.region,
+                target.network,
+            ):
+                continue
+            if target.group is not None and group.name != target.group:
+                continue
+            if _group_contains(group, target.host):
+                return group
+        return None
+
+    def resolve(self, target: Target) -> Destination:
+        if isinstance(target, InstanceTarget):
+            instance = self._instances.get(target.name)
+            if instance is None:
+                raise LookupFailed(f"unknown instance {target.name}")
+            address = instance.interfaces.get(target.interface)
+            if address is None:
+                raise LookupFailed(f"instance {target.name} has no interface {target.interface}")
+            return Destination(f"instance:{target.name}", address, target.port)
+        group = self._find_group(target)
+        if group is None:
+            raise LookupFailed(f"host {target.host} is in no destination group of {target.name}")
+        return Destination(f"group:{group.key}", target.host, target.port)

@@ -1,0 +1,444 @@
+"""The relay's WebSocket endpoint: authenticate at the handshake, authorize, dial the target,
+pump bytes, and park dropped tunnels for resume (bound to the same principal)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from urllib.parse import urlsplit
+
+from websockets.asyncio.server import ServerConnection
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from tunnel_protocol import DIALECTS, CloseCode, Side, Tunnel, TunnelError
+from tunnel_protocol.aio.pump import End, Outcome, Pump
+from tunnel_protocol.aio.stream import TcpStream, open_tcp
+from tunnel_protocol.tunnel import Event, ReauthReceived
+from tunnel_protocol.urls import (
+    CONNECT_PATH,
+    RECONNECT_PATH,
+    ConnectRequest,
+    ReconnectRequest,
+    UrlError,
+    parse_request_path,
+)
+
+from .audit import AuditLog
+from .config import TunnelSettings
+from .identity import AuthError, Identity, OidcVerifier
+from .inventory import Inventory, LookupFailed
+from .policy import AccessRequest, Policy, evaluate
+
+log = logging.getLogger("tunnel.relay")
+
+MAX_AUTHORIZATION = 16 * 1024
+# Closes we send that expect the client to come back on /v4/reconnect: the tunnel is parked.
+_PARK_AFTER = frozenset({CloseCode.SID_IN_USE, CloseCode.REAUTHENTICATION_REQUIRED})
+
+
+@dataclass
+class Session:
+    """A tunnel that outlives its WebSockets, until finished or its resume window ends."""
+
+    sid: str
+    identity: Identity
+    tunnel: Tunnel
+    stream: TcpStream
+    resource: str
+    address: str
+    port: int
+    source_ip: str | None
+    created: float = field(default_factory=time.monotonic)
+    pump: Pump | None = None
+    detached: asyncio.Event = field(default_factory=asyncio.Event)
+    expiry: asyncio.TimerHandle | None = None
+    resumes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Handshake:
+    identity: Identity
+    request: ConnectRequest | ReconnectRequest
+
+
+def _respond(
+    connection: ServerConnection,
+    status: HTTPStatus,
+    text: str,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    response = connection.respond(status, text)
+    for key, value in (headers or {}).items():
+        response.headers[key] = value
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+class Relay:
+    def __init__(
+        self,
+        *,
+        verifier: OidcVerifier,
+        inventory: Inventory,
+        policy: Policy,
+        settings: TunnelSettings,
+        audit: AuditLog,
+    ) -> None:
+        self.verifier = verifier
+        self.inventory = inventory
+        self.policy = policy
+        self.settings = settings
+        self.audit = audit
+        self.sessions: dict[str, Session] = {}
+        self._handshakes: weakref.WeakKeyDictionary[ServerConnection, _Handshake] = (
+            weakref.WeakKeyDictionary()
+        )
+        self.draining = False
+        self._changed = asyncio.Event()
+
+    def _notify(self) -> None:
+        """Wake everything waiting in ``wait_until`` (session attached, parked or ended)."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Wait, without polling, until ``predicate`` holds after a session state change."""
+        while not predicate():
+            await self._changed.wait()
+
+    # -- handshake ------------------------------------------------------------------------------
+
+    async def process_request(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | None:
+        path = urlsplit(request.path).path
+        if path == "/healthz":
+            return _respond(connection, HTTPStatus.OK, "ok\n")
+        if path == "/readyz":
+            return await self._readyz(connection)
+        if path not in (CONNECT_PATH, RECONNECT_PATH):
+            return _respond(connection, HTTPStatus.NOT_FOUND, "not found\n")
+        source_ip = _peer_ip(connection)
+        try:
+            parsed = parse_request_path(request.path)
+        except UrlError as exc:
+            self.audit.record(
+                "handshake",
+                decision="deny",
+                reason=f"bad request: {exc}",
+                source_ip=source_ip,
+                status=400,
+            )
+            return _respond(connection, HTTPStatus.BAD_REQUEST, f"{exc}\n")
+        try:
+            identity = await self._authenticate(request.headers)
+        except AuthError as exc:
+            self.audit.record(
+                "handshake", decision="deny", reason=exc.reason, source_ip=source_ip, status=401
+            )
+            return _respond(
+                connection,
+                HTTPStatus.UNAUTHORIZED,
+                "authentication required: log in again\n",
+                {"WWW-Authenticate": 'Bearer realm="tunnel", error="invalid_token"'},
+            )
+        if self.draining:
+            return _respond(
+                connection, HTTPStatus.SERVICE_UNAVAILABLE, "draining\n", {"Retry-After": "1"}
+            )
+        self._handshakes[connection] = _Handshake(identity, parsed)
+        return None
+
+    async def _authenticate(self, headers: Headers) -> Identity:
+        values = headers.get_all("Authorization")
+        if len(values) != 1:
+            raise AuthError("missing credentials" if not values else "several credentials")
+        value = values[0]
+        if len(value) > MAX_AUTHORIZATION:
+            raise AuthError("too large")
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthError("not a bearer token")
+        return await self.verifier.verify(token.strip())
+
+    async def _readyz(self, connection: ServerConnection) -> Response:
+        if self.draining:
+            return _respond(connection, HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
+        if not self.verifier.ready:
+            try:
+                await self.verifier.refresh()
+            except AuthError:
+                return _respond(connection, HTTPStatus.SERVICE_UNAVAILABLE, "issuer unavailable\n")
+        return _respond(connection, HTTPStatus.OK, "ready\n")
+
+    # -- connection handler ---------------------------------------------------------------------
+
+    async def handler(self, ws: ServerConnection) -> None:
+        handshake = self._handshakes.pop(ws, None)
+        dialect = DIALECTS.get(ws.subprotocol or "")
+        if handshake is None or dialect is None:  # pragma: no cover - process_request ensures it
+            await ws.close(CloseCode.UNKNOWN_ERROR, "bad handshake")
+            return
+        if isinstance(handshake.request, ConnectRequest):
+            session = await self._connect(ws, handshake.identity, handshake.request, dialect.name)
+        else:
+            session = await self._reconnect(ws, handshake.identity, handshake.request)
+        if session is not None:
+            await self._attach(ws, session)
+
+    async def _connect(
+        self, ws: ServerConnection, identity: Identity, request: ConnectRequest, dialect: str
+    ) -> Session | None:
+        target = request.target
+        source_ip = _peer_ip(ws)
+        resource = self.inventory.resource_for(target)
+        decision = evaluate(
+            AccessRequest(identity.members, resource, target.port, source_ip),
+            self.policy,
+            time.time(),
+        )
+        base = {
+            "principal": identity.principal,
+            "source_ip": source_ip,
+            "resource": resource,
+            "port": target.port,
+            "dialect": dialect,
+        }
+        if not decision.allowed:
+            self.audit.record("decision", decision="deny", reason=decision.reason, **base)
+            await ws.close(CloseCode.NOT_AUTHORIZED, "not authorized")
+            return None
+        try:
+            destination = self.inventory.resolve(target)
+        except LookupFailed as exc:
+            self.audit.record(
+                "decision", decision="deny", reason=str(exc), rule=decision.rule, **base
+            )
+            await ws.close(CloseCode.LOOKUP_FAILED, "lookup failed")
+            return None
+        try:
+            async with asyncio.timeout(self.settings.dial_timeout):
+                stream = await open_tcp(destination.host, destination.port)
+        except (OSError, TimeoutError) as exc:
+            reason = "dial timeout" if isinstance(exc, TimeoutError) else f"dial failed: {exc}"
+            self.audit.record(
+                "decision",
+                decision="allow",
+                reason=reason,
+                rule=decision.rule,
+                address=destination.host,
+                result="backend_unreachable",
+                **base,
+            )
+            await ws.close(CloseCode.FAILED_TO_CONNECT_TO_BACKEND, "failed to connect to backend")
+            return None
+        sid = secrets.token_urlsafe(24)
+        tunnel = Tunnel(
+            Side.SERVER, DIALECTS[ws.subprotocol or ""], buffer_limit=self.settings.resume_buffer
+        )
+        tunnel.attach_server(sid.encode())
+        session = Session(
+            sid,
+            identity,
+            tunnel,
+            stream,
+            destination.resource,
+            destination.host,
+            destination.port,
+            source_ip,
+        )
+        self.sessions[sid] = session
+        self.audit.record(
+            "decision",
+            decision="allow",
+            reason=decision.reason,
+            rule=decision.rule,
+            address=destination.host,
+            tunnel_id=sid,
+            **base,
+        )
+        return session
+
+    async def _reconnect(
+        self, ws: ServerConnection, identity: Identity, request: ReconnectRequest
+    ) -> Session | None:
+        session = self.sessions.get(request.sid)
+        base = {"principal": identity.principal, "source_ip": _peer_ip(ws)}
+        if session is None:
+            self.audit.record("resume", decision="deny", reason="sid unknown", **base)
+            await ws.close(CloseCode.SID_UNKNOWN, "sid unknown")
+            return None
+        if session.identity.principal != identity.principal:
+            self.audit.record(
+                "resume",
+                decision="deny",
+                reason="principal mismatch",
+                tunnel_id=session.sid,
+                **base,
+            )
+            await ws.close(CloseCode.SID_UNKNOWN, "sid unknown")
+            return None
+        if session.tunnel.dialect.subprotocol != ws.subprotocol:
+            await ws.close(CloseCode.PROTOCOL_ERROR, "subprotocol differs from the tunnel's")
+            return None
+        if session.pump is not None:
+            # The client saw the old WebSocket die before we did: the newest attachment wins.
+            session.pump.close(CloseCode.SID_IN_USE, "superseded by a reconnect")
+            await session.detached.wait()
+            if self.sessions.get(session.sid) is not session:
+                await ws.close(CloseCode.SID_UNKNOWN, "sid unknown")
+                return None
+        if session.expiry is not None:
+            session.expiry.cancel()
+            session.expiry = None
+        try:
+            session.tunnel.attach_server(session.sid.encode(), resume_from=request.ack)
+        except TunnelError as exc:
+            self.audit.record(
+                "resume", decision="deny", reason=str(exc), tunnel_id=session.sid, **base
+            )
+            await ws.close(exc.code, str(exc))
+            self._end(session, exc.code, str(exc))
+            return None
+        session.identity = identity
+        session.resumes += 1
+        self.audit.record(
+            "resume", decision="allow", tunnel_id=session.sid, ack=request.ack, **base
+        )
+        return session
+
+    async def _attach(self, ws: ServerConnection, session: Session) -> None:
+        async def on_control(event: Event) -> None:
+            if isinstance(event, ReauthReceived):
+                await self._reauth(session, pump, event.token)
+
+        settings = self.settings
+        pump = Pump(
+            session.tunnel,
+            ws,
+            session.stream,
+            on_control=on_control,
+            keepalive=(settings.keepalive_interval, settings.keepalive_timeout),
+        )
+        session.pump = pump
+        session.detached.clear()
+        self._notify()
+        try:
+            outcome = await pump.run()
+        finally:
+            session.pump = None
+            session.detached.set()
+            self._notify()
+        if outcome.end is End.LOST or (
+            outcome.end is End.CLOSED and outcome.code in _PARK_AFTER
+        ):
+            self._park(session)
+        else:
+            self._finish(session, outcome)
+
+    async def _reauth(self, session: Session, pump: Pump, token: str) -> None:
+        try:
+            identity = await self.verifier.verify(token)
+        except AuthError as exc:
+            self.audit.record(
+                "reauth",
+                decision="deny",
+                reason=exc.reason,
+                principal=session.identity.principal,
+                tunnel_id=session.sid,
+            )
+            pump.close(CloseCode.UNAUTHENTICATED, "re-authentication failed: log in again")
+            return
+        if identity.principal != session.identity.principal:
+            self.audit.record(
+                "reauth",
+                decision="deny",
+                reason="principal changed",
+                principal=session.identity.principal,
+                tunnel_id=session.sid,
+            )
+            pump.close(CloseCode.NOT_AUTHORIZED, "re-authentication as another principal")
+            return
+        session.identity = identity
+        session.tunnel.send_reauth_ok(int(identity.expires_at))
+        self.audit.record(
+            "reauth", decision="allow", principal=identity.principal, tunnel_id=session.sid
+        )
+
+    def _park(self, session: Session) -> None:
+        if self.sessions.get(session.sid) is not session:
+            return
+        loop = asyncio.get_running_loop()
+        session.expiry = loop.call_later(
+            self.settings.resume_window,
+            self._end,
+            session,
+            CloseCode.RESUME_EXPIRED,
+            "resume window expired",
+        )
+        self._notify()
+
+    def _finish(self, session: Session, outcome: Outcome) -> None:
+        if outcome.end is End.FINISHED:
+            # Everything the client sent was written; let the target read it, then close.
+            session.stream.close()
+            self._end(session, CloseCode.NORMAL, "finished", close_stream=False)
+        else:
+            self._end(session, outcome.code or CloseCode.UNKNOWN_ERROR, outcome.reason)
+
+    def _end(self, session: Session, code: int, reason: str, *, close_stream: bool = True) -> None:
+        if self.sessions.pop(session.sid, None) is None:
+            return
+        if session.expiry is not None:
+            session.expiry.cancel()
+        if close_stream and code == CloseCode.NORMAL:
+            session.stream.close()
+        elif close_stream:
+            session.stream.abort()
+        self.audit.record(
+            "tunnel_closed",
+            tunnel_id=session.sid,
+            principal=session.identity.principal,
+            resource=session.resource,
+            address=session.address,
+            port=session.port,
+            source_ip=session.source_ip,
+            bytes_from_client=session.tunnel.received_total,
+            bytes_to_client=session.tunnel.sent_total,
+            resumes=session.resumes,
+            duration=round(time.monotonic() - session.created, 3),
+            close_code=code,
+            close_reason=reason,
+        )
+        self._notify()
+
+    def require_reauth(self, sid: str) -> bool:
+        """Close a tunnel's WebSocket with 4004 and keep the tunnel for resume: gcloud then
+        reconnects with a fresh token and no byte is lost. False if the tunnel is not attached."""
+        session = self.sessions.get(sid)
+        if session is None or session.pump is None:
+            return False
+        session.pump.close(CloseCode.REAUTHENTICATION_REQUIRED, "reauthentication required")
+        return True
+
+    def close_all(self, code: int, reason: str) -> None:
+        """End every tunnel (shutdown): attached ones with a typed close, parked ones at once."""
+        for session in list(self.sessions.values()):
+            if session.pump is not None:
+                session.pump.close(code, reason)
+            else:
+                self._end(session, code, reason)
+
+
+def _peer_ip(connection: ServerConnection) -> str | None:
+    address = connection.remote_address
+    if isinstance(address, tuple) and address:
+        return str(address[0])
+    return None
