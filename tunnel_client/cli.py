@@ -219,6 +219,9 @@ def start_tunnel(
         _fail(str(exc))
     except PortUnavailable as exc:
         _fail(str(exc))
+    except KeyboardInterrupt:
+        # Ctrl-C is how this mode ends; "Closed [N] local connection(s)." was printed.
+        sys.exit(130)
 
 
 async def _listen(
@@ -248,7 +251,7 @@ async def _listen(
         raise
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("instance")
 @click.argument("ssh_args", nargs=-1, type=click.UNPROCESSED)
 @click.option("--user", help="Remote user name (default: ssh's).")
@@ -325,14 +328,17 @@ def rdp(
     options = _options(instance, rdp_port, kw)
     host, port = _parse_local(local_host_port)
     try:
-        run(_rdp(options, host, port, exec_template))
+        status = run(_rdp(options, host, port, exec_template))
     except (TunnelFailed, PortUnavailable) as exc:
         _fail(str(exc))
     except launchers.LauncherError as exc:
         raise click.UsageError(str(exc)) from None
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(status)  # the RDP client's exit status, like `ssh` returns ssh's
 
 
-async def _rdp(options: ConnectOptions, host: str, port: int, template: str | None) -> None:
+async def _rdp(options: ConnectOptions, host: str, port: int, template: str | None) -> int:
     started: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     listen: asyncio.Future[None] = asyncio.ensure_future(
         _listen(options, host, port, True, started.set_result)
@@ -341,7 +347,7 @@ async def _rdp(options: ConnectOptions, host: str, port: int, template: str | No
     done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     if listen in done:
         listen.result()  # raises the failure
-        return
+        return 0
     local_port = started.result()
     connect_host = "127.0.0.1" if host == "localhost" else host
     if template is not None:
@@ -351,13 +357,20 @@ async def _rdp(options: ConnectOptions, host: str, port: int, template: str | No
         if found is None:
             _err(f"No RDP client found: connect yours to {connect_host}:{local_port}.")
             await listen
-            return
+            return 0
         argv = launchers.rdp_command(found, connect_host, local_port)
     _err(f"Starting {argv[0]}.")
-    process = await asyncio.create_subprocess_exec(*argv)
-    await process.wait()
+    try:
+        process = await asyncio.create_subprocess_exec(*argv)
+    except OSError as exc:
+        process = None
+        _err(f"ERROR: cannot run {argv[0]}: {exc.strerror or exc}")
+    status = 1 if process is None else await process.wait()
+    if status < 0:  # killed by a signal: report it like a shell does
+        status = 128 - status
     listen.cancel()
     try:
         await listen
     except asyncio.CancelledError:
         pass
+    return status

@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import signal
 import socket
 import sys
 from collections.abc import Callable
 
+from tunnel_protocol import CloseCode
 from tunnel_protocol.aio.stream import ByteStream, StdioStream, TcpStream
 
 from .session import ConnectOptions, TunnelFailed, TunnelSession
@@ -108,6 +110,44 @@ class LocalListener:
             stream.close()
 
 
+# After SIGHUP/SIGTERM in stdin mode: how long the close handshake with the relay may take.
+HANGUP_CLOSE_TIMEOUT = 5.0
+
+
 async def run_stdio(options: ConnectOptions, stream: ByteStream | None = None) -> None:
-    """stdin/stdout mode (ssh ProxyCommand). Raises TunnelFailed."""
-    await TunnelSession(options).run(stream or StdioStream())
+    """stdin/stdout mode (ssh ProxyCommand). Raises TunnelFailed.
+
+    ssh sends its ProxyCommand SIGHUP when it exits: the tunnel is then closed with 1001 (going
+    away) so that the relay ends it at once, instead of parking it for resume and keeping the
+    target's connection open for the whole resume window."""
+    session = TunnelSession(options)
+    tunnel = asyncio.ensure_future(session.run(stream or StdioStream()))
+    hangup = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    for name in ("SIGHUP", "SIGTERM"):
+        sig = getattr(signal, name, None)
+        if sig is None:
+            continue
+        try:
+            loop.add_signal_handler(sig, hangup.set)
+        except (NotImplementedError, RuntimeError, ValueError):  # Windows, not the main thread
+            continue
+        installed.append(sig)
+    waiter = asyncio.ensure_future(hangup.wait())
+    try:
+        await asyncio.wait([tunnel, waiter], return_when=asyncio.FIRST_COMPLETED)
+        if tunnel.done():
+            return tunnel.result()
+        log.info("hangup: closing the tunnel")
+        session.close(CloseCode.GOING_AWAY, "client exiting")
+        try:
+            async with asyncio.timeout(HANGUP_CLOSE_TIMEOUT):
+                await tunnel
+        except (TunnelFailed, TimeoutError):
+            pass
+    finally:
+        waiter.cancel()
+        tunnel.cancel()
+        for sig in installed:
+            loop.remove_signal_handler(sig)

@@ -29,15 +29,6 @@ log = logging.getLogger("tunnel.client")
 TokenProvider = Callable[[], Awaitable[str]]
 
 MAX_MESSAGE = NATIVE.max_data + 1024
-# Closes after which the same tunnel is resumed on a new WebSocket.
-RESUMABLE = frozenset(
-    {
-        CloseCode.GOING_AWAY,
-        CloseCode.REAUTHENTICATION_REQUIRED,
-        CloseCode.DRAINING,
-        CloseCode.SID_IN_USE,
-    }
-)
 
 
 class TunnelFailed(Exception):
@@ -62,6 +53,13 @@ class ConnectOptions:
     backoff_initial: float = 0.05
     backoff_cap: float = 5.0
     extra_headers: dict[str, str] = field(default_factory=dict)
+
+
+def _retryable(code: int) -> bool:
+    try:
+        return CloseCode(code).retryable
+    except ValueError:
+        return False
 
 
 def _base_url(server: str) -> str:
@@ -159,7 +157,9 @@ class TunnelSession:
                 if outcome.end is End.FINISHED:
                     return
                 resumable = outcome.end is End.LOST or (
-                    outcome.end is End.PEER_CLOSED and outcome.code in RESUMABLE
+                    outcome.end is End.PEER_CLOSED
+                    and outcome.code is not None
+                    and _retryable(outcome.code)
                 )
                 if not resumable or self.tunnel.sid is None:
                     code = outcome.code or CloseCode.UNKNOWN_ERROR

@@ -83,7 +83,15 @@ _DESCRIPTIONS: dict[CloseCode, str] = {
     CloseCode.RESUME_EXPIRED: "resume window expired",
 }
 
-_RETRYABLE = frozenset({CloseCode.REAUTHENTICATION_REQUIRED, CloseCode.DRAINING})
+# After these the client resumes the same tunnel on a new WebSocket (/v4/reconnect).
+_RETRYABLE = frozenset(
+    {
+        CloseCode.GOING_AWAY,
+        CloseCode.SID_IN_USE,
+        CloseCode.REAUTHENTICATION_REQUIRED,
+        CloseCode.DRAINING,
+    }
+)
 
 
 def describe(code: int) -> str:

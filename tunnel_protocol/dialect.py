@@ -35,9 +35,9 @@ IAP = Dialect(
 )
 
 # 64 KiB frames: 16 KiB frames cost 30-45% of throughput in per-message overhead, 256 KiB buys
-# nothing and pushes reads into glibc's mmap threshold (docs/benchmarks.md, shared performance
-# guide). A 256 KiB ack threshold keeps acks to one per four frames while staying far below the
-# smallest allowed resume buffer (1 MiB), so a sender is never stalled waiting for an ack.
+# nothing and pushes reads into glibc's mmap threshold (measured on our machines, see
+# docs/protocol.md section 5). A 256 KiB ack threshold keeps acks to one per four frames while
+# staying far below the smallest allowed resume buffer (1 MiB), so a sender never stalls on acks.
 NATIVE = Dialect(
     name="native",
     subprotocol=NATIVE_SUBPROTOCOL,

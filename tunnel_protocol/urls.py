@@ -17,7 +17,7 @@ RECONNECT_PATH = "/v4/reconnect"
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,252}$")
 _HOST = re.compile(r"^[A-Za-z0-9._:%-]{1,253}$")
-_PORT = re.compile(r"^[0-9]{1,5}$")
+_PORT = re.compile(r"^[1-9][0-9]{0,4}$")  # no leading zeros: one spelling per port
 _ACK = re.compile(r"^[0-9]{1,20}$")
 _SID = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
 
@@ -102,6 +102,8 @@ def parse_request_path(path: str) -> ConnectRequest | ReconnectRequest:
     if parts.path == CONNECT_PATH:
         project = _one(query, "project")
         port = parse_port(_one(query, "port", _PORT))
+        if "instance" in query and "host" in query:
+            raise UrlError("give 'instance' or 'host', not both")
         if "instance" in query:
             return ConnectRequest(
                 InstanceTarget(

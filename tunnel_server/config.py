@@ -135,6 +135,8 @@ def _parse_ports(value: Any) -> Any:
             out.append({"first": first, "last": last})
         elif isinstance(item, int) and not isinstance(item, bool):
             out.append({"first": item, "last": item})
+        elif isinstance(item, str) and re.fullmatch(r"[0-9]{1,5}", item):
+            out.append({"first": int(item), "last": int(item)})
         else:
             raise ValueError(f"port {item!r} must be an integer or a range like '8000-8080'")
     return out

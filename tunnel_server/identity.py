@@ -553,10 +553,12 @@ class OidcVerifier:
         email = _verified_email(claims)
         if email is not None:
             principal = f"user:{email}"
-        elif "email" in claims:
-            principal = f"subject:{sub}"  # an unverified email is never trusted as a user
-        else:
+        elif "email" not in claims and sub in (claims.get("client_id"), claims.get("azp")):
+            # A client acting as itself (client credentials): RFC 9068 puts its id in both
+            # `sub` and `client_id`. A user token without an email is not a service account.
             principal = f"serviceAccount:{sub}"
+        else:
+            principal = f"subject:{sub}"  # an unverified email is never trusted as a user
         groups = _groups(claims.get(self._groups_claim))
         members = {principal, *(f"group:{g}" for g in groups)}
         if email is not None:

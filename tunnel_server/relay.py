@@ -32,13 +32,14 @@ from tunnel_protocol.urls import (
 
 from .audit import AuditLog
 from .config import TunnelSettings
-from .identity import AuthError, Identity, OidcVerifier
+from .identity import AuthError, Identity, IssuerUnavailable, OidcVerifier
 from .inventory import Inventory, LookupFailed
 from .policy import AccessRequest, Policy, evaluate
 
 log = logging.getLogger("tunnel.relay")
 
-MAX_AUTHORIZATION = 16 * 1024
+# websockets refuses header lines over 8 KiB (431) before we see them; same bound here.
+MAX_AUTHORIZATION = 8 * 1024
 # Closes we send that expect the client to come back on /v4/reconnect: the tunnel is parked.
 _PARK_AFTER = frozenset({CloseCode.SID_IN_USE, CloseCode.REAUTHENTICATION_REQUIRED})
 
@@ -139,15 +140,30 @@ class Relay:
             return _respond(connection, HTTPStatus.BAD_REQUEST, f"{exc}\n")
         try:
             identity = await self._authenticate(request.headers)
+        except IssuerUnavailable as exc:
+            # Not the caller's fault: 503 tells clients to retry instead of logging in again.
+            self.audit.record(
+                "handshake", decision="deny", reason=exc.reason, source_ip=source_ip, status=503
+            )
+            return _respond(
+                connection,
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                "identity provider unavailable, retry later\n",
+                {"Retry-After": "5"},
+            )
         except AuthError as exc:
             self.audit.record(
                 "handshake", decision="deny", reason=exc.reason, source_ip=source_ip, status=401
             )
+            # RFC 6750 3.1: no error attribute when the request carried no credentials.
+            challenge = 'Bearer realm="tunnel"'
+            if exc.reason != "missing credentials":
+                challenge += ', error="invalid_token"'
             return _respond(
                 connection,
                 HTTPStatus.UNAUTHORIZED,
                 "authentication required: log in again\n",
-                {"WWW-Authenticate": 'Bearer realm="tunnel", error="invalid_token"'},
+                {"WWW-Authenticate": challenge},
             )
         if self.draining:
             return _respond(
@@ -336,9 +352,7 @@ class Relay:
             session.pump = None
             session.detached.set()
             self._notify()
-        if outcome.end is End.LOST or (
-            outcome.end is End.CLOSED and outcome.code in _PARK_AFTER
-        ):
+        if outcome.end is End.LOST or (outcome.end is End.CLOSED and outcome.code in _PARK_AFTER):
             self._park(session)
         else:
             self._finish(session, outcome)

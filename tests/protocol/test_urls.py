@@ -103,14 +103,14 @@ def test_missing_new_websocket_is_fine_on_reconnect() -> None:
     assert parse_request_path("/v4/reconnect?sid=s&ack=5&zone=z&_=x") == ReconnectRequest("s", 5)
 
 
-@pytest.mark.parametrize("port", ["1", "22", "443", "65535", "00022"])
+@pytest.mark.parametrize("port", ["1", "22", "443", "65535"])
 def test_parse_port_valid(port: str) -> None:
     assert parse_port(port) == int(port)
 
 
 @pytest.mark.parametrize(
     "port",
-    ["0", "00000", "65536", "99999", "123456", "22a", "+22", "-22", " 22", "22 ", "0x16", "",
+    ["0", "00000", "00022", "022", "65536", "99999", "123456", "22a", "+22", "-22", " 22", "22 ", "0x16", "",
      "22\n", "\u0662\u0662", "\uff12\uff12", "2_2", "22.0"],
 )  # fmt: skip
 def test_parse_port_strict(port: str) -> None:

@@ -587,10 +587,26 @@ async def test_unusable_email_claim(issuer: TestIssuer, verifier: OidcVerifier, 
 
 
 async def test_service_account_without_email(issuer: TestIssuer, verifier: OidcVerifier) -> None:
-    identity = await verifier.verify(issuer.mint(sub="1234567890", email=None, groups=("bots",)))
+    token = issuer.mint(
+        sub="1234567890", email=None, groups=("bots",), extra_claims={"client_id": "1234567890"}
+    )
+    identity = await verifier.verify(token)
     assert identity.principal == "serviceAccount:1234567890"
     assert identity.email is None
     assert identity.members == {"serviceAccount:1234567890", "group:bots"}
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"client_id": "tunnel-cli"}, {"azp": "tunnel-cli"}],
+)
+async def test_user_token_without_email_is_not_a_service_account(
+    issuer: TestIssuer, verifier: OidcVerifier, extra: dict[str, str]
+) -> None:
+    """A user token issued without the email scope must not pass for a service account whose
+    id happens to equal the user's subject."""
+    identity = await verifier.verify(issuer.mint(sub="svc-backup", email=None, extra_claims=extra))
+    assert identity.principal == "subject:svc-backup"
 
 
 async def test_members_and_normalisation(issuer: TestIssuer, verifier: OidcVerifier) -> None:

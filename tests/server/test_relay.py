@@ -318,3 +318,27 @@ async def test_health_endpoints(relay: RunningServer, tmp_path: Path) -> None:
 
     assert await asyncio.to_thread(get, "/healthz") == 200
     assert await asyncio.to_thread(get, "/readyz") == 200
+
+
+def test_relay_and_client_on_uvloop(tmp_path: Path) -> None:
+    """The same echo through relay and client with both on uvloop (the default when installed):
+    uvloop's transports are not asyncio.Transport subclasses, which once broke TcpStream."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> bytes:
+        async with asyncio.timeout(200 * UNIT), TestIssuer() as issuer:
+            echo = await TcpTarget("echo").start()
+            try:
+                async with start_relay(relay_config_data(issuer, tmp_path)) as relay:
+                    opts = options(relay, tmp_path, issuer.mint(), echo.port)
+                    async with listening(opts) as listener:
+                        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+                        writer.write(b"on uvloop")
+                        writer.write_eof()
+                        data = await reader.read()
+                        writer.close()
+                        return data
+            finally:
+                await echo.stop()
+
+    assert uvloop.run(scenario()) == b"on uvloop"

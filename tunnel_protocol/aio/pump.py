@@ -50,6 +50,9 @@ class _Stop(Exception):
 
 ControlHandler = Callable[[Event], Awaitable[None]]
 
+# Seconds to send a close (reason frame + close handshake) before the socket is dropped.
+CLOSE_TIMEOUT = 5.0
+
 # Local read/write failures map to IAP's destination codes on the relay side.
 READ_FAILED = CloseCode.DESTINATION_READ_FAILED
 WRITE_FAILED = CloseCode.DESTINATION_WRITE_FAILED
@@ -125,12 +128,31 @@ class Pump:
         return Outcome(End.PEER_CLOSED, rcvd.code, rcvd.reason)
 
     async def _close_ws(self, code: int, reason: str) -> None:
+        # Keep reading (and discarding) until the peer's close frame: it may still be sending
+        # DATA and ACKs (gcloud acks every 32 KiB), and unread messages pause reading after
+        # websockets' max_queue, so the close reply would never be read (stall to the timeout).
+        discard = asyncio.create_task(self._discard_incoming())
+        # A half-open peer never drains our buffer: bound the whole close, then drop the socket.
         try:
-            if code != CloseCode.NORMAL and self.tunnel.dialect.native:
-                async with self._send_lock:
-                    await self.ws.send(encode_close(code, reason))
-            # Close frame reasons are limited to 123 bytes.
-            await self.ws.close(code, reason.encode()[:123].decode("utf-8", "ignore"))
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                if code != CloseCode.NORMAL and self.tunnel.dialect.native:
+                    async with self._send_lock:
+                        await self.ws.send(encode_close(code, reason))
+                # Close frame reasons are limited to 123 bytes.
+                short = reason.encode("utf-8", "replace")[:123].decode("utf-8", "ignore")
+                await self.ws.close(code, short)
+        except ConnectionClosed:
+            pass
+        except TimeoutError:
+            self.ws.transport.abort()
+        finally:
+            discard.cancel()
+            await asyncio.gather(discard, return_exceptions=True)
+
+    async def _discard_incoming(self) -> None:
+        try:
+            while True:
+                await self.ws.recv()
         except ConnectionClosed:
             pass
 
@@ -238,8 +260,10 @@ class Pump:
         while True:
             await asyncio.sleep(interval)
             try:
-                pong = await self.ws.ping()
+                # ping() itself waits while the write buffer is full (a stuck bulk transfer to
+                # a dead peer), so the deadline covers sending the ping too.
                 async with asyncio.timeout(pong_timeout):
+                    pong = await self.ws.ping()
                     await pong
             except TimeoutError:
                 self.ws.transport.abort()

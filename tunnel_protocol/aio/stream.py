@@ -9,9 +9,9 @@ import os
 import sys
 import threading
 from collections.abc import Callable
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, cast
 
-# Reads stay below glibc's 128 KiB mmap threshold (see docs/benchmarks.md): one read fills at
+# Reads stay below glibc's 128 KiB mmap threshold (measured on our machines): one read fills at
 # most one native DATA frame.
 READ_SIZE = 64 * 1024
 # Received but unread bytes above which the socket stops being read; the peer's window closes.
@@ -59,8 +59,8 @@ class TcpStream(asyncio.BufferedProtocol):
     # -- protocol callbacks ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses but have the same methods.
+        self.transport = cast(asyncio.Transport, transport)
         self._closed = asyncio.get_running_loop().create_future()
         if self._on_connected is not None:
             self._on_connected(self)

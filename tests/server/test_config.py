@@ -1,0 +1,147 @@
+"""Config loading: valid files load; every invalid one names the file, the key and the reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from tunnel_server.cli import main
+from tunnel_server.config import ConfigError, load_config, parse_config
+
+VALID: dict[str, Any] = {
+    "listen": {"host": "127.0.0.1", "port": 8443},
+    "tls": {"cert_file": "cert.pem", "key_file": "key.pem", "self_signed": True},
+    "oidc": {"issuer": "https://idp.example.com", "audiences": ["tunnel"]},
+    "inventory": {
+        "instances": [
+            {"project": "p", "zone": "z", "name": "vm1", "address": "10.0.0.5"},
+            {
+                "project": "p",
+                "zone": "z",
+                "name": "vm2",
+                "interfaces": {"nic0": "10.0.0.6", "nic1": "10.1.0.6"},
+            },
+        ],
+        "destination_groups": [
+            {
+                "project": "p",
+                "region": "r",
+                "network": "n",
+                "name": "db",
+                "cidrs": ["10.2.0.0/16"],
+                "fqdns": ["db.internal"],
+            },
+        ],
+    },
+    "access": [
+        {
+            "members": ["user:alice@example.com", "group:ops"],
+            "instances": ["p/z/vm1"],
+            "ports": [22, "3389", "8000-8080"],
+        },
+        {"members": ["allAuthenticatedUsers"], "destination_groups": ["p/r/n/db"], "ports": [5432]},
+    ],
+}
+
+
+def _with(path: str, value: Any) -> dict[str, Any]:
+    data = yaml.safe_load(yaml.safe_dump(VALID))
+    node = data
+    keys = path.split(".")
+    for key in keys[:-1]:
+        node = node[int(key)] if key.isdigit() else node[key]
+    last = keys[-1]
+    if value is _DELETE:
+        del node[last]
+    else:
+        node[int(last) if last.isdigit() else last] = value
+    return dict(data)
+
+
+_DELETE = object()
+
+
+def test_valid_config_loads(tmp_path: Path) -> None:
+    path = tmp_path / "relay.yaml"
+    path.write_text(yaml.safe_dump(VALID))
+    config = load_config(path)
+    assert config.tls is not None
+    assert config.tls.cert_file == tmp_path / "cert.pem"  # relative to the file
+    assert config.inventory.instances[0].interfaces == {"nic0": "10.0.0.5"}
+    ports = config.access[0].ports
+    assert 8080 in ports[2]
+    assert 8081 not in ports[2]
+    assert config.tunnel.resume_buffer == 8 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        ("oidc.issuer", _DELETE, "oidc.issuer: Field required"),
+        ("oidc.issuer", "ftp://x", "oidc.issuer: String should match pattern"),
+        ("oidc.audiences", [], "oidc.audiences: List should have at least 1 item"),
+        ("oidc.leeway", 120, "oidc.leeway: Input should be less than or equal to 60"),
+        ("listen.port", 70000, "listen.port: Input should be less than or equal to 65535"),
+        ("access.0.ports", [0], "access[0].ports[0].first: Input should be greater than"),
+        ("access.0.ports", ["22-21"], "access[0].ports: Value error, port range '22-21'"),
+        ("access.0.ports", ["ssh"], "access[0].ports: Value error, port 'ssh' must be"),
+        ("access.0.members", ["alice"], "access[0].members: Value error, member 'alice'"),
+        ("access.0.instances", ["p/z/typo"], "unknown instance 'p/z/typo'"),
+        ("access.1.destination_groups", ["p/r/n/nope"], "unknown destination group"),
+        ("inventory.instances.0.name", "bad name", "inventory.instances[0].name: String"),
+        (
+            "inventory.destination_groups.0.cidrs",
+            ["10.0.0.300/8"],
+            "inventory.destination_groups[0].cidrs[0]",
+        ),
+        ("tunnel", {"resume_buffer": 1024}, "tunnel.resume_buffer: Input should be greater"),
+        ("tunnel", {"resume_windw": 5}, "tunnel.resume_windw: Extra inputs are not permitted"),
+    ],
+)
+def test_invalid_configs_name_key_and_reason(path: str, value: Any, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(_with(path, value), source="relay.yaml")
+    message = str(info.value)
+    assert message.startswith("relay.yaml: ")
+    assert expected in message
+
+
+def test_duplicate_instances_refused() -> None:
+    data = _with("inventory.instances", [VALID["inventory"]["instances"][0]] * 2)
+    with pytest.raises(ConfigError, match="duplicate instance 'p/z/vm1'"):
+        parse_config(data)
+
+
+def test_yaml_syntax_error_has_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("oidc:\n  issuer: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: line \d+, column \d+: invalid YAML"):
+        load_config(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_check_config_command(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(VALID))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(_with("oidc.audiences", [])))
+    runner = CliRunner()
+    assert runner.invoke(main, ["check-config", str(good)]).exit_code == 0
+    result = runner.invoke(main, ["check-config", str(bad)])
+    assert result.exit_code == 2
+    assert "oidc.audiences" in result.output
+
+
+def test_shipped_example_config_is_valid() -> None:
+    example = Path(__file__).resolve().parents[2] / "deploy" / "relay.example.yaml"
+    config = load_config(example)
+    assert config.access
+    assert config.inventory.instances
