@@ -19,7 +19,7 @@ from tunnel_protocol import IAP, NATIVE, CloseCode
 
 from .audit import AuditLog
 from .config import ServerConfig
-from .identity import DEFAULT_ALGORITHMS, OidcVerifier
+from .identity import DEFAULT_ALGORITHMS, Authenticator, Introspector, OidcVerifier
 from .inventory import Inventory
 from .policy import Policy
 from .relay import Relay
@@ -35,7 +35,7 @@ MAX_MESSAGE = NATIVE.max_data + 1024
 class RunningServer:
     relay: Relay
     server: Server
-    verifier: OidcVerifier
+    verifier: Authenticator
     secure: bool
 
     @property
@@ -49,25 +49,44 @@ class RunningServer:
         return f"{scheme}://127.0.0.1:{self.port}"
 
 
-def build_relay(config: ServerConfig, *, node: str | None = None) -> tuple[Relay, OidcVerifier]:
-    oidc = config.oidc
-    verifier = OidcVerifier(
-        oidc.issuer,
-        oidc.audiences,
-        algorithms=tuple(oidc.algorithms) if oidc.algorithms else DEFAULT_ALGORITHMS,
-        leeway=oidc.leeway,
-        max_lifetime=oidc.max_token_lifetime,
-        jwks_ttl=oidc.jwks_ttl,
-        groups_claim=oidc.groups_claim,
-    )
+def build_authenticator(config: ServerConfig) -> Authenticator:
+    verifiers: list[OidcVerifier] = []
+    introspectors: list[Introspector] = []
+    for oidc in config.issuers:
+        verifier = OidcVerifier(
+            oidc.issuer,
+            oidc.audiences,
+            algorithms=tuple(oidc.algorithms) if oidc.algorithms else DEFAULT_ALGORITHMS,
+            leeway=oidc.leeway,
+            max_lifetime=oidc.max_token_lifetime,
+            jwks_ttl=oidc.jwks_ttl,
+            groups_claim=oidc.groups_claim,
+        )
+        verifiers.append(verifier)
+        if oidc.introspection is not None:
+            introspectors.append(
+                Introspector(
+                    verifier,
+                    client_id=oidc.introspection.client_id,
+                    client_secret=oidc.introspection.client_secret,
+                    endpoint=oidc.introspection.endpoint,
+                    cache_ttl=oidc.introspection.cache_ttl,
+                )
+            )
+    return Authenticator(verifiers, introspectors)
+
+
+def build_relay(config: ServerConfig, *, node: str | None = None) -> tuple[Relay, Authenticator]:
+    authenticator = build_authenticator(config)
     relay = Relay(
-        verifier=verifier,
+        verifier=authenticator,
         inventory=Inventory(config.inventory),
         policy=Policy(tuple(config.access)),
         settings=config.tunnel,
         audit=AuditLog(node or socket.gethostname()),
+        login=config.login,
     )
-    return relay, verifier
+    return relay, authenticator
 
 
 @asynccontextmanager

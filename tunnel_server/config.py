@@ -46,6 +46,15 @@ class TlsConfig(_Model):
     self_signed: bool = False
 
 
+class IntrospectionConfig(_Model):
+    """RFC 7662 introspection for opaque access tokens (the relay's own client credentials)."""
+
+    client_id: str = Field(min_length=1)
+    client_secret: str = Field(min_length=1)
+    endpoint: str | None = Field(default=None, pattern=r"^https?://\S+$")
+    cache_ttl: float = Field(default=30.0, ge=0, le=300)
+
+
 class OidcConfig(_Model):
     issuer: str = Field(pattern=r"^https?://\S+$")
     audiences: list[str] = Field(min_length=1)
@@ -54,6 +63,19 @@ class OidcConfig(_Model):
     max_token_lifetime: float = Field(default=24 * 3600, gt=0)
     jwks_ttl: float = Field(default=300.0, gt=0)
     groups_claim: str = "groups"
+    introspection: IntrospectionConfig | None = None
+
+
+class LoginConfig(_Model):
+    """Published unauthenticated at /.well-known/tunnel-client so that
+    ``tunnel-client login --server URL`` needs nothing else."""
+
+    issuer: str = Field(pattern=r"^https?://\S+$")
+    client_id: str = Field(min_length=1)
+    scopes: list[str] = Field(
+        default_factory=lambda: ["openid", "email", "profile", "groups", "offline_access"]
+    )
+    resource: str | None = None
 
 
 class InstanceConfig(_Model):
@@ -186,14 +208,31 @@ class TunnelSettings(_Model):
 class ServerConfig(_Model):
     listen: ListenConfig = Field(default_factory=ListenConfig)
     tls: TlsConfig | None = None
-    oidc: OidcConfig
+    issuers: list[OidcConfig] = Field(min_length=1)
+    login: LoginConfig | None = None
     inventory: InventoryConfig = Field(default_factory=InventoryConfig)
     access: list[AllowRule] = Field(default_factory=list)
     tunnel: TunnelSettings = Field(default_factory=TunnelSettings)
     log_format: Literal["json", "text"] = "json"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _single_issuer(cls, data: Any) -> Any:
+        """``oidc: {...}`` is shorthand for ``issuers: [{...}]``."""
+        if isinstance(data, dict) and "oidc" in data:
+            data = dict(data)
+            if "issuers" in data:
+                raise ValueError("give 'oidc' (one issuer) or 'issuers', not both")
+            data["issuers"] = [data.pop("oidc")]
+        return data
+
     @model_validator(mode="after")
     def _references(self) -> ServerConfig:
+        issuers = [i.issuer for i in self.issuers]
+        if len(set(issuers)) != len(issuers):
+            raise ValueError("an issuer is listed twice")
+        if self.login is not None and self.login.issuer not in issuers:
+            raise ValueError(f"login.issuer {self.login.issuer!r} is not one of the issuers")
         instances = {i.key for i in self.inventory.instances}
         groups = {g.key for g in self.inventory.destination_groups}
         for n, rule in enumerate(self.access):

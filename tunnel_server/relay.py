@@ -4,6 +4,7 @@ pump bytes, and park dropped tunnels for resume (bound to the same principal).""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import time
@@ -31,15 +32,20 @@ from tunnel_protocol.urls import (
 )
 
 from .audit import AuditLog
-from .config import TunnelSettings
-from .identity import AuthError, Identity, IssuerUnavailable, OidcVerifier
+from .config import LoginConfig, TunnelSettings
+from .identity import Authenticator, AuthError, Identity, IssuerUnavailable
 from .inventory import Inventory, LookupFailed
-from .policy import AccessRequest, Policy, evaluate
+from .policy import AccessRequest, Decision, Policy, evaluate
 
 log = logging.getLogger("tunnel.relay")
 
 # websockets refuses header lines over 8 KiB (431) before we see them; same bound here.
 MAX_AUTHORIZATION = 8 * 1024
+WELL_KNOWN_LOGIN = "/.well-known/tunnel-client"
+# Native tunnels are asked for a fresh token this long before theirs expires (or halfway
+# through a shorter remaining lifetime); clients refresh when less than 60 s remain, so the
+# token they send is new.
+REAUTH_ADVANCE = 30.0
 # Closes we send that expect the client to come back on /v4/reconnect: the tunnel is parked.
 _PARK_AFTER = frozenset({CloseCode.SID_IN_USE, CloseCode.REAUTHENTICATION_REQUIRED})
 
@@ -59,6 +65,7 @@ class Session:
     created: float = field(default_factory=time.monotonic)
     pump: Pump | None = None
     detached: asyncio.Event = field(default_factory=asyncio.Event)
+    renewed: asyncio.Event = field(default_factory=asyncio.Event)  # replaced on each renewal
     expiry: asyncio.TimerHandle | None = None
     resumes: int = 0
 
@@ -86,13 +93,15 @@ class Relay:
     def __init__(
         self,
         *,
-        verifier: OidcVerifier,
+        verifier: Authenticator,
         inventory: Inventory,
         policy: Policy,
         settings: TunnelSettings,
         audit: AuditLog,
+        login: LoginConfig | None = None,
     ) -> None:
         self.verifier = verifier
+        self.login = login
         self.inventory = inventory
         self.policy = policy
         self.settings = settings
@@ -124,6 +133,8 @@ class Relay:
             return _respond(connection, HTTPStatus.OK, "ok\n")
         if path == "/readyz":
             return await self._readyz(connection)
+        if path == WELL_KNOWN_LOGIN:
+            return self._login_document(connection)
         if path not in (CONNECT_PATH, RECONNECT_PATH):
             return _respond(connection, HTTPStatus.NOT_FOUND, "not found\n")
         source_ip = _peer_ip(connection)
@@ -183,6 +194,14 @@ class Relay:
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthError("not a bearer token")
         return await self.verifier.verify(token.strip())
+
+    def _login_document(self, connection: ServerConnection) -> Response:
+        if self.login is None:
+            return _respond(connection, HTTPStatus.NOT_FOUND, "no login configuration\n")
+        body = json.dumps(self.login.model_dump(), separators=(",", ":"))
+        response = _respond(connection, HTTPStatus.OK, body)
+        response.headers["Content-Type"] = "application/json"
+        return response
 
     async def _readyz(self, connection: ServerConnection) -> Response:
         if self.draining:
@@ -282,6 +301,11 @@ class Relay:
         )
         return session
 
+    def _decide(self, identity: Identity, session: Session) -> Decision:
+        """Re-decide an existing tunnel for a (renewed) identity."""
+        request = AccessRequest(identity.members, session.resource, session.port, session.source_ip)
+        return evaluate(request, self.policy, time.time())
+
     async def _reconnect(
         self, ws: ServerConnection, identity: Identity, request: ReconnectRequest
     ) -> Session | None:
@@ -304,6 +328,18 @@ class Relay:
         if session.tunnel.dialect.subprotocol != ws.subprotocol:
             await ws.close(CloseCode.PROTOCOL_ERROR, "subprotocol differs from the tunnel's")
             return None
+        decision = self._decide(identity, session)
+        if not decision.allowed:
+            # The fresh token's groups (or the policy) no longer grant this tunnel: end it.
+            self.audit.record(
+                "resume", decision="deny", reason=decision.reason, tunnel_id=session.sid, **base
+            )
+            await ws.close(CloseCode.NOT_AUTHORIZED, "not authorized")
+            if session.pump is not None:
+                session.pump.close(CloseCode.NOT_AUTHORIZED, "not authorized")
+            else:
+                self._end(session, CloseCode.NOT_AUTHORIZED, decision.reason)
+            return None
         if session.pump is not None:
             # The client saw the old WebSocket die before we did: the newest attachment wins.
             session.pump.close(CloseCode.SID_IN_USE, "superseded by a reconnect")
@@ -324,6 +360,8 @@ class Relay:
             self._end(session, exc.code, str(exc))
             return None
         session.identity = identity
+        session.renewed.set()
+        session.renewed = asyncio.Event()
         session.resumes += 1
         self.audit.record(
             "resume", decision="allow", tunnel_id=session.sid, ack=request.ack, **base
@@ -347,7 +385,10 @@ class Relay:
         session.detached.clear()
         self._notify()
         try:
-            outcome = await pump.run()
+            async with asyncio.TaskGroup() as tg:
+                watcher = tg.create_task(self._watch_expiry(session, pump))
+                outcome = await pump.run()
+                watcher.cancel()
         finally:
             session.pump = None
             session.detached.set()
@@ -356,6 +397,35 @@ class Relay:
             self._park(session)
         else:
             self._finish(session, outcome)
+
+    async def _watch_expiry(self, session: Session, pump: Pump) -> None:
+        """Keep the tunnel's credential current: ask native clients for a fresh token before it
+        expires (REAUTH_REQUIRED), and close with 4004 when it does expire. The tunnel is parked,
+        so the client (gcloud included) reconnects with a fresh token and loses no byte."""
+        native = session.tunnel.dialect.native
+        while True:
+            expires = session.identity.expires_at
+            renewed = session.renewed
+            if native:
+                remaining = expires - time.time()
+                ask_at = expires - min(REAUTH_ADVANCE, max(0.0, remaining / 2))
+                if await _wait_event(renewed, ask_at - time.time()):
+                    continue
+                session.tunnel.send_reauth_required(int(expires))
+                await pump.flush()
+            # Closing before the leeway ends would loop: the same token is still accepted.
+            deadline = max(expires, session.identity.valid_until)
+            if await _wait_event(renewed, deadline - time.time()):
+                continue
+            self.audit.record(
+                "reauth",
+                decision="deny",
+                reason="token expired",
+                principal=session.identity.principal,
+                tunnel_id=session.sid,
+            )
+            pump.close(CloseCode.REAUTHENTICATION_REQUIRED, "reauthentication required")
+            return
 
     async def _reauth(self, session: Session, pump: Pump, token: str) -> None:
         try:
@@ -380,11 +450,25 @@ class Relay:
             )
             pump.close(CloseCode.NOT_AUTHORIZED, "re-authentication as another principal")
             return
+        decision = self._decide(identity, session)
+        if not decision.allowed:
+            self.audit.record(
+                "reauth",
+                decision="deny",
+                reason=decision.reason,
+                principal=identity.principal,
+                tunnel_id=session.sid,
+            )
+            pump.close(CloseCode.NOT_AUTHORIZED, "not authorized")
+            return
         session.identity = identity
+        session.renewed.set()
+        session.renewed = asyncio.Event()
         session.tunnel.send_reauth_ok(int(identity.expires_at))
         self.audit.record(
             "reauth", decision="allow", principal=identity.principal, tunnel_id=session.sid
         )
+        self._notify()
 
     def _park(self, session: Session) -> None:
         if self.sessions.get(session.sid) is not session:
@@ -449,6 +533,18 @@ class Relay:
                 session.pump.close(code, reason)
             else:
                 self._end(session, code, reason)
+
+
+async def _wait_event(event: asyncio.Event, delay: float) -> bool:
+    """True if ``event`` is set within ``delay`` seconds, False when the delay runs out."""
+    if delay <= 0:
+        return event.is_set()
+    try:
+        async with asyncio.timeout(delay):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
 
 
 def _peer_ip(connection: ServerConnection) -> str | None:

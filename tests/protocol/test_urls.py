@@ -110,8 +110,8 @@ def test_parse_port_valid(port: str) -> None:
 
 @pytest.mark.parametrize(
     "port",
-    ["0", "00000", "00022", "022", "65536", "99999", "123456", "22a", "+22", "-22", " 22", "22 ", "0x16", "",
-     "22\n", "\u0662\u0662", "\uff12\uff12", "2_2", "22.0"],
+    ["0", "00000", "00022", "022", "65536", "99999", "123456", "22a", "+22", "-22", " 22",
+     "22 ", "0x16", "", "22\n", "\u0662\u0662", "\uff12\uff12", "2_2", "22.0"],
 )  # fmt: skip
 def test_parse_port_strict(port: str) -> None:
     with pytest.raises(UrlError):

@@ -15,7 +15,8 @@ from tunnel_server.config import ConfigError, load_config, parse_config
 VALID: dict[str, Any] = {
     "listen": {"host": "127.0.0.1", "port": 8443},
     "tls": {"cert_file": "cert.pem", "key_file": "key.pem", "self_signed": True},
-    "oidc": {"issuer": "https://idp.example.com", "audiences": ["tunnel"]},
+    "issuers": [{"issuer": "https://idp.example.com", "audiences": ["tunnel"]}],
+    "login": {"issuer": "https://idp.example.com", "client_id": "tunnel-cli"},
     "inventory": {
         "instances": [
             {"project": "p", "zone": "z", "name": "vm1", "address": "10.0.0.5"},
@@ -81,10 +82,10 @@ def test_valid_config_loads(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("path", "value", "expected"),
     [
-        ("oidc.issuer", _DELETE, "oidc.issuer: Field required"),
-        ("oidc.issuer", "ftp://x", "oidc.issuer: String should match pattern"),
-        ("oidc.audiences", [], "oidc.audiences: List should have at least 1 item"),
-        ("oidc.leeway", 120, "oidc.leeway: Input should be less than or equal to 60"),
+        ("issuers.0.issuer", _DELETE, "issuers[0].issuer: Field required"),
+        ("issuers.0.issuer", "ftp://x", "issuers[0].issuer: String should match pattern"),
+        ("issuers.0.audiences", [], "issuers[0].audiences: List should have at least 1 item"),
+        ("issuers.0.leeway", 120, "issuers[0].leeway: Input should be less than or equal to 60"),
         ("listen.port", 70000, "listen.port: Input should be less than or equal to 65535"),
         ("access.0.ports", [0], "access[0].ports[0].first: Input should be greater than"),
         ("access.0.ports", ["22-21"], "access[0].ports: Value error, port range '22-21'"),
@@ -100,6 +101,12 @@ def test_valid_config_loads(tmp_path: Path) -> None:
         ),
         ("tunnel", {"resume_buffer": 1024}, "tunnel.resume_buffer: Input should be greater"),
         ("tunnel", {"resume_windw": 5}, "tunnel.resume_windw: Extra inputs are not permitted"),
+        ("login.issuer", "https://other.example.com", "login.issuer 'https://other.example"),
+        (
+            "issuers.0.introspection",
+            {"client_id": "relay"},
+            "issuers[0].introspection.client_secret: Field required",
+        ),
     ],
 )
 def test_invalid_configs_name_key_and_reason(path: str, value: Any, expected: str) -> None:
@@ -114,6 +121,15 @@ def test_duplicate_instances_refused() -> None:
     data = _with("inventory.instances", [VALID["inventory"]["instances"][0]] * 2)
     with pytest.raises(ConfigError, match="duplicate instance 'p/z/vm1'"):
         parse_config(data)
+
+
+def test_single_oidc_shorthand() -> None:
+    data = {k: v for k, v in VALID.items() if k not in ("issuers", "login")}
+    data["oidc"] = VALID["issuers"][0]
+    config = parse_config(data)
+    assert [i.issuer for i in config.issuers] == ["https://idp.example.com"]
+    with pytest.raises(ConfigError, match="not both"):
+        parse_config({**data, "issuers": VALID["issuers"]})
 
 
 def test_yaml_syntax_error_has_line(tmp_path: Path) -> None:
@@ -132,12 +148,12 @@ def test_check_config_command(tmp_path: Path) -> None:
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(VALID))
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump(_with("oidc.audiences", [])))
+    bad.write_text(yaml.safe_dump(_with("issuers.0.audiences", [])))
     runner = CliRunner()
     assert runner.invoke(main, ["check-config", str(good)]).exit_code == 0
     result = runner.invoke(main, ["check-config", str(bad)])
     assert result.exit_code == 2
-    assert "oidc.audiences" in result.output
+    assert "issuers[0].audiences" in result.output
 
 
 def test_shipped_example_config_is_valid() -> None:

@@ -156,6 +156,13 @@ class Pump:
         except ConnectionClosed:
             pass
 
+    async def flush(self) -> None:
+        """Send what the tunnel has queued (for control frames queued from outside the pump)."""
+        try:
+            await self._flush()
+        except ConnectionClosed:
+            pass  # the pump's own tasks see the close and end the attachment
+
     async def _flush(self) -> None:
         async with self._send_lock:
             for message in self.tunnel.data_to_send():

@@ -24,6 +24,7 @@ from jwt.types import Options
 
 __all__ = [
     "DEFAULT_ALGORITHMS",
+    "unverified_issuer",
     "AuthError",
     "FetchJson",
     "Identity",
@@ -112,6 +113,8 @@ class Identity:
     groups: tuple[str, ...]
     expires_at: float
     members: frozenset[str]
+    # exp plus the issuer's leeway: the last moment this credential is accepted anywhere.
+    valid_until: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -174,6 +177,21 @@ def _json_segment(segment: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise AuthError("malformed")
     return value
+
+
+def unverified_issuer(token: str, max_bytes: int) -> str | None:
+    """The ``iss`` of a JWS-looking token, unverified: only to route it to its issuer's verifier.
+    None when the token is not a three-part JWS (for example an opaque access token)."""
+    if len(token) > max_bytes or not token.isascii() or token.count(".") != 2:
+        return None
+    body = token.split(".")[1]
+    if not _B64URL.fullmatch(body):
+        return None
+    try:
+        iss = _json_segment(body).get("iss")
+    except AuthError:
+        return None
+    return iss if isinstance(iss, str) else None
 
 
 def _number(claims: Mapping[str, Any], name: str) -> float | None:
@@ -341,6 +359,7 @@ class OidcVerifier:
         self._failure = "issuer unavailable"
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
+        self.discovery: dict[str, Any] | None = None
 
     @property
     def ready(self) -> bool:
@@ -378,7 +397,7 @@ class OidcVerifier:
             )
         except jwt.PyJWTError as exc:
             raise AuthError(next(r for t, r in _PYJWT_REASONS if isinstance(exc, t))) from None
-        return self._identity(claims)
+        return self.identity_from_claims(claims)
 
     def _precheck(self, token: str) -> tuple[dict[str, Any], dict[str, Any]]:
         """Structure and header checks that cost no crypto and no I/O."""
@@ -486,6 +505,7 @@ class OidcVerifier:
         discovery = await self._get(self._discovery_url)
         if not isinstance(discovery, dict) or discovery.get("issuer") != self.issuer:
             raise IssuerUnavailable("issuer mismatch")
+        self.discovery = discovery  # kept for the introspection endpoint
         jwks_uri = discovery.get("jwks_uri")
         if not isinstance(jwks_uri, str) or not _url_allowed(jwks_uri):
             raise IssuerUnavailable("bad jwks uri")
@@ -526,7 +546,9 @@ class OidcVerifier:
                     raise OSError("document too large")
         return json.loads(body)
 
-    def _identity(self, claims: dict[str, Any]) -> Identity:
+    def identity_from_claims(self, claims: dict[str, Any]) -> Identity:
+        """Time, audience and subject checks, then the principal and members; shared with
+        token introspection so both kinds of token map to identities by the same rules."""
         now, leeway = self._clock(), self._leeway
         exp = _number(claims, "exp")
         nbf = _number(claims, "nbf")
@@ -570,5 +592,6 @@ class OidcVerifier:
             email=email,
             groups=groups,
             expires_at=exp,
+            valid_until=exp + leeway,
             members=frozenset(members),
         )
