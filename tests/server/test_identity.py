@@ -120,6 +120,7 @@ async def test_valid_rs256(issuer: TestIssuer, verifier: OidcVerifier, clock: Fa
         members=frozenset(
             {"user:alice@example.com", "group:eng", "group:ops", "domain:example.com"}
         ),
+        valid_until=T0 + 300 + 30,  # exp plus the default 30 s leeway
     )
     assert verifier.ready
 
