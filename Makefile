@@ -18,9 +18,14 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# System packages the tests use (OpenSSH client and server, socat); installed only when missing.
-system-deps:
+# System packages the tests use (OpenSSH client and server, socat, Chromium); installed only
+# when missing. The development identity provider's npm packages come from its lockfile.
+system-deps: deploy/dev-idp/node_modules/.installed
 	@bash scripts/install-system-deps.sh
+
+deploy/dev-idp/node_modules/.installed: deploy/dev-idp/package-lock.json
+	cd deploy/dev-idp && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
 
 lint: venv
 	$(BIN)/ruff check .

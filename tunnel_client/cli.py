@@ -18,9 +18,9 @@ import click
 from tunnel_protocol.aio.runtime import run
 from tunnel_protocol.urls import HostTarget, InstanceTarget, Target
 
-from . import launchers
+from . import cli_auth, launchers
 from .listener import LocalListener, PortUnavailable, run_stdio
-from .session import ConnectOptions, TunnelFailed, check_connection
+from .session import ConnectOptions, TunnelFailed, check_connection, get_token
 from .tokens import NoCredentials, token_provider
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -57,6 +57,12 @@ def tunnel_options(func: F) -> F:
         click.option("--region", help="Region of the destination group (host form)."),
         click.option("--network", help="Network of the destination group (host form)."),
         click.option("--dest-group", help="Destination group of the host."),
+        click.option(
+            "--credential-file",
+            envvar="TUNNEL_CREDENTIAL_FILE",
+            type=click.Path(path_type=Path),
+            help="Service-account credential file (env TUNNEL_CREDENTIAL_FILE).",
+        ),
         click.option(
             "--access-token-file",
             type=click.Path(path_type=Path),
@@ -126,7 +132,9 @@ def _options(instance: str, port: int, kw: dict[str, Any]) -> ConnectOptions:
         else:
             raise click.UsageError(f"--server must be a wss:// URL, got {server!r}")
     try:
-        token = token_provider(kw["access_token_file"])
+        token = token_provider(
+            kw["access_token_file"], server=server, credential_file=kw["credential_file"]
+        )
     except NoCredentials as exc:
         raise click.UsageError(str(exc)) from None
     logging.basicConfig(
@@ -155,6 +163,7 @@ def _launcher_args(kw: dict[str, Any]) -> launchers.TunnelArgs:
         region=kw["region"],
         network=kw["network"],
         dest_group=kw["dest_group"],
+        credential_file=s(kw["credential_file"]),
         access_token_file=s(kw["access_token_file"]),
         insecure_skip_verify=kw["insecure_skip_verify"],
         ca_file=s(kw["ca_file"]),
@@ -174,6 +183,9 @@ def _parse_local(value: str) -> tuple[str, int]:
 @click.version_option(package_name="identity-tunnel")
 def main() -> None:
     """Identity-aware tunnel client: reach private SSH, RDP and TCP services through the relay."""
+
+
+cli_auth.register(main, lambda ca_file, insecure: _ssl_context(ca_file, insecure))
 
 
 @main.command("start-tunnel")
@@ -269,7 +281,7 @@ def ssh(
     **kw: Any,
 ) -> None:
     """Run OpenSSH to INSTANCE through the relay (arguments after -- go to ssh)."""
-    _options(instance, ssh_port, kw)  # validate everything before ssh starts
+    options = _options(instance, ssh_port, kw)  # validate everything before ssh starts
     extra = list(ssh_args)
     if ssh_port != 22:
         extra = ["-p", str(ssh_port), *extra]
@@ -282,6 +294,11 @@ def ssh(
     if dry_run:
         click.echo(subprocess.list2cmdline(argv) if sys.platform == "win32" else shlex.join(argv))
         return
+    try:
+        # A stale login fails here with one clear message, not inside ssh's ProxyCommand.
+        run(get_token(options))
+    except TunnelFailed as exc:
+        _fail(str(exc))
     sys.exit(subprocess.call(argv))
 
 

@@ -44,10 +44,11 @@ _VALUE_OPTIONS: tuple[tuple[str, str], ...] = (
     ("network", "--network"),
     ("dest_group", "--dest-group"),
     ("access_token_file", "--access-token-file"),
+    ("credential_file", "--credential-file"),
     ("ca_file", "--ca-file"),
 )
 _NAME_FIELDS = frozenset({"project", "zone", "region", "network", "dest_group"})
-_PATH_FIELDS = frozenset({"access_token_file", "ca_file"})
+_PATH_FIELDS = frozenset({"access_token_file", "credential_file", "ca_file"})
 
 # Tokens made only of these characters mean the same thing unquoted to sh/bash/dash/zsh/fish/csh
 # and to the Windows argv parser. Everything else is double-quoted.
@@ -94,6 +95,7 @@ class TunnelArgs:
     dest_group: str | None = None
     access_token_file: str | None = None
     insecure_skip_verify: bool = False
+    credential_file: str | None = None
     ca_file: str | None = None
 
 

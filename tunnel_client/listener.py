@@ -14,7 +14,7 @@ from collections.abc import Callable
 from tunnel_protocol import CloseCode
 from tunnel_protocol.aio.stream import ByteStream, StdioStream, TcpStream
 
-from .session import ConnectOptions, TunnelFailed, TunnelSession
+from .session import ConnectOptions, TunnelFailed, TunnelSession, get_token
 
 log = logging.getLogger("tunnel.client")
 
@@ -120,6 +120,7 @@ async def run_stdio(options: ConnectOptions, stream: ByteStream | None = None) -
     ssh sends its ProxyCommand SIGHUP when it exits: the tunnel is then closed with 1001 (going
     away) so that the relay ends it at once, instead of parking it for resume and keeping the
     target's connection open for the whole resume window."""
+    await get_token(options)  # fail with the login message before touching stdin
     session = TunnelSession(options)
     tunnel = asyncio.ensure_future(session.run(stream or StdioStream()))
     hangup = asyncio.Event()

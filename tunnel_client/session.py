@@ -98,7 +98,7 @@ class TunnelSession:
             path = connect_query(options.target)
         else:
             path = reconnect_query(tunnel.sid.decode(), tunnel.received_total, options.target)
-        token = await options.token()
+        token = await get_token(options)
         headers = {"Authorization": f"Bearer {token}", **options.extra_headers}
         url = _base_url(options.server) + path
         return await connect(
@@ -173,7 +173,11 @@ class TunnelSession:
     def _control(self) -> Callable[[Event], Awaitable[None]]:
         async def on_control(event: Event) -> None:
             if isinstance(event, ReauthRequested):
-                token = await self.options.token()
+                try:
+                    token = await self.options.token()
+                except Exception as exc:  # the relay closes with 4004 at expiry; we resume then
+                    log.warning("cannot renew the credential in-band: %s", exc)
+                    return
                 self.tunnel.send_reauth(token)
             elif isinstance(event, ReauthAccepted):
                 log.debug("re-authenticated; credential valid until %s", event.expires)
@@ -183,6 +187,17 @@ class TunnelSession:
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         if self._pump is not None:
             self._pump.close(code, reason)
+
+
+async def get_token(options: ConnectOptions) -> str:
+    """The bearer token for the next connect; a failing source becomes TunnelFailed with its
+    message (for example: run tunnel-client login)."""
+    try:
+        return await options.token()
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        raise TunnelFailed(str(exc).rstrip()) from None
 
 
 async def check_connection(options: ConnectOptions) -> None:

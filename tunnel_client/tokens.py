@@ -1,7 +1,6 @@
-"""Where the client's bearer token comes from (for now: a file or TUNNEL_ACCESS_TOKEN).
-
-The file is re-read before every connect and resume, so a token refreshed on disk is picked up.
-"""
+"""Where the client's bearer token comes from, first match wins: ``--access-token-file`` (re-read
+before every connect and resume), ``$TUNNEL_ACCESS_TOKEN``, ``--credential-file`` (a service
+account), else the login cached for the server (refreshed before every connect)."""
 
 from __future__ import annotations
 
@@ -9,6 +8,9 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from .credentials import CredentialManager
+from .login import ServiceAccount, canonical_server
+from .oidc import OidcError
 from .session import TokenProvider
 
 ENV_TOKEN = "TUNNEL_ACCESS_TOKEN"
@@ -29,9 +31,13 @@ def _clean(token: str, source: str) -> str:
 
 
 def token_provider(
-    access_token_file: Path | None, environ: Mapping[str, str] = os.environ
+    access_token_file: Path | None,
+    environ: Mapping[str, str] = os.environ,
+    *,
+    server: str | None = None,
+    credential_file: Path | None = None,
 ) -> TokenProvider:
-    """A provider reading ``access_token_file`` (each call) or else ``$TUNNEL_ACCESS_TOKEN``."""
+    """The provider for these options; raises NoCredentials when none applies."""
     if access_token_file is not None:
         path = access_token_file
 
@@ -46,11 +52,24 @@ def token_provider(
 
         return from_file
     env_token = environ.get(ENV_TOKEN)
-    if env_token is None:
-        raise NoCredentials(f"no credentials: pass --access-token-file FILE or set {ENV_TOKEN}")
-    token = _clean(env_token, ENV_TOKEN)
+    if env_token is not None:
+        token = _clean(env_token, ENV_TOKEN)
 
-    async def from_env() -> str:
-        return token
+        async def from_env() -> str:
+            return token
 
-    return from_env
+        return from_env
+    credential = credential_file or (
+        Path(environ["TUNNEL_CREDENTIAL_FILE"]) if environ.get("TUNNEL_CREDENTIAL_FILE") else None
+    )
+    if credential is not None:
+        try:
+            return ServiceAccount(credential).access_token
+        except OidcError as exc:
+            raise NoCredentials(str(exc)) from None
+    if server is not None:
+        return CredentialManager(canonical_server(server)).access_token
+    raise NoCredentials(
+        f"no credentials: run `tunnel-client login --server URL`, or pass --access-token-file "
+        f"FILE or --credential-file FILE, or set {ENV_TOKEN}"
+    )

@@ -112,6 +112,8 @@ async def running(config: ServerConfig, *, node: str | None = None) -> AsyncIter
             yield RunningServer(relay, server, verifier, ssl_context is not None)
             relay.draining = True
             relay.close_all(CloseCode.GOING_AWAY, "relay shutting down")
+        # Handlers have returned; anything left (parked tunnels) ends now.
+        relay.close_all(CloseCode.GOING_AWAY, "relay shutting down")
     finally:
         await verifier.aclose()
 

@@ -389,6 +389,10 @@ class Relay:
                 watcher = tg.create_task(self._watch_expiry(session, pump))
                 outcome = await pump.run()
                 watcher.cancel()
+        except asyncio.CancelledError:
+            # Shutdown cancelled the handler: the target connection must not outlive it.
+            self._end(session, CloseCode.GOING_AWAY, "relay shutting down")
+            raise
         finally:
             session.pump = None
             session.detached.set()

@@ -120,13 +120,20 @@ def test_port_out_of_range() -> None:
     usage_error(invoke("start-tunnel", "vm1", "70000", "--zone", "z", *SERVER))
 
 
-def test_no_credentials_names_both_sources() -> None:
+def test_not_logged_in_says_what_to_run(tmp_path: Path) -> None:
     result = invoke("start-tunnel", "vm1", "22", "--listen-on-stdin", "--zone", "z", *SERVER,
-                    token=None)  # fmt: skip
-    error = usage_error(result)
-    assert "no credentials" in error
-    assert "--access-token-file" in error
-    assert "TUNNEL_ACCESS_TOKEN" in error
+                    token=None, TUNNEL_CLIENT_HOME=str(tmp_path),
+                    TUNNEL_CLIENT_TOKEN_STORE="file")  # fmt: skip
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert "Not logged in to wss://relay.example:8443" in result.stderr
+    assert "tunnel-client login --server wss://relay.example:8443" in result.stderr
+
+
+def test_no_server_and_no_credentials_names_every_source() -> None:
+    result = invoke("print-access-token", token=None)
+    assert result.exit_code == 2
+    assert "--server" in result.stderr
 
 
 def test_no_server_says_how_to_set_one() -> None:
@@ -165,9 +172,17 @@ def test_ssh_dry_run(tmp_path: Path) -> None:
     assert argv[destination + 1 :] == ["-p", "2222", "-i", "key", "-v", "uname -a"]
 
 
-def test_ssh_needs_credentials_before_running_ssh() -> None:
-    error = usage_error(invoke("ssh", "vm1", "--zone", "z", *SERVER, "--dry-run", token=None))
-    assert "TUNNEL_ACCESS_TOKEN" in error
+def test_ssh_needs_a_login_before_running_ssh(tmp_path: Path) -> None:
+    marker = tmp_path / "ssh-ran"
+    fake_ssh = tmp_path / "fake-ssh"
+    fake_ssh.write_text(f"#!/bin/sh\ntouch {marker}\n")
+    fake_ssh.chmod(0o755)
+    result = invoke("ssh", "vm1", "--zone", "z", *SERVER, "--ssh-binary", str(fake_ssh),
+                    token=None, TUNNEL_CLIENT_HOME=str(tmp_path),
+                    TUNNEL_CLIENT_TOKEN_STORE="file")  # fmt: skip
+    assert result.exit_code == 1
+    assert "tunnel-client login --server wss://relay.example:8443" in result.stderr
+    assert not marker.exists()
 
 
 def test_ssh_rejects_bad_user() -> None:

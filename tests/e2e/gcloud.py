@@ -16,6 +16,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -184,6 +185,37 @@ async def gcloud_tunnel(
         yield gcloud
     finally:
         await gcloud.kill()
+
+
+@asynccontextmanager
+async def client_tunnel(
+    relay_port: int, target_port: int, token: str, workdir: Path
+) -> AsyncIterator[Gcloud]:
+    """Our own ``tunnel-client start-tunnel`` (native subprotocol) in local-port mode, as a
+    separate process like gcloud, so both are measured the same way."""
+    token_file = write_token(workdir, token)
+    argv = [
+        sys.executable, "-m", "tunnel_client", "start-tunnel", "vm1", str(target_port),
+        "--local-host-port=localhost:0", "--disable-connection-check",
+        "--server", f"wss://127.0.0.1:{relay_port}",
+        "--project", "p", "--zone", "z", "--access-token-file", str(token_file),
+        "--ca-file", str(workdir / "relay-cert.pem"),
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNNEL_")}
+    process = await asyncio.create_subprocess_exec(
+        *argv,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    client = Gcloud(process, Output(process.stderr))
+    try:
+        client.port = await _listening_port(client)
+        yield client
+    finally:
+        await client.kill()
 
 
 async def _listening_port(gcloud: Gcloud) -> int:

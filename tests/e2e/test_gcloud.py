@@ -29,6 +29,7 @@ from .gcloud import (
     GatedSource,
     Gcloud,
     Progress,
+    client_tunnel,
     gcloud_tunnel,
     payload,
     read_all,
@@ -193,6 +194,35 @@ async def test_download_20mib(
     (closed,) = [r for r in audit if r["event"] == "tunnel_closed"]
     assert (closed["close_code"], closed["bytes_to_client"]) == (1000, SIZE)
     record(throughput, record_property, f"gcloud down ({mode})", progress)
+
+
+async def test_tunnel_client_upload_and_download_20mib(
+    relay: RunningServer,
+    issuer: TestIssuer,
+    tmp_path: Path,
+    throughput: dict[str, float],
+    record_property: Any,
+) -> None:
+    """Our client through the same relay, same sizes and measurement, for comparison."""
+    up = payload(SIZE, seed=4)
+    down = payload(SIZE, seed=5)
+    sink = await DigestSink().start()
+    source = await GatedSource(down).start()
+    progress = Progress()
+    try:
+        async with client_tunnel(relay.port, sink.port, issuer.mint(), tmp_path) as client:
+            async with local_connection(client) as (_, writer):
+                await write_all(writer, up)
+                writer.write_eof()  # native half-close: the target sees EOF, then answers
+                assert await sink.result() == (SIZE, hashlib.sha256(up).hexdigest())
+        async with client_tunnel(relay.port, source.port, issuer.mint(), tmp_path) as client:
+            async with local_connection(client) as (reader, _), asyncio.timeout(STEP_TIMEOUT):
+                assert await read_all(reader, progress) == hashlib.sha256(down).hexdigest()
+    finally:
+        await sink.stop()
+        await source.stop()
+    record(throughput, record_property, "tunnel-client up", sink.progress)
+    record(throughput, record_property, "tunnel-client down", progress)
 
 
 async def test_direct_loopback_baseline(throughput: dict[str, float], record_property: Any) -> None:
