@@ -7,6 +7,9 @@ need=()
 command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
 { command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ]; } || need+=(openssh-server)
 command -v socat >/dev/null 2>&1 || need+=(socat)
+# Browser-login tests drive Debian's Chromium with Playwright (its own browser download does
+# not work on these machines).
+[ -x /usr/bin/chromium ] || need+=(chromium)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

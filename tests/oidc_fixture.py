@@ -120,6 +120,10 @@ class TestIssuer:
     jwks_gate: asyncio.Event | None = None
     jwks_requested: asyncio.Event = field(default_factory=asyncio.Event)
     jwks_fetches: int = 0
+    # RFC 7662: opaque token -> introspection answer; clients allowed as (id, secret).
+    opaque: dict[str, dict[str, Any]] = field(default_factory=dict)
+    introspection_clients: dict[str, str] = field(default_factory=lambda: {"relay": "s3cret"})
+    introspections: int = 0
     discovery_fetches: int = 0
     keys: list[IssuerKey] = field(default_factory=list)
     signing: dict[KeyKind, IssuerKey] = field(default_factory=dict)
@@ -138,6 +142,7 @@ class TestIssuer:
         base = self.path.rstrip("/")
         app.router.add_get(base + "/.well-known/openid-configuration", self._discovery)
         app.router.add_get(base + "/jwks", self._jwks)
+        app.router.add_post(base + "/introspect", self._introspect)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -182,6 +187,7 @@ class TestIssuer:
             "jwks_uri": self.jwks_uri,
             "authorization_endpoint": self.base_url + "/auth",
             "token_endpoint": self.base_url + "/token",
+            "introspection_endpoint": self.base_url + "/introspect",
             "response_types_supported": ["code"],
             "subject_types_supported": ["public"],
             "id_token_signing_alg_values_supported": ["RS256", "ES256"],
@@ -197,6 +203,27 @@ class TestIssuer:
         if self.status != 200:
             return web.Response(status=self.status)
         return web.json_response(self.jwks())
+
+    async def _introspect(self, request: web.Request) -> web.Response:
+        self.introspections += 1
+        auth = request.headers.get("Authorization", "")
+        try:
+            client_id, _, secret = (
+                base64.b64decode(auth.removeprefix("Basic ")).decode().partition(":")
+            )
+        except ValueError:
+            return web.Response(status=401)
+        if self.introspection_clients.get(client_id) != secret:
+            return web.Response(status=401)
+        form = await request.post()
+        answer = self.opaque.get(str(form.get("token", "")))
+        return web.json_response(answer if answer is not None else {"active": False})
+
+    def mint_opaque(self, **claims: Any) -> str:
+        """An opaque access token whose introspection answers these claims (active)."""
+        token = "opaque-" + uuid.uuid4().hex
+        self.opaque[token] = {"active": True, **self.claims(**claims)}
+        return token
 
     # -- keys ---------------------------------------------------------------------------------
 

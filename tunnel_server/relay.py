@@ -200,6 +200,7 @@ class Relay:
             return _respond(connection, HTTPStatus.NOT_FOUND, "no login configuration\n")
         body = json.dumps(self.login.model_dump(), separators=(",", ":"))
         response = _respond(connection, HTTPStatus.OK, body)
+        del response.headers["Content-Type"]  # Headers is a multi-dict: replace, not append
         response.headers["Content-Type"] = "application/json"
         return response
 
