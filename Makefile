@@ -44,6 +44,10 @@ check: venv lint
 e2e: venv system-deps
 	$(BIN)/pytest -q -p no:cacheprovider -m e2e $(PYTEST_ARGS)
 
+# Benchmarks (loopback only, bounded in time). So far: tunnel-open latency with token checks.
+bench: venv
+	$(BIN)/python -m bench.handshake
+
 demo: venv system-deps
 	$(BIN)/python -m scripts.demo
 

@@ -1,0 +1,1 @@
+"""Benchmarks: loopback only, bounded in time; run with `make bench`."""
