@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,13 @@ from tunnel_client.session import TunnelFailed, TunnelSession
 from tunnel_protocol import CloseCode
 from tunnel_protocol.aio.stream import TcpStream
 
-from ..helpers import TcpTarget, capture_audit, relay_config_data, start_relay
+from ..helpers import (
+    TcpTarget,
+    capture_audit,
+    deterministic_chunks,
+    relay_config_data,
+    start_relay,
+)
 from ..oidc_fixture import TestIssuer
 from .test_relay import listening, options
 
@@ -45,17 +52,27 @@ async def test_native_tunnel_renews_in_band_without_dropping(
             return fresh()
 
         opts = dataclasses.replace(options(relay, tmp_path, fresh(), echo.port), token=provide)
+
+        def renewals() -> int:
+            return sum(r["event"] == "reauth" and r["decision"] == "allow" for r in audit)
+
         async with listening(opts) as listener:
             reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
-            writer.write(b"before")
-            assert await reader.readexactly(6) == b"before"
-            # Two renewals means the tunnel outlived at least one whole token lifetime.
-            await relay.relay.wait_until(
-                lambda: sum(r["event"] == "reauth" and r["decision"] == "allow" for r in audit) >= 2
-            )
-            writer.write(b"after")
-            assert await reader.readexactly(5) == b"after"
+            # Stream in both directions the whole time; two renewals mean the tunnel outlived
+            # at least one whole token lifetime.
+            renewed = asyncio.ensure_future(relay.relay.wait_until(lambda: renewals() >= 2))
+            sent = hashlib.sha256()
+            received = hashlib.sha256()
+            chunks = deterministic_chunks(1 << 40, chunk=32 * 1024)
+            while not renewed.done():
+                chunk = next(chunks)
+                writer.write(chunk)
+                sent.update(chunk)
+                received.update(await reader.readexactly(len(chunk)))
+            writer.write_eof()
+            assert await reader.read() == b""
             writer.close()
+            assert received.hexdigest() == sent.hexdigest()  # no byte lost or reordered
         sessions = [r for r in audit if r["event"] == "decision"]
         assert len(sessions) == 1
         assert not any(r["event"] == "resume" for r in audit)  # never dropped
