@@ -1,7 +1,7 @@
 """``make demo``: the whole stack on loopback until Ctrl-C: the development identity provider
 (deploy/dev-idp), an unprivileged sshd as the demo target and the relay in front of it.
 ``--check`` starts everything, runs the printed commands end to end, stops and exits 0 or 1.
-State (keys, certificate, relay.yaml, logs) lives in ``.demo/``; see docs/demo.md."""
+Keys, certificate, configuration and logs live in ``.demo/``; see docs/demo.md."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime
-import fcntl
 import json
 import os
 import pwd
@@ -22,14 +21,14 @@ import ssl
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import IO
+from string import Template
 from urllib.parse import urljoin
 
 import aiohttp
-import yaml
 from cryptography import x509
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,17 +36,39 @@ IDP_SERVER = ROOT / "deploy" / "dev-idp" / "server.js"
 BIN = Path(sys.executable).parent
 SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin", "/sbin"])
 PROJECT, ZONE, INSTANCE = "demo", "demo-zone", "demo-vm"
-RELAY_PORT = 8443  # when free; any free port otherwise
-LOCAL_PORT = 2222  # start-tunnel's example local port
+RELAY_PORT = 8443  # when free, else any free port
+LOCAL_PORT = 2222  # the local end of the printed start-tunnel command
 PASSWORD = "demo-password"
 USERS = (
     ("alice@example.com", "groups ops, dev: allowed"),
     ("bob@example.com", "group dev: denied"),
     ("mallory@example.com", "no groups: denied"),
 )
-START_TIMEOUT = 30.0  # each service, to ready
-STOP_TIMEOUT = 5.0  # each service, SIGTERM to exit (then SIGKILL)
-STEP_TIMEOUT = 60.0  # each --check step
+START_TIMEOUT = 30.0  # per service, until ready
+STOP_TIMEOUT = 5.0  # per service, from SIGTERM to SIGKILL
+STEP_TIMEOUT = 60.0  # per --check step
+
+SSHD_OPTIONS = (  # besides Port, HostKey, AuthorizedKeysFile and AllowUsers
+    *("ListenAddress 127.0.0.1", "PermitRootLogin prohibit-password", "UsePAM no"),
+    *("PasswordAuthentication no", "KbdInteractiveAuthentication no", "StrictModes no"),
+    *("AllowTcpForwarding no", "AllowAgentForwarding no", "X11Forwarding no", "PidFile none"),
+    *("UseDNS no", "LogLevel VERBOSE", "Subsystem sftp internal-sftp"),
+)
+RELAY_CONFIG = Template("""\
+# Written by scripts/demo.py on every start.
+listen: {host: 127.0.0.1, port: $relay_port}
+tls: {cert_file: relay-cert.pem, key_file: relay-key.pem, self_signed: true}
+oidc: {issuer: "$issuer", audiences: [tunnel]}
+login: {issuer: "$issuer", client_id: tunnel-cli, resource: "urn:identity-tunnel:relay"}
+inventory:
+  instances:
+    - {project: $project, zone: $zone, name: $instance, address: 127.0.0.1}
+access:
+  - members: [group:ops, user:alice@example.com]
+    instances: [$project/$zone/$instance]
+    ports: [$ssh_port]
+log_format: text
+""")
 
 
 class DemoError(Exception):
@@ -66,7 +87,7 @@ class Service:
 
 
 def show(path: Path) -> str:
-    """``path`` as printed: relative to the repository root (commands run from there)."""
+    """``path`` as printed: relative to the repository root, where the commands run."""
     with contextlib.suppress(ValueError):
         return str(path.relative_to(ROOT))
     return str(path)
@@ -74,11 +95,10 @@ def show(path: Path) -> str:
 
 def free_port(preferred: int = 0) -> int:
     for port in dict.fromkeys((preferred, 0)):
-        with socket.socket() as sock:
+        with socket.socket() as sock, contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            with contextlib.suppress(OSError):
-                sock.bind(("127.0.0.1", port))
-                return int(sock.getsockname()[1])
+            sock.bind(("127.0.0.1", port))
+            return int(sock.getsockname()[1])
     raise DemoError("no free port on 127.0.0.1")
 
 
@@ -89,20 +109,63 @@ def tool(name: str, path: str | None = None) -> str:
     return found
 
 
-# -- processes: each in its own process group, stopped through the exit stack ----------------
+# -- configuration files ----------------------------------------------------------------------
+
+
+def keygen(path: Path, comment: str) -> None:
+    if not path.exists():  # kept across runs: known_hosts and the printed commands stay valid
+        argv = [tool("ssh-keygen"), "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)]
+        subprocess.run(argv, check=True, capture_output=True, stdin=subprocess.DEVNULL, timeout=30)
+
+
+def sshd_config(state: Path, port: int, user: str) -> Path:
+    """The host key in .demo/sshd, the demo client key in .demo/ssh, authorized for ``user``."""
+    server, client = state / "sshd", state / "ssh"
+    for directory in (server, client):
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    keygen(server / "ssh_host_ed25519_key", "identity-tunnel-demo-host")
+    keygen(client / "id_ed25519", f"{user}@identity-tunnel-demo")
+    (server / "authorized_keys").write_bytes((client / "id_ed25519.pub").read_bytes())
+    if os.geteuid() == 0:  # sshd's privilege separation directory
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+    lines = [f"Port {port}", f"HostKey {server}/ssh_host_ed25519_key", *SSHD_OPTIONS]
+    lines += [f"AuthorizedKeysFile {server}/authorized_keys", f"AllowUsers {user}"]
+    config = server / "sshd_config"
+    config.write_text("\n".join(["# Written by scripts/demo.py", *lines, ""]), encoding="utf-8")
+    return config
+
+
+def relay_config(state: Path, issuer: str, relay_port: int, ssh_port: int) -> Path:
+    cert, key = state / "relay-cert.pem", state / "relay-key.pem"
+    try:  # the relay writes a new self-signed pair (valid 30 days) when one is missing
+        expires = x509.load_pem_x509_certificate(cert.read_bytes()).not_valid_after_utc
+        fresh = expires - datetime.datetime.now(datetime.UTC) > datetime.timedelta(days=1)
+    except (OSError, ValueError):
+        fresh = False
+    if not (fresh and key.exists()):
+        cert.unlink(missing_ok=True)
+        key.unlink(missing_ok=True)
+    values = {"project": PROJECT, "zone": ZONE, "instance": INSTANCE, "issuer": issuer}
+    text = RELAY_CONFIG.substitute(values, relay_port=relay_port, ssh_port=ssh_port)
+    config = state / "relay.yaml"
+    config.write_text(text, encoding="utf-8")
+    return config
+
+
+# -- services: each in its own process group, stopped in reverse order by the exit stack -------
 
 
 async def spawn(
-    stack: contextlib.AsyncExitStack, name: str, argv: Sequence[str], log: Path, pipes: bool = False
+    stack: AsyncExitStack, name: str, argv: Sequence[str], log: Path, pipes: bool = False
 ) -> Service:
-    """Start ``argv`` (stderr to ``log``; stdin/stdout piped when ``pipes``) and register its
-    stop on ``stack``."""
+    """Start ``argv`` with stderr (and stdout unless ``pipes``) to ``log``."""
+    pipe, devnull = asyncio.subprocess.PIPE, asyncio.subprocess.DEVNULL
     with log.open("wb") as out:
         process = await asyncio.create_subprocess_exec(
             *argv,
             cwd=ROOT,
-            stdin=asyncio.subprocess.PIPE if pipes else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE if pipes else out,
+            stdin=pipe if pipes else devnull,
+            stdout=pipe if pipes else out,
             stderr=out,
             start_new_session=True,  # Ctrl-C reaches only us; we stop the services in order
         )
@@ -115,7 +178,7 @@ async def stop(service: Service) -> None:
     """SIGTERM to the process group, SIGKILL after STOP_TIMEOUT."""
     process = service.process
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        if process.returncode is not None:  # reaped: its pid may not be ours any more
+        if process.returncode is not None:  # reaped: its pid is no longer ours to signal
             break
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, sig)
@@ -127,26 +190,26 @@ async def stop(service: Service) -> None:
 
 
 async def wait_ready(service: Service, ready: Callable[[], Awaitable[bool]]) -> None:
-    """Poll ``ready`` until true; DemoError when the service exits or START_TIMEOUT passes."""
+    """Poll ``ready``; DemoError when the service exits first or START_TIMEOUT passes."""
     loop = asyncio.get_running_loop()
     deadline, delay = loop.time() + START_TIMEOUT, 0.05
     while not await ready():
-        code = service.process.returncode
-        if code is not None:
-            raise DemoError(f"{service.name} exited with {code}:\n{service.tail()}")
-        if loop.time() > deadline:
-            raise DemoError(f"{service.name} not ready after {START_TIMEOUT:.0f} s:\n{service.tail()}")
+        if service.process.returncode is not None or loop.time() > deadline:
+            state = f"exited with {service.process.returncode}"
+            if service.process.returncode is None:
+                state = f"not ready after {START_TIMEOUT:.0f} s"
+            raise DemoError(f"{service.name} {state}; {show(service.log)}:\n{service.tail()}")
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(delay):
                 await service.process.wait()
         delay = min(delay * 2, 0.5)
 
 
-async def start_idp(stack: contextlib.AsyncExitStack, state: Path) -> tuple[Service, str]:
+async def start_idp(stack: AsyncExitStack, state: Path) -> tuple[Service, str]:
     if not (IDP_SERVER.parent / "node_modules" / "oidc-provider").is_dir():
         raise DemoError("deploy/dev-idp/node_modules is missing: run make system-deps")
     argv = [tool("node"), str(IDP_SERVER), "--host", "127.0.0.1", "--port", "0"]
-    argv.append("--exit-on-stdin-close")  # it also stops if we die without cleaning up
+    argv.append("--exit-on-stdin-close")  # it stops even if we die without cleaning up
     service = await spawn(stack, "identity provider", argv, state / "idp.log", pipes=True)
     assert service.process.stdout is not None
     try:
@@ -155,41 +218,6 @@ async def start_idp(stack: contextlib.AsyncExitStack, state: Path) -> tuple[Serv
         return service, str(json.loads(line)["issuer"])
     except (TimeoutError, ValueError, KeyError, TypeError):
         raise DemoError(f"the identity provider did not start:\n{service.tail()}") from None
-
-
-# -- the SSH target ---------------------------------------------------------------------------
-
-
-def keygen(path: Path, comment: str) -> None:
-    if not path.exists():  # kept across runs, so known_hosts and printed commands stay valid
-        argv = [tool("ssh-keygen"), "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)]
-        subprocess.run(argv, check=True, capture_output=True, stdin=subprocess.DEVNULL, timeout=30)
-
-
-def sshd_config(state: Path, port: int, user: str) -> Path:
-    server, client = state / "sshd", state / "ssh"
-    for directory in (server, client):
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    keygen(server / "ssh_host_ed25519_key", "identity-tunnel-demo-host")
-    keygen(client / "id_ed25519", f"{user}@identity-tunnel-demo")
-    authorized = server / "authorized_keys"
-    authorized.write_bytes((client / "id_ed25519.pub").read_bytes())
-    if os.geteuid() == 0:  # sshd's privilege separation directory
-        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
-    lines = [
-        f"Port {port}",
-        "ListenAddress 127.0.0.1",
-        f"HostKey {server / 'ssh_host_ed25519_key'}",
-        f"AuthorizedKeysFile {authorized}",
-        f"AllowUsers {user}",
-        *("PidFile none", "UsePAM no", "StrictModes no", "PermitRootLogin prohibit-password"),
-        *("PasswordAuthentication no", "KbdInteractiveAuthentication no", "UseDNS no"),
-        *("AllowTcpForwarding no", "AllowAgentForwarding no", "X11Forwarding no"),
-        *("PrintMotd no", "LogLevel VERBOSE", "Subsystem sftp internal-sftp"),
-    ]
-    config = server / "sshd_config"
-    config.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return config
 
 
 async def ssh_banner(port: int) -> bool:
@@ -205,80 +233,32 @@ async def ssh_banner(port: int) -> bool:
         return False
 
 
-async def start_sshd(stack: contextlib.AsyncExitStack, state: Path, user: str) -> Service:
-    sshd = tool("sshd", SBIN_PATH)  # an absolute path: sshd re-executes itself
-    for attempt in range(3):
-        port = free_port()
-        config = sshd_config(state, port, user)
-        service = await spawn(stack, "sshd", [sshd, "-D", "-e", "-f", str(config)], state / "sshd.log")
+async def start_sshd(stack: AsyncExitStack, state: Path, user: str) -> tuple[Service, int]:
+    port = free_port()
+    config = sshd_config(state, port, user)
+    argv = [tool("sshd", SBIN_PATH), "-D", "-e", "-f", str(config)]  # absolute: sshd re-execs
+    service = await spawn(stack, "sshd", argv, state / "sshd.log")
 
-        async def ready(service: Service = service, port: int = port) -> bool:
-            listening = f"Server listening on 127.0.0.1 port {port}." in service.tail(50)
-            return listening and await ssh_banner(port)
+    async def ready() -> bool:
+        listening = f"Server listening on 127.0.0.1 port {port}." in service.tail(50)
+        return listening and await ssh_banner(port)
 
-        try:
-            await wait_ready(service, ready)
-            return service
-        except DemoError:
-            if attempt == 2 or "Address already in use" not in service.tail():
-                raise
-    raise AssertionError("unreachable")
+    await wait_ready(service, ready)
+    return service, port
 
 
-# -- the relay --------------------------------------------------------------------------------
-
-
-def certificate_expiring(cert: Path) -> bool:
-    """True when ``cert`` is missing, unreadable or expires within a day (it lasts 30 days)."""
-    try:
-        expires = x509.load_pem_x509_certificate(cert.read_bytes()).not_valid_after_utc
-    except (OSError, ValueError):
-        return True
-    return expires - datetime.datetime.now(datetime.UTC) < datetime.timedelta(days=1)
-
-
-def relay_config(state: Path, issuer: str, relay_port: int, ssh_port: int) -> Path:
-    cert, key = state / "relay-cert.pem", state / "relay-key.pem"
-    if not key.exists() or certificate_expiring(cert):  # the relay writes a new pair
-        cert.unlink(missing_ok=True)
-        key.unlink(missing_ok=True)
-    data = {
-        "listen": {"host": "127.0.0.1", "port": relay_port},
-        "tls": {"cert_file": cert.name, "key_file": key.name, "self_signed": True},
-        "oidc": {"issuer": issuer, "audiences": ["tunnel"]},
-        "login": {"issuer": issuer, "client_id": "tunnel-cli", "resource": "urn:identity-tunnel:relay"},
-        "inventory": {
-            "instances": [{"project": PROJECT, "zone": ZONE, "name": INSTANCE, "address": "127.0.0.1"}]
-        },
-        "access": [
-            {
-                "members": ["group:ops", "user:alice@example.com"],
-                "instances": [f"{PROJECT}/{ZONE}/{INSTANCE}"],
-                "ports": [ssh_port],
-            }
-        ],
-        "log_format": "text",
-    }
-    path = state / "relay.yaml"
-    header = "# Written by scripts/demo.py (make demo) on every start.\n"
-    path.write_text(header + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    return path
-
-
-async def start_relay(stack: contextlib.AsyncExitStack, state: Path, config: Path, port: int) -> Service:
-    server = BIN / "tunnel-server"
-    argv = [str(server)] if server.exists() else [sys.executable, "-m", "tunnel_server"]
-    service = await spawn(stack, "relay", [*argv, "serve", "--config", str(config)], state / "relay.log")
+async def start_relay(stack: AsyncExitStack, state: Path, config: Path, port: int) -> Service:
+    argv = [str(BIN / "tunnel-server"), "serve", "--config", str(config)]
+    service = await spawn(stack, "relay", argv, state / "relay.log")
     cert = state / "relay-cert.pem"
-    timeout = aiohttp.ClientTimeout(total=5)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
 
         async def ready() -> bool:
-            try:  # the relay writes the certificate when it starts
+            try:  # the relay writes the certificate as it starts
                 context = ssl.create_default_context(cafile=str(cert))
                 async with session.get(f"https://127.0.0.1:{port}/readyz", ssl=context) as answer:
                     return answer.status == 200
-            except (OSError, ssl.SSLError, aiohttp.ClientError, TimeoutError):
+            except (OSError, aiohttp.ClientError, TimeoutError):
                 return False
 
         await wait_ready(service, ready)
@@ -295,80 +275,245 @@ class Demo:
     relay_port: int
     ssh_port: int
     user: str
-    services: list[Service] = field(default_factory=list)
+    services: list[Service]
 
     @property
-    def relay_url(self) -> str:
-        return f"wss://127.0.0.1:{self.relay_port}"
-
-    @property
-    def ca_file(self) -> Path:
-        return self.state / "relay-cert.pem"
-
     def env(self) -> dict[str, str]:
         """What the printed ``export`` line sets."""
-        return {
-            "TUNNEL_SERVER": self.relay_url,
-            "TUNNEL_CA_FILE": str(self.ca_file),
-            "TUNNEL_PROJECT": PROJECT,
-        }
+        ca_file = str(self.state / "relay-cert.pem")
+        server = f"wss://127.0.0.1:{self.relay_port}"
+        return {"TUNNEL_SERVER": server, "TUNNEL_CA_FILE": ca_file, "TUNNEL_PROJECT": PROJECT}
 
-    def export_line(self) -> str:
-        ca = show(self.ca_file)
-        ca = ca if ca.startswith("/") else f"$PWD/{ca}"
-        env = self.env() | {"TUNNEL_CA_FILE": ca}
+    def export(self) -> str:
+        ca_file = show(Path(self.env["TUNNEL_CA_FILE"]))
+        env = self.env | {"TUNNEL_CA_FILE": ca_file if ca_file[0] == "/" else f"$PWD/{ca_file}"}
         return "export " + " ".join(f"{name}={value}" for name, value in env.items())
 
     def client(self, *args: str) -> list[str]:
         return [show(BIN / "tunnel-client"), *args]
 
     def ssh_options(self) -> list[str]:
-        ssh = self.state / "ssh"
-        return [
-            *("-i", show(ssh / "id_ed25519"), "-o", "IdentitiesOnly=yes"),
-            *("-o", f"UserKnownHostsFile={show(ssh / 'known_hosts')}"),
-            *("-o", "StrictHostKeyChecking=accept-new"),
-        ]
-
-    def login(self) -> list[str]:
-        return self.client("login")
+        key, known_hosts = show(self.state / "ssh/id_ed25519"), show(self.state / "ssh/known_hosts")
+        return ["-i", key, "-o", "IdentitiesOnly=yes", "-o", f"UserKnownHostsFile={known_hosts}"]
 
     def ssh(self) -> list[str]:
-        port = str(self.ssh_port)
-        args = ("ssh", INSTANCE, "--zone", ZONE, "--port", port, "--user", self.user, "--")
-        return self.client(*args, *self.ssh_options())
+        args = ["ssh", INSTANCE, "--zone", ZONE, "--port", str(self.ssh_port), "--user", self.user]
+        new_host = ["-o", "StrictHostKeyChecking=accept-new"]
+        return self.client(*args, "--", *self.ssh_options(), *new_host)
 
     def tunnel(self, local: str = f"localhost:{LOCAL_PORT}") -> list[str]:
-        args = ("start-tunnel", INSTANCE, str(self.ssh_port), "--zone", ZONE)
+        args = ["start-tunnel", INSTANCE, str(self.ssh_port), "--zone", ZONE]
         return self.client(*args, f"--local-host-port={local}")
 
-    def local_ssh(self) -> list[str]:
-        return ["ssh", "-p", str(LOCAL_PORT), *self.ssh_options(), f"{self.user}@localhost"]
+    def instructions(self) -> str:
+        ca_file = show(Path(self.env["TUNNEL_CA_FILE"]))
+        via_local = ["ssh", "-p", str(LOCAL_PORT), *self.ssh_options(), f"{self.user}@localhost"]
+        return "\n".join(
+            [
+                "",
+                "identity-tunnel demo",
+                f"  relay   {self.env['TUNNEL_SERVER']}  (self-signed: {ca_file})",
+                f"  IdP     {self.issuer}  (every user's password: {PASSWORD})",
+                *(f"          {email}  {note}" for email, note in USERS),
+                f"  target  {PROJECT}/{ZONE}/{INSTANCE}, SSH as {self.user}, only through the relay",
+                f"  logs    {'  '.join(show(service.log) for service in self.services)}",
+                "",
+                "In another terminal:",
+                f"  cd {shlex.quote(str(ROOT))}",
+                f"  {self.export()}",
+                "  # 1. log in: a browser, or the device flow (--no-browser, or no display)",
+                f"  {shlex.join(self.client('login'))}",
+                "  # 2. SSH to the demo VM through the relay",
+                f"  {shlex.join(self.ssh())}",
+                "  # 3. or forward a local port, then ssh to it from a third terminal",
+                f"  {shlex.join(self.tunnel())}",
+                f"  {shlex.join(via_local)}",
+                "",
+            ]
+        )  # fmt: skip
 
 
-def instructions(demo: Demo) -> str:
-    logs = " ".join(show(service.log) for service in demo.services)
-    users = [f"{email} ({note})" for email, note in USERS]
-    return "\n".join(
-        [
-            "",
-            "identity-tunnel demo",
-            f"  relay     {demo.relay_url}  (self-signed certificate {show(demo.ca_file)})",
-            f"  IdP       {demo.issuer}  password for every user: {PASSWORD}",
-            *(f"            {user}" for user in users),
-            f"  target    {PROJECT}/{ZONE}/{INSTANCE}: SSH as {demo.user}, only through the relay",
-            f"  logs      {logs}",
-            "",
-            "In another terminal:",
-            f"  cd {shlex.quote(str(ROOT))}",
-            f"  {demo.export_line()}",
-            "  # 1. log in (a browser, or the device flow with --no-browser / without a display)",
-            f"  {shlex.join(demo.login())}",
-            "  # 2. SSH to the demo VM through the relay",
-            f"  {shlex.join(demo.ssh())}",
-            "  # 3. or forward a local port, and from a third terminal ssh to it",
-            f"  {shlex.join(demo.tunnel())}",
-            f"  {shlex.join(demo.local_ssh())}",
-            "",
-        ]
+# -- --check: the printed commands, end to end ------------------------------------------------
+
+
+class FormParser(HTMLParser):
+    """A page's forms: id ("" when none) -> (action, inputs with their values)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.forms: dict[str, tuple[str, dict[str, str]]] = {}
+        self._current: str | None = None
+        self.feed(text)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = {k: v or "" for k, v in attrs}
+        if tag == "form":
+            self._current = a.get("id", "")
+            self.forms[self._current] = (a.get("action", ""), {})
+        elif tag == "input" and self._current is not None and a.get("name"):
+            self.forms[self._current][1][a["name"]] = a.get("value", "")
+
+    def handle_endtag(self, tag: str) -> None:
+        self._current = None if tag == "form" else self._current
+
+
+async def approve_device(url: str, email: str) -> None:
+    """What the user does in the browser: confirm the code, sign in, allow."""
+    answers: dict[str, dict[str, str]] = {
+        "op.deviceConfirmForm": {},
+        "login": {"login": email, "password": PASSWORD},
+        "consent": {},
+        "": {},  # a page that submits itself with JavaScript
+    }
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as session:
+        method, data = "GET", dict[str, str]()
+        for _ in range(6):
+            async with session.request(method, url, data=data) as page:
+                text, url = await page.text(), str(page.url)
+            if "Signed in" in text:
+                return
+            forms = FormParser(text).forms
+            form = next((name for name in answers if name in forms), None)
+            if form is None:
+                raise DemoError(f"unexpected page at {url}:\n{text[:500]}")
+            action, fields = forms[form]
+            method, url, data = "POST", urljoin(url, action), fields | answers[form]
+    raise DemoError("the device approval did not finish")
+
+
+async def launch(argv: Sequence[str], env: dict[str, str]) -> asyncio.subprocess.Process:
+    """A printed command, from the repository root like the user."""
+    pipe = asyncio.subprocess.PIPE
+    return await asyncio.create_subprocess_exec(
+        *argv, cwd=ROOT, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=pipe, stderr=pipe
     )
+
+
+async def check_login(demo: Demo, env: dict[str, str]) -> None:
+    process = await launch([*demo.client("login"), "--no-browser"], env)
+    assert process.stderr is not None
+    try:
+        seen = b""
+        while (found := re.search(rb"\(or open (\S+)\)", seen)) is None:
+            line = await process.stderr.readline()
+            if not line:
+                raise DemoError(f"login printed no verification URL:\n{seen.decode()}")
+            seen += line
+        await approve_device(found[1].decode(), USERS[0][0])
+        seen += await process.stderr.read()
+        if await process.wait() != 0 or b"Logged in to" not in seen:
+            raise DemoError(f"login failed:\n{seen.decode(errors='replace')}")
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def check_ssh(demo: Demo, env: dict[str, str]) -> None:
+    process = await launch([*demo.ssh(), "-o", "BatchMode=yes", "echo demo-ok"], env)
+    out, err = await process.communicate()
+    if process.returncode != 0 or b"demo-ok\n" not in out:
+        raise DemoError(f"ssh exited with {process.returncode}: {(out + err).decode()}")
+
+
+async def check_http(demo: Demo, url: str, expect: str) -> None:
+    context = ssl.create_default_context(cafile=demo.env["TUNNEL_CA_FILE"])
+    async with aiohttp.ClientSession() as session, session.get(url, ssl=context) as answer:
+        text = await answer.text()
+    if answer.status != 200 or expect not in text:
+        raise DemoError(f"{url}: HTTP {answer.status} {text[:200]}")
+
+
+async def check(demo: Demo) -> None:
+    client_home = demo.state / "check-client"  # not the user's own logins
+    shutil.rmtree(client_home, ignore_errors=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNNEL_")} | demo.env
+    env |= {"TUNNEL_CLIENT_HOME": str(client_home), "TUNNEL_CLIENT_TOKEN_STORE": "file"}
+    discovery = f"{demo.issuer}/.well-known/openid-configuration"
+    readyz = f"https://127.0.0.1:{demo.relay_port}/readyz"
+    steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+        ("IdP discovery", lambda: check_http(demo, discovery, f'"issuer":"{demo.issuer}"')),
+        ("relay /readyz", lambda: check_http(demo, readyz, "ready")),
+        ("device-flow login as alice", lambda: check_login(demo, env)),
+        ("tunnel-client ssh ... 'echo demo-ok'", lambda: check_ssh(demo, env)),
+    ]
+    for name, step in steps:
+        try:
+            async with asyncio.timeout(STEP_TIMEOUT):
+                await step()
+        except (DemoError, OSError, aiohttp.ClientError, TimeoutError) as exc:
+            raise DemoError(f"check failed: {name}: {str(exc) or 'timed out'}") from None
+        print(f"ok: {name}", flush=True)
+
+
+# -- main -------------------------------------------------------------------------------------
+
+
+async def start(stack: AsyncExitStack, state: Path) -> Demo:
+    """IdP, sshd, relay, in this order; the stack stops them in reverse."""
+    user = pwd.getpwuid(os.getuid()).pw_name
+    idp, issuer = await start_idp(stack, state)
+    sshd, ssh_port = await start_sshd(stack, state, user)
+    relay_port = free_port(RELAY_PORT)
+    config = relay_config(state, issuer, relay_port, ssh_port)
+    relay = await start_relay(stack, state, config, relay_port)
+    return Demo(state, issuer, relay_port, ssh_port, user, [idp, sshd, relay])
+
+
+async def supervise(demo: Demo) -> None:
+    """Until a signal cancels us; DemoError when a service dies first."""
+    waits = {asyncio.ensure_future(s.process.wait()): s for s in demo.services}
+    try:
+        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waits:
+            waiter.cancel()
+    service = waits[done.pop()]
+    code = service.process.returncode
+    raise DemoError(f"{service.name} exited unexpectedly ({code}):\n{service.tail()}")
+
+
+async def run_demo(state: Path, check_only: bool) -> int:
+    task, loop = asyncio.current_task(), asyncio.get_running_loop()
+    assert task is not None
+
+    def interrupted() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the cleanup
+            loop.add_signal_handler(sig, lambda: None)
+        task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, interrupted)
+    try:
+        async with AsyncExitStack() as stack:
+            print("Starting the identity provider, sshd and the relay...", flush=True)
+            demo = await start(stack, state)
+            print(demo.instructions(), flush=True)
+            if check_only:
+                await check(demo)
+                print("Demo check passed.", flush=True)
+                return 0
+            print("Ctrl-C stops the demo.", flush=True)
+            await supervise(demo)
+    except DemoError as exc:
+        print(f"demo: {exc}", file=sys.stderr, flush=True)
+    except asyncio.CancelledError:
+        task.uncancel()
+        return 1 if check_only else 0
+    finally:
+        print("Demo stopped.", flush=True)
+    return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scripts.demo", description=__doc__)
+    parser.add_argument("--check", action="store_true", help="verify end to end, stop, exit 0/1")
+    parser.add_argument("--state-dir", type=Path, default=ROOT / ".demo", help="default: .demo")
+    args = parser.parse_args(argv)
+    state: Path = args.state_dir.resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    return asyncio.run(run_demo(state, args.check))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import re
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from websockets.asyncio.server import Server, serve
 from websockets.typing import Subprotocol
 
 from tunnel_protocol import IAP, NATIVE, CloseCode
 
+from .admin import Revocations, admin_app
+from .admin import serving as admin_serving
 from .audit import AuditLog
-from .config import ServerConfig
+from .config import ConfigError, ServerConfig, load_config
 from .identity import DEFAULT_ALGORITHMS, Authenticator, Introspector, OidcVerifier
 from .inventory import Inventory
 from .policy import Policy
@@ -37,6 +43,8 @@ class RunningServer:
     server: Server
     verifier: Authenticator
     secure: bool
+    revocations: Revocations
+    admin_port: int | None = None
 
     @property
     def port(self) -> int:
@@ -76,15 +84,23 @@ def build_authenticator(config: ServerConfig) -> Authenticator:
     return Authenticator(verifiers, introspectors)
 
 
-def build_relay(config: ServerConfig, *, node: str | None = None) -> tuple[Relay, Authenticator]:
+def build_policy(config: ServerConfig) -> Policy:
+    return Policy(tuple(config.access))
+
+
+def build_relay(
+    config: ServerConfig, *, node: str | None = None, revocations: Revocations | None = None
+) -> tuple[Relay, Authenticator]:
     authenticator = build_authenticator(config)
+    revocations = revocations or Revocations()
     relay = Relay(
         verifier=authenticator,
         inventory=Inventory(config.inventory),
-        policy=Policy(tuple(config.access)),
+        policy=build_policy(config),
         settings=config.tunnel,
         audit=AuditLog(node or socket.gethostname()),
         login=config.login,
+        revoked=revocations.is_revoked,
     )
     return relay, authenticator
 
@@ -92,30 +108,50 @@ def build_relay(config: ServerConfig, *, node: str | None = None) -> tuple[Relay
 @asynccontextmanager
 async def running(config: ServerConfig, *, node: str | None = None) -> AsyncIterator[RunningServer]:
     """Serve ``config`` until the context exits; tunnels are closed with 1001 on the way out."""
-    relay, verifier = build_relay(config, node=node)
+    revocations = Revocations()
+    relay, verifier = build_relay(config, node=node, revocations=revocations)
     ssl_context = server_context(config.tls) if config.tls is not None else None
     try:
-        async with serve(
-            relay.handler,
-            config.listen.host,
-            config.listen.port,
-            ssl=ssl_context,
-            process_request=relay.process_request,
-            subprotocols=[Subprotocol(NATIVE.subprotocol), Subprotocol(IAP.subprotocol)],
-            compression=None,  # 35x slower with deflate, and it invites decompression bombs
-            ping_interval=None,  # never ping on IAP (gcloud drops the tunnel); native pumps ping
-            max_size=MAX_MESSAGE,
-            open_timeout=config.tunnel.handshake_timeout,
-            close_timeout=5,
-            server_header="identity-tunnel",
-        ) as server:
-            yield RunningServer(relay, server, verifier, ssl_context is not None)
+        async with contextlib.AsyncExitStack() as stack:
+            server = await stack.enter_async_context(_serve_relay(config, relay, ssl_context))
+            running_server = RunningServer(
+                relay, server, verifier, ssl_context is not None, revocations
+            )
+            if config.admin is not None:
+                members = frozenset(config.admin.members)
+                app = admin_app(
+                    relay,
+                    verifier,
+                    lambda identity: not identity.members.isdisjoint(members),
+                    revocations,
+                )
+                running_server.admin_port = await stack.enter_async_context(
+                    admin_serving(app, config.admin.listen.host, config.admin.listen.port)
+                )
+            yield running_server
             relay.draining = True
             relay.close_all(CloseCode.GOING_AWAY, "relay shutting down")
         # Handlers have returned; anything left (parked tunnels) ends now.
         relay.close_all(CloseCode.GOING_AWAY, "relay shutting down")
     finally:
         await verifier.aclose()
+
+
+def _serve_relay(config: ServerConfig, relay: Relay, ssl_context: ssl.SSLContext | None) -> Server:
+    return serve(
+        relay.handler,
+        config.listen.host,
+        config.listen.port,
+        ssl=ssl_context,
+        process_request=relay.process_request,
+        subprotocols=[Subprotocol(NATIVE.subprotocol), Subprotocol(IAP.subprotocol)],
+        compression=None,  # 35x slower with deflate, and it invites decompression bombs
+        ping_interval=None,  # never ping on IAP (gcloud drops the tunnel); native pumps ping
+        max_size=MAX_MESSAGE,
+        open_timeout=config.tunnel.handshake_timeout,
+        close_timeout=5,
+        server_header="identity-tunnel",
+    )
 
 
 class _JsonFormatter(logging.Formatter):
@@ -133,8 +169,27 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+_SECRET = re.compile(
+    r"(?i)(bearer\s+|basic\s+)[A-Za-z0-9._~+/=-]+"  # credentials in headers
+    r"|eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"  # anything shaped like a JWT
+)
+
+
+class RedactSecrets(logging.Filter):
+    """Last line of defence: no record leaves with a bearer credential or a JWT in it, even
+    when a library logs request headers at DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = _SECRET.sub(lambda m: (m.group(1) or "") + "[redacted]", message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
 def setup_logging(fmt: str, level: int = logging.INFO) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RedactSecrets())
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
     else:
@@ -145,8 +200,44 @@ def setup_logging(fmt: str, level: int = logging.INFO) -> None:
     logging.getLogger("websockets").setLevel(logging.WARNING)
 
 
-async def serve_forever(config: ServerConfig) -> None:
-    """Run until SIGINT/SIGTERM."""
+class Reloader:
+    """Re-reads the config file on SIGHUP and when it changes (mtime polled every
+    ``interval`` s): a valid file swaps the policy atomically and re-decides open tunnels; an
+    invalid one is logged with its precise error while the old policy stays in force."""
+
+    def __init__(self, path: Path, server: RunningServer, interval: float = 1.0) -> None:
+        self.path = path
+        self.server = server
+        self.interval = interval
+        self._mtime = self._stat()
+
+    def _stat(self) -> float | None:
+        try:
+            return self.path.stat().st_mtime
+        except OSError:
+            return None
+
+    def reload(self, why: str) -> bool:
+        try:
+            config = load_config(self.path)
+        except ConfigError as exc:
+            log.error("configuration not reloaded (%s), the previous policy stays: %s", why, exc)
+            return False
+        closed = self.server.relay.set_policy(build_policy(config))
+        log.info("policy reloaded (%s); %d tunnel(s) closed", why, closed)
+        return True
+
+    async def watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            mtime = self._stat()
+            if mtime is not None and mtime != self._mtime:
+                self._mtime = mtime
+                self.reload("file changed")
+
+
+async def serve_forever(config: ServerConfig, path: Path | None = None) -> None:
+    """Run until SIGINT/SIGTERM; SIGHUP (and file changes) reload the policy from ``path``."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -154,12 +245,22 @@ async def serve_forever(config: ServerConfig) -> None:
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # pragma: no cover - Windows
             pass
-    async with running(config) as srv:
+    async with running(config) as srv, asyncio.TaskGroup() as tasks:
         try:
             await srv.verifier.refresh()
         except Exception as exc:  # the relay still starts; /readyz reports it
             log.warning("issuer not reachable at start: %s", exc)
+        watcher = None
+        if path is not None:
+            reloader = Reloader(path, srv)
+            watcher = tasks.create_task(reloader.watch())
+            with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
+                loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
         log.info("listening on %s", srv.url)
         print(f"Listening on {srv.url}", file=sys.stderr, flush=True)
+        if srv.admin_port is not None:
+            print(f"Admin listening on port {srv.admin_port}", file=sys.stderr, flush=True)
         await stop.wait()
         log.info("shutting down")
+        if watcher is not None:
+            watcher.cancel()

@@ -205,6 +205,21 @@ class TunnelSettings(_Model):
     keepalive_timeout: float = Field(default=20.0, gt=0)
 
 
+class AdminConfig(_Model):
+    """The admin listener (sessions list / revoke). Plain HTTP: keep it on a private address."""
+
+    listen: ListenConfig = Field(default_factory=lambda: ListenConfig(port=8444))
+    members: list[str] = Field(min_length=1)
+
+    @field_validator("members")
+    @classmethod
+    def _members(cls, members: list[str]) -> list[str]:
+        for member in members:
+            if not _MEMBER.match(member):
+                raise ValueError(f"member {member!r} must look like user:EMAIL, group:NAME, ...")
+        return members
+
+
 class ServerConfig(_Model):
     listen: ListenConfig = Field(default_factory=ListenConfig)
     tls: TlsConfig | None = None
@@ -213,6 +228,7 @@ class ServerConfig(_Model):
     inventory: InventoryConfig = Field(default_factory=InventoryConfig)
     access: list[AllowRule] = Field(default_factory=list)
     tunnel: TunnelSettings = Field(default_factory=TunnelSettings)
+    admin: AdminConfig | None = None
     log_format: Literal["json", "text"] = "json"
 
     @model_validator(mode="before")

@@ -10,7 +10,7 @@ import secrets
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http import HTTPStatus
 from urllib.parse import urlsplit
 
@@ -20,7 +20,7 @@ from websockets.http11 import Request, Response
 
 from tunnel_protocol import DIALECTS, CloseCode, Side, Tunnel, TunnelError
 from tunnel_protocol.aio.pump import End, Outcome, Pump
-from tunnel_protocol.aio.stream import TcpStream, open_tcp
+from tunnel_protocol.aio.stream import open_tcp
 from tunnel_protocol.tunnel import Event, ReauthReceived
 from tunnel_protocol.urls import (
     CONNECT_PATH,
@@ -36,6 +36,7 @@ from .config import LoginConfig, TunnelSettings
 from .identity import Authenticator, AuthError, Identity, IssuerUnavailable
 from .inventory import Inventory, LookupFailed
 from .policy import AccessRequest, Decision, Policy, evaluate
+from .session import Session, wait_event
 
 log = logging.getLogger("tunnel.relay")
 
@@ -48,26 +49,6 @@ WELL_KNOWN_LOGIN = "/.well-known/tunnel-client"
 REAUTH_ADVANCE = 30.0
 # Closes we send that expect the client to come back on /v4/reconnect: the tunnel is parked.
 _PARK_AFTER = frozenset({CloseCode.SID_IN_USE, CloseCode.REAUTHENTICATION_REQUIRED})
-
-
-@dataclass
-class Session:
-    """A tunnel that outlives its WebSockets, until finished or its resume window ends."""
-
-    sid: str
-    identity: Identity
-    tunnel: Tunnel
-    stream: TcpStream
-    resource: str
-    address: str
-    port: int
-    source_ip: str | None
-    created: float = field(default_factory=time.monotonic)
-    pump: Pump | None = None
-    detached: asyncio.Event = field(default_factory=asyncio.Event)
-    renewed: asyncio.Event = field(default_factory=asyncio.Event)  # replaced on each renewal
-    expiry: asyncio.TimerHandle | None = None
-    resumes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,9 +80,11 @@ class Relay:
         settings: TunnelSettings,
         audit: AuditLog,
         login: LoginConfig | None = None,
+        revoked: Callable[[Identity], bool] = lambda identity: False,
     ) -> None:
         self.verifier = verifier
         self.login = login
+        self._revoked = revoked
         self.inventory = inventory
         self.policy = policy
         self.settings = settings
@@ -193,7 +176,10 @@ class Relay:
         scheme, _, token = value.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthError("not a bearer token")
-        return await self.verifier.verify(token.strip())
+        identity = await self.verifier.verify(token.strip())
+        if self._revoked(identity):
+            raise AuthError("revoked")
+        return identity
 
     def _login_document(self, connection: ServerConnection) -> Response:
         if self.login is None:
@@ -414,13 +400,13 @@ class Relay:
             if native:
                 remaining = expires - time.time()
                 ask_at = expires - min(REAUTH_ADVANCE, max(0.0, remaining / 2))
-                if await _wait_event(renewed, ask_at - time.time()):
+                if await wait_event(renewed, ask_at - time.time()):
                     continue
                 session.tunnel.send_reauth_required(int(expires))
                 await pump.flush()
             # Closing before the leeway ends would loop: the same token is still accepted.
             deadline = max(expires, session.identity.valid_until)
-            if await _wait_event(renewed, deadline - time.time()):
+            if await wait_event(renewed, deadline - time.time()):
                 continue
             self.audit.record(
                 "reauth",
@@ -522,6 +508,51 @@ class Relay:
         )
         self._notify()
 
+    # -- continuous authorization ---------------------------------------------------------------
+
+    def set_policy(self, policy: Policy) -> int:
+        """Swap the policy atomically and re-decide every tunnel; returns how many were closed."""
+        self.policy = policy
+        return self.redecide_all("policy changed")
+
+    def redecide_all(self, why: str) -> int:
+        closed = 0
+        for session in list(self.sessions.values()):
+            decision = self._decide(session.identity, session)
+            if not decision.allowed:
+                self._revoke(session, f"{why}: {decision.reason}", by=None)
+                closed += 1
+        return closed
+
+    def revoke_session(self, sid: str, *, by: str | None) -> int:
+        session = self.sessions.get(sid)
+        if session is None:
+            return 0
+        self._revoke(session, "session revoked", by=by)
+        return 1
+
+    def revoke_user(self, principal: str, *, by: str | None) -> int:
+        """Close every tunnel of ``principal``; the caller also records the user revocation so
+        that tokens issued before now are refused."""
+        sessions = [s for s in self.sessions.values() if s.identity.principal == principal]
+        for session in sessions:
+            self._revoke(session, "user revoked", by=by)
+        return len(sessions)
+
+    def _revoke(self, session: Session, reason: str, *, by: str | None) -> None:
+        self.audit.record(
+            "revoke",
+            tunnel_id=session.sid,
+            principal=session.identity.principal,
+            reason=reason,
+            by=by,
+        )
+        if session.pump is not None:
+            # Native clients get the reason in a CLOSE frame; IAP clients see 4033.
+            session.pump.close(CloseCode.NOT_AUTHORIZED, f"access revoked: {reason}")
+        else:
+            self._end(session, CloseCode.NOT_AUTHORIZED, reason)
+
     def require_reauth(self, sid: str) -> bool:
         """Close a tunnel's WebSocket with 4004 and keep the tunnel for resume: gcloud then
         reconnects with a fresh token and no byte is lost. False if the tunnel is not attached."""
@@ -538,18 +569,6 @@ class Relay:
                 session.pump.close(code, reason)
             else:
                 self._end(session, code, reason)
-
-
-async def _wait_event(event: asyncio.Event, delay: float) -> bool:
-    """True if ``event`` is set within ``delay`` seconds, False when the delay runs out."""
-    if delay <= 0:
-        return event.is_set()
-    try:
-        async with asyncio.timeout(delay):
-            await event.wait()
-    except TimeoutError:
-        return False
-    return True
 
 
 def _peer_ip(connection: ServerConnection) -> str | None:

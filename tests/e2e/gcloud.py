@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import random
 import re
@@ -372,3 +373,71 @@ class GatedSource:
             pass
         finally:
             writer.close()
+
+
+# -- gcloud refreshing its own tokens from our IdP ---------------------------------------------
+
+
+def authorized_user_file(workdir: Path, client_id: str, refresh_token: str) -> Path:
+    """A google-auth ``authorized_user`` credential file holding a refresh token from our IdP.
+
+    google-auth insists on a ``client_secret`` key and posts it with every refresh; an empty one
+    counts as absent to oidc-provider, so a public client (auth method ``none``) works. No
+    ``scopes`` key: gcloud then sends no ``scope`` on refresh (Google's scopes would be
+    ``invalid_scope`` at our IdP) and gets the grant's own."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    credential_file = workdir / "authorized-user.json"
+    credential_file.write_text(
+        json.dumps(
+            {
+                "type": "authorized_user",
+                "client_id": client_id,
+                "client_secret": "",
+                "refresh_token": refresh_token,
+            }
+        )
+    )
+    credential_file.chmod(0o600)
+    return credential_file
+
+
+@asynccontextmanager
+async def gcloud_refreshing_tunnel(
+    relay_port: int,
+    target_port: int,
+    credential_file: Path,
+    token_endpoint: str,
+    workdir: Path,
+    *,
+    stdin_mode: bool,
+) -> AsyncIterator[Gcloud]:
+    """Like ``gcloud_tunnel``, but without ``--access-token-file`` (read once, never refreshed):
+    gcloud loads ``credential_file`` (``auth/credential_file_override``) and refreshes it at
+    ``token_endpoint`` (``auth/token_host``, which gcloud forces as the token URI of user
+    credentials). gcloud asks for a token before every WebSocket connect and reconnect and
+    refreshes when it expires within 300 s, so each (re)connect carries a freshly issued one."""
+    argv = [
+        arg
+        for arg in gcloud_argv(relay_port, target_port, credential_file, stdin_mode=stdin_mode)
+        if not arg.startswith("--access-token-file=")
+    ]
+    env = gcloud_env(workdir / "gcloud-config")
+    env.update(
+        CLOUDSDK_AUTH_CREDENTIAL_FILE_OVERRIDE=str(credential_file),
+        CLOUDSDK_AUTH_TOKEN_HOST=token_endpoint,
+    )
+    process = await asyncio.create_subprocess_exec(
+        *argv,
+        env=env,
+        stdin=asyncio.subprocess.PIPE if stdin_mode else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    gcloud = Gcloud(process, Output(process.stderr))
+    try:
+        if not stdin_mode:
+            gcloud.port = await _listening_port(gcloud)
+        yield gcloud
+    finally:
+        await gcloud.kill()

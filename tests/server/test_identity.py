@@ -121,6 +121,7 @@ async def test_valid_rs256(issuer: TestIssuer, verifier: OidcVerifier, clock: Fa
             {"user:alice@example.com", "group:eng", "group:ops", "domain:example.com"}
         ),
         valid_until=T0 + 300 + 30,  # exp plus the default 30 s leeway
+        issued_at=T0,
     )
     assert verifier.ready
 

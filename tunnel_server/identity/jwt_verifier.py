@@ -115,6 +115,7 @@ class Identity:
     members: frozenset[str]
     # exp plus the issuer's leeway: the last moment this credential is accepted anywhere.
     valid_until: float = 0.0
+    issued_at: float | None = None  # iat: revocations refuse tokens issued before them
 
 
 @dataclass(frozen=True)
@@ -593,5 +594,6 @@ class OidcVerifier:
             groups=groups,
             expires_at=exp,
             valid_until=exp + leeway,
+            issued_at=iat,
             members=frozenset(members),
         )

@@ -1,0 +1,134 @@
+"""The admin listener (its own address): list and revoke tunnels, authenticated by a bearer token
+whose identity holds the admin role. JSON over HTTP, served with aiohttp."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from aiohttp import web
+
+from .identity import Authenticator, AuthError, Identity, IssuerUnavailable
+from .relay import Relay
+
+IsAdmin = Callable[[Identity], bool]
+
+_PRINCIPAL = web.RequestKey("principal", str)
+
+
+class Revocations:
+    """Principals whose tokens issued before a moment are refused, and revoked tunnels.
+
+    Revoking a user closes their tunnels and refuses every token issued up to that moment, so
+    they must log in again; tokens issued later are accepted (the IdP decides about those)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._users: dict[str, float] = {}
+        self._clock = clock
+
+    def revoke_user(self, principal: str) -> None:
+        self._users[principal] = self._clock()
+
+    def is_revoked(self, identity: Identity) -> bool:
+        revoked_at = self._users.get(identity.principal)
+        if revoked_at is None:
+            return False
+        return identity.issued_at is None or identity.issued_at <= revoked_at
+
+
+def session_view(relay: Relay) -> list[dict[str, Any]]:
+    now = time.monotonic()
+    return [
+        {
+            "tunnel_id": s.sid,
+            "principal": s.identity.principal,
+            "resource": s.resource,
+            "address": s.address,
+            "port": s.port,
+            "source_ip": s.source_ip,
+            "dialect": s.tunnel.dialect.name,
+            "state": "attached" if s.pump is not None else "parked",
+            "age": round(now - s.created, 3),
+            "bytes_from_client": s.tunnel.received_total,
+            "bytes_to_client": s.tunnel.sent_total,
+            "resumes": s.resumes,
+        }
+        for s in relay.sessions.values()
+    ]
+
+
+def admin_app(
+    relay: Relay, authenticator: Authenticator, is_admin: IsAdmin, revocations: Revocations
+) -> web.Application:
+    @web.middleware
+    async def authenticate(
+        request: web.Request, handler: Callable[[web.Request], Any]
+    ) -> web.StreamResponse:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        challenge = {"WWW-Authenticate": 'Bearer realm="tunnel-admin"'}
+        if scheme.lower() != "bearer" or not token:
+            return _json({"error": "authentication required"}, 401, challenge)
+        try:
+            identity = await authenticator.verify(token.strip())
+        except IssuerUnavailable:
+            return _json({"error": "identity provider unavailable"}, 503, {"Retry-After": "5"})
+        except AuthError as exc:
+            relay.audit.record("admin", decision="deny", reason=exc.reason, status=401)
+            return _json({"error": "authentication required"}, 401, challenge)
+        if not is_admin(identity):
+            relay.audit.record(
+                "admin", decision="deny", reason="not an admin", principal=identity.principal
+            )
+            return _json({"error": "admin role required"}, 403)
+        request[_PRINCIPAL] = identity.principal
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    async def list_sessions(request: web.Request) -> web.Response:
+        return _json({"sessions": session_view(relay)})
+
+    async def revoke(request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return _json({"error": "JSON body required"}, 400)
+        if not isinstance(body, dict) or len(body.keys() & {"user", "session"}) != 1:
+            return _json({"error": 'give exactly one of "user" or "session"'}, 400)
+        admin = request[_PRINCIPAL]
+        if "user" in body:
+            revocations.revoke_user(str(body["user"]))
+            closed = relay.revoke_user(str(body["user"]), by=admin)
+        else:
+            closed = relay.revoke_session(str(body["session"]), by=admin)
+        return _json({"closed": closed})
+
+    app = web.Application(middlewares=[authenticate], client_max_size=64 * 1024)
+    app.router.add_get("/admin/sessions", list_sessions)
+    app.router.add_post("/admin/revoke", revoke)
+    return app
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        text=json.dumps(data),
+        status=status,
+        content_type="application/json",
+        headers={"Cache-Control": "no-store", **(headers or {})},
+    )
+
+
+@asynccontextmanager
+async def serving(app: web.Application, host: str, port: int) -> AsyncIterator[int]:
+    """Run the admin app on host:port; yields the bound port."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    try:
+        yield int(runner.addresses[0][1])
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,45 @@
+"""A relay tunnel's server-side state (it outlives its WebSockets) and small timing helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from tunnel_protocol import Tunnel
+from tunnel_protocol.aio.pump import Pump
+from tunnel_protocol.aio.stream import TcpStream
+
+from .identity import Identity
+
+
+@dataclass
+class Session:
+    """A tunnel that outlives its WebSockets, until finished or its resume window ends."""
+
+    sid: str
+    identity: Identity
+    tunnel: Tunnel
+    stream: TcpStream
+    resource: str
+    address: str
+    port: int
+    source_ip: str | None
+    created: float = field(default_factory=time.monotonic)
+    pump: Pump | None = None
+    detached: asyncio.Event = field(default_factory=asyncio.Event)
+    renewed: asyncio.Event = field(default_factory=asyncio.Event)  # replaced on each renewal
+    expiry: asyncio.TimerHandle | None = None
+    resumes: int = 0
+
+
+async def wait_event(event: asyncio.Event, delay: float) -> bool:
+    """True if ``event`` is set within ``delay`` seconds, False when the delay runs out."""
+    if delay <= 0:
+        return event.is_set()
+    try:
+        async with asyncio.timeout(delay):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
