@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: all venv system-deps lint test check e2e demo bench clean
+.PHONY: all venv system-deps lint test check e2e demo demo-check bench clean
 
 all: test
 
@@ -50,6 +50,10 @@ bench: venv
 
 demo: venv system-deps
 	$(BIN)/python -m scripts.demo
+
+# Start the demo stack, check login + ssh through it end to end, stop.
+demo-check: venv system-deps
+	$(BIN)/python -m scripts.demo --check
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

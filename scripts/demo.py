@@ -39,11 +39,7 @@ PROJECT, ZONE, INSTANCE = "demo", "demo-zone", "demo-vm"
 RELAY_PORT = 8443  # when free, else any free port
 LOCAL_PORT = 2222  # the local end of the printed start-tunnel command
 PASSWORD = "demo-password"
-USERS = (
-    ("alice@example.com", "groups ops, dev: allowed"),
-    ("bob@example.com", "group dev: denied"),
-    ("mallory@example.com", "no groups: denied"),
-)
+ALICE = "alice@example.com"
 START_TIMEOUT = 30.0  # per service, until ready
 STOP_TIMEOUT = 5.0  # per service, from SIGTERM to SIGKILL
 STEP_TIMEOUT = 60.0  # per --check step
@@ -284,29 +280,24 @@ class Demo:
         server = f"wss://127.0.0.1:{self.relay_port}"
         return {"TUNNEL_SERVER": server, "TUNNEL_CA_FILE": ca_file, "TUNNEL_PROJECT": PROJECT}
 
-    def export(self) -> str:
-        ca_file = show(Path(self.env["TUNNEL_CA_FILE"]))
-        env = self.env | {"TUNNEL_CA_FILE": ca_file if ca_file[0] == "/" else f"$PWD/{ca_file}"}
-        return "export " + " ".join(f"{name}={value}" for name, value in env.items())
-
     def client(self, *args: str) -> list[str]:
         return [show(BIN / "tunnel-client"), *args]
 
     def ssh_options(self) -> list[str]:
         key, known_hosts = show(self.state / "ssh/id_ed25519"), show(self.state / "ssh/known_hosts")
-        return ["-i", key, "-o", "IdentitiesOnly=yes", "-o", f"UserKnownHostsFile={known_hosts}"]
+        options = ["IdentitiesOnly=yes", f"UserKnownHostsFile={known_hosts}"]
+        options.append("StrictHostKeyChecking=accept-new")  # the demo host key is new once
+        return ["-i", key, *(word for option in options for word in ("-o", option))]
 
     def ssh(self) -> list[str]:
         args = ["ssh", INSTANCE, "--zone", ZONE, "--port", str(self.ssh_port), "--user", self.user]
-        new_host = ["-o", "StrictHostKeyChecking=accept-new"]
-        return self.client(*args, "--", *self.ssh_options(), *new_host)
-
-    def tunnel(self, local: str = f"localhost:{LOCAL_PORT}") -> list[str]:
-        args = ["start-tunnel", INSTANCE, str(self.ssh_port), "--zone", ZONE]
-        return self.client(*args, f"--local-host-port={local}")
+        return self.client(*args, "--", *self.ssh_options())
 
     def instructions(self) -> str:
         ca_file = show(Path(self.env["TUNNEL_CA_FILE"]))
+        env = self.env | {"TUNNEL_CA_FILE": ca_file if ca_file[0] == "/" else f"$PWD/{ca_file}"}
+        tunnel = ["start-tunnel", INSTANCE, str(self.ssh_port), "--zone", ZONE]
+        tunnel.append(f"--local-host-port=localhost:{LOCAL_PORT}")
         via_local = ["ssh", "-p", str(LOCAL_PORT), *self.ssh_options(), f"{self.user}@localhost"]
         return "\n".join(
             [
@@ -314,19 +305,20 @@ class Demo:
                 "identity-tunnel demo",
                 f"  relay   {self.env['TUNNEL_SERVER']}  (self-signed: {ca_file})",
                 f"  IdP     {self.issuer}  (every user's password: {PASSWORD})",
-                *(f"          {email}  {note}" for email, note in USERS),
-                f"  target  {PROJECT}/{ZONE}/{INSTANCE}, SSH as {self.user}, only through the relay",
+                f"          {ALICE} (groups ops, dev): allowed",
+                "          bob@example.com (group dev), mallory@example.com (none): denied",
+                f"  target  {PROJECT}/{ZONE}/{INSTANCE}, SSH as {self.user}, only via the relay",
                 f"  logs    {'  '.join(show(service.log) for service in self.services)}",
                 "",
                 "In another terminal:",
                 f"  cd {shlex.quote(str(ROOT))}",
-                f"  {self.export()}",
+                "  export " + " ".join(f"{name}={value}" for name, value in env.items()),
                 "  # 1. log in: a browser, or the device flow (--no-browser, or no display)",
                 f"  {shlex.join(self.client('login'))}",
                 "  # 2. SSH to the demo VM through the relay",
                 f"  {shlex.join(self.ssh())}",
                 "  # 3. or forward a local port, then ssh to it from a third terminal",
-                f"  {shlex.join(self.tunnel())}",
+                f"  {shlex.join(self.client(*tunnel))}",
                 f"  {shlex.join(via_local)}",
                 "",
             ]
@@ -399,7 +391,7 @@ async def check_login(demo: Demo, env: dict[str, str]) -> None:
             if not line:
                 raise DemoError(f"login printed no verification URL:\n{seen.decode()}")
             seen += line
-        await approve_device(found[1].decode(), USERS[0][0])
+        await approve_device(found[1].decode(), ALICE)
         seen += await process.stderr.read()
         if await process.wait() != 0 or b"Logged in to" not in seen:
             raise DemoError(f"login failed:\n{seen.decode(errors='replace')}")
