@@ -209,5 +209,14 @@ async def start_relay(data: dict[str, Any]) -> AsyncIterator[RunningServer]:
 def capture_audit(server: RunningServer) -> list[dict[str, Any]]:
     """Replace the relay's audit sink with a list the test can read."""
     records: list[dict[str, Any]] = []
-    server.relay.audit.sink = lambda line: records.append(json.loads(line))
+
+    def sink(line: str) -> None:
+        LOG_LINES.append(line)  # still scanned for secrets at the end of the session
+        records.append(json.loads(line))
+
+    server.relay.audit.sink = sink
     return records
+
+
+# Everything logged (INFO and up, as in production) or audited during the test session.
+LOG_LINES: list[str] = []

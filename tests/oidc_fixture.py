@@ -23,6 +23,9 @@ from jwt.algorithms import get_default_algorithms
 KeyKind = Literal["RSA", "EC", "OKP"]
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 
+# Every token minted in this test session: the log scan (tests/conftest.py) proves none of them
+# appears in any log or audit record.
+MINTED: list[str] = []
 OMIT: Final[Any] = object()
 """Value for `extra_claims` that removes a claim `mint` would otherwise set."""
 _DEFAULT: Final[Any] = object()
@@ -223,6 +226,7 @@ class TestIssuer:
         """An opaque access token whose introspection answers these claims (active)."""
         token = "opaque-" + uuid.uuid4().hex
         self.opaque[token] = {"active": True, **self.claims(**claims)}
+        MINTED.append(token)
         return token
 
     # -- keys ---------------------------------------------------------------------------------
@@ -325,7 +329,9 @@ class TestIssuer:
             now=now,
             extra_claims=extra_claims,
         )
-        return sign_compact(header, payload, private_key or signer.private_key, alg)
+        token = sign_compact(header, payload, private_key or signer.private_key, alg)
+        MINTED.append(token)
+        return token
 
 
 # -- forgers ----------------------------------------------------------------------------------
