@@ -11,14 +11,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import aiohttp
 import click
 
 from tunnel_protocol.aio.runtime import run
 
 from .credentials import CredentialManager
 from .login import ServiceAccount, canonical_server, fetch_login_config, login, use_device_flow
-from .oidc import LoginConfig, LoginRequired, OidcClient, OidcError
+from .oidc import LoginConfig, LoginRequired, OidcError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -167,17 +166,7 @@ async def _identity_token(
         if tokens.id_token is None:
             raise OidcError("the identity provider issued no ID token (is 'openid' a scope?)")
         return tokens.id_token
-    cached = manager.load()
-    if cached is None:
-        raise LoginRequired(f"Not logged in to {manager.server}: run tunnel-client login")
-    profile_data, tokens = cached
-    async with aiohttp.ClientSession() as session:
-        fresh = await OidcClient(profile_data.login, session).refresh(tokens, resource=audience)
-    if fresh.refresh_token and fresh.refresh_token != tokens.refresh_token:
-        # The IdP rotated the refresh token: keep the new one (the old one is now spent).
-        tokens.refresh_token = fresh.refresh_token
-        manager.save(profile_data, tokens)
-    return fresh.access_token
+    return await manager.token_for(audience)
 
 
 def _expired(jwt: str, margin: float = 60.0) -> bool:

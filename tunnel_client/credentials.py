@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import aiohttp
 from filelock import AsyncFileLock
 
-from .oidc import LoginConfig, LoginRequired, OidcClient, OidcError, TokenSet
+from .oidc import HTTP_TIMEOUT, LoginConfig, LoginRequired, OidcClient, OidcError, TokenSet
 
 log = logging.getLogger("tunnel.client")
 
@@ -155,6 +155,10 @@ class Profile:
         }
 
 
+def not_logged_in_message(server: str) -> str:
+    return f"Not logged in to {server}. Run:\n\n    tunnel-client login --server {server}\n"
+
+
 def relogin_message(server: str) -> str:
     return (
         f"Your login for {server} has expired or was revoked. Run:\n\n"
@@ -181,6 +185,10 @@ class CredentialManager:
         self.store = store or default_store(self.directory)
         self.key = cache_key(self.server, profile)
         self._session_factory = session_factory
+
+    def _session(self) -> aiohttp.ClientSession:
+        # Every request to the IdP is bounded: a hung IdP gives a clear error, not a 5-min wait.
+        return self._session_factory(timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT))
 
     def _lock(self) -> AsyncFileLock:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -213,14 +221,11 @@ class CredentialManager:
         async with self._lock():
             cached = self.load()  # another process may have refreshed while we waited
             if cached is None:
-                raise LoginRequired(
-                    f"Not logged in to {self.server}. Run:\n\n"
-                    f"    tunnel-client login --server {self.server}\n"
-                )
+                raise LoginRequired(not_logged_in_message(self.server))
             profile, tokens = cached
             if not force_refresh and tokens.valid_for(REFRESH_MARGIN):
                 return tokens
-            async with self._session_factory() as session:
+            async with self._session() as session:
                 client = OidcClient(profile.login, session)
                 try:
                     fresh = await client.refresh(tokens)
@@ -233,6 +238,27 @@ class CredentialManager:
             self.save(profile, fresh)
             return fresh
 
+    async def token_for(self, resource: str) -> str:
+        """An access token for another resource (RFC 8707) from the refresh token, under the
+        lock: the IdP may rotate the refresh token, and replaying a spent one revokes the grant."""
+        async with self._lock():
+            cached = self.load()
+            if cached is None:
+                raise LoginRequired(not_logged_in_message(self.server))
+            profile, tokens = cached
+            async with self._session() as session:
+                try:
+                    fresh = await OidcClient(profile.login, session).refresh(
+                        tokens, resource=resource
+                    )
+                except LoginRequired:
+                    raise LoginRequired(relogin_message(self.server)) from None
+            if fresh.refresh_token and fresh.refresh_token != tokens.refresh_token:
+                # Rotated: keep the new one (the old one is now spent).
+                tokens.refresh_token = fresh.refresh_token
+                self.save(profile, tokens)
+            return fresh.access_token
+
     async def logout(self) -> bool:
         """Revoke the refresh token (best effort) and forget everything cached."""
         cached = self.load()
@@ -241,7 +267,7 @@ class CredentialManager:
         profile, tokens = cached
         if tokens.refresh_token:
             try:
-                async with self._session_factory() as session:
+                async with self._session() as session:
                     await OidcClient(profile.login, session).revoke(
                         tokens.refresh_token, "refresh_token"
                     )

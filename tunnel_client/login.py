@@ -53,8 +53,8 @@ async def fetch_login_config(server: str, ssl_context: ssl.SSLContext | None) ->
             if response.status != 200:
                 raise OidcError(f"{url} answered HTTP {response.status}")
             data = json.loads(await response.content.read(64 * 1024))
-    except aiohttp.ClientError as exc:
-        raise OidcError(f"cannot reach {url}: {exc}") from None
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise OidcError(f"cannot reach {url}: {str(exc) or 'timed out'}") from None
     except ValueError:
         raise OidcError(f"{url} did not answer JSON") from None
     try:

@@ -108,8 +108,9 @@ class OidcClient:
             try:
                 async with self.session.get(url) as response:
                     data = await self._json(response)
-            except aiohttp.ClientError as exc:
-                raise OidcError(f"cannot reach the identity provider {url}: {exc}") from None
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                why = str(exc) or "timed out"
+                raise OidcError(f"cannot reach the identity provider {url}: {why}") from None
             if data.get("issuer") != self.config.issuer:
                 raise OidcError(f"discovery document of {self.config.issuer} names another issuer")
             self._metadata = data
@@ -134,8 +135,8 @@ class OidcClient:
         try:
             async with self.session.post(url, data=form, headers=headers) as response:
                 return response.status, await self._json(response)
-        except aiohttp.ClientError as exc:
-            raise OidcError(f"token request failed: {exc}") from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise OidcError(f"token request failed: {str(exc) or 'timed out'}") from None
 
     def _tokens(self, data: dict[str, Any], previous: TokenSet | None = None) -> TokenSet:
         token = data.get("access_token")
@@ -257,8 +258,8 @@ class OidcClient:
             async with self.session.post(url, data=form) as response:
                 data = await self._json(response)
                 status = response.status
-        except aiohttp.ClientError as exc:
-            raise OidcError(f"device authorization failed: {exc}") from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise OidcError(f"device authorization failed: {str(exc) or 'timed out'}") from None
         if status != 200 or "device_code" not in data:
             raise OidcError(f"device authorization failed: {_describe(data)}")
         uri = data.get("verification_uri_complete") or data.get("verification_uri")
@@ -325,7 +326,7 @@ class OidcClient:
         try:
             async with self.session.post(url, data=form) as response:
                 return response.status == 200
-        except aiohttp.ClientError:
+        except (aiohttp.ClientError, TimeoutError):
             return False
 
 

@@ -53,9 +53,9 @@ pytestmark = [
 CLIENT = [sys.executable, "-m", "tunnel_client"]
 # One CLI run: a new Python process, TLS to the relay, HTTP to the IdP, maybe a tunnel.
 RUN_TIMEOUT = 600 * UNIT
-# A login: the device flow polls every 5 s (oidc-provider announces no interval; RFC 8628's
-# default), a browser has to start.
-LOGIN_TIMEOUT = 600 * UNIT
+# A login: a browser has to start; the device flow polls every 5 s whatever the machine's speed
+# (oidc-provider announces no interval: RFC 8628's default).
+LOGIN_TIMEOUT = 5.0 + 600 * UNIT
 SERVICE_ACCOUNT = f"serviceAccount:{SERVICE_CLIENT_ID}"
 # Variables that would change how the client picks a flow or a credential.
 ENV_DROP = ("DISPLAY", "WAYLAND_DISPLAY", "SSH_CONNECTION", "SSH_TTY", "SSH_CLIENT", "BROWSER")
@@ -514,3 +514,43 @@ async def test_logout_revokes_and_forgets(cli: Cli, idp: DevIdp, relay: RunningS
     assert f"tunnel-client login --server {cli.server}" in after.stderr
     again = (await cli.run("logout", *cli.relay_args)).check()
     assert again.stderr == f"Not logged in to {cli.server}.\n"
+
+
+async def test_identity_tokens(cli: Cli, idp: DevIdp, relay: RunningServer) -> None:
+    """print-identity-token: the login's ID token, or with --audience a token for that resource
+    from the refresh token; parallel runs share the refresh token under the lock (a replayed,
+    rotated-out refresh token would revoke the whole grant)."""
+    await form_login(cli, idp, ALICE)
+    id_token = (await cli.run("print-identity-token", *cli.relay_args)).check().text.strip()
+    claims = jwt_parts(id_token)[1]
+    assert (claims["aud"], claims["email"], claims["iss"]) == (CLI_CLIENT_ID, ALICE, idp.issuer)
+
+    args = ["print-identity-token", f"--audience={RESOURCE}", *cli.relay_args]
+    results = await asyncio.gather(*(cli.run(*args) for _ in range(3)))
+    for result in results:
+        result.check()
+        token = result.text.strip()
+        assert (await relay.verifier.verify(token)).principal == f"user:{ALICE}"
+    assert (await idp.refresh(cli.cache()["tokens"]["refresh_token"]))["access_token"]
+
+
+async def test_cancelled_browser_login(cli: Cli, idp: DevIdp) -> None:
+    """The user presses Cancel on the sign-in page: one clear error, nothing cached."""
+    process = await cli.start("login", *cli.relay_args, display=True)
+    seen, match = await read_until(process, authorization_url(idp))
+    browser = _Browser()
+    try:
+        page = await browser.go("GET", match.group(1))
+        forms = {f.id: f for f in page.forms()}
+        assert "abort" in forms, page.text
+        page = await browser.submit(page, forms["abort"])
+    finally:
+        await browser.close()
+    assert page.url.startswith("http://127.0.0.1:")
+    assert "Login failed" in page.text
+    result = await cli.finish(process, stderr_seen=seen)
+    assert result.returncode == 1
+    assert result.stdout == b""
+    assert result.stderr.endswith("\nERROR: login refused: End-User aborted interaction\n")
+    assert "Traceback" not in result.stderr
+    assert not cli.cache_file.exists()
