@@ -25,6 +25,7 @@ from .admin import Revocations, admin_app
 from .admin import serving as admin_serving
 from .audit import AuditLog
 from .config import ConfigError, ServerConfig, load_config
+from .destinations import DestinationPolicy
 from .identity import DEFAULT_ALGORITHMS, Authenticator, Introspector, OidcVerifier
 from .inventory import Inventory
 from .policy import Policy
@@ -101,6 +102,7 @@ def build_relay(
         audit=AuditLog(node or socket.gethostname()),
         login=config.login,
         revoked=revocations.is_revoked,
+        destinations=DestinationPolicy(),
     )
     return relay, authenticator
 
@@ -114,6 +116,9 @@ async def running(config: ServerConfig, *, node: str | None = None) -> AsyncIter
     try:
         async with contextlib.AsyncExitStack() as stack:
             server = await stack.enter_async_context(_serve_relay(config, relay, ssl_context))
+            # The relay never tunnels to its own listeners (SSRF), whatever the policy says.
+            for sock in server.sockets:
+                relay.destinations.add_own_endpoint(*sock.getsockname()[:2])
             running_server = RunningServer(
                 relay, server, verifier, ssl_context is not None, revocations
             )
@@ -127,6 +132,9 @@ async def running(config: ServerConfig, *, node: str | None = None) -> AsyncIter
                 )
                 running_server.admin_port = await stack.enter_async_context(
                     admin_serving(app, config.admin.listen.host, config.admin.listen.port)
+                )
+                relay.destinations.add_own_endpoint(
+                    config.admin.listen.host, running_server.admin_port
                 )
             yield running_server
             relay.draining = True

@@ -44,6 +44,16 @@ class TlsConfig(_Model):
     cert_file: Path
     key_file: Path
     self_signed: bool = False
+    # Optional mTLS: client (device) certificates verified against this CA become device.*
+    # attributes for policy; with require_device_cert a client without one is refused.
+    device_ca: Path | None = None
+    require_device_cert: bool = False
+
+    @model_validator(mode="after")
+    def _device(self) -> TlsConfig:
+        if self.require_device_cert and self.device_ca is None:
+            raise ValueError("require_device_cert needs device_ca")
+        return self
 
 
 class IntrospectionConfig(_Model):
@@ -289,6 +299,7 @@ def parse_config(
             update={
                 "cert_file": base_dir / config.tls.cert_file,
                 "key_file": base_dir / config.tls.key_file,
+                "device_ca": base_dir / config.tls.device_ca if config.tls.device_ca else None,
             }
         )
         config = config.model_copy(update={"tls": tls})

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from tunnel_protocol.urls import HostTarget, InstanceTarget, Target
 
 from .config import DestinationGroupConfig, InventoryConfig
+from .destinations import InvalidAddress, IPAddress, IPNetwork, canonical_ip, within
 
 
 class LookupFailed(Exception):
@@ -17,17 +18,30 @@ class LookupFailed(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Destination:
+    """Where a tunnel may go. ``networks``: the addresses the operator named for it (an
+    instance's address, a group's CIDRs); the dialed IP must lie in them unless
+    ``any_address`` (a DNS name the operator configured). They also lift the SSRF denial of
+    loopback/link-local for exactly what they name (tunnel_server.destinations)."""
+
     resource: str  # policy resource: instance:P/Z/N or group:P/R/N/G
-    host: str  # address (or FQDN from a destination group) to dial
+    host: str  # address (or FQDN) to resolve once and dial
     port: int
+    networks: tuple[IPNetwork, ...] = ()
+    any_address: bool = False
+
+
+def _literal(host: str) -> IPAddress | None:
+    try:
+        return canonical_ip(host)
+    except InvalidAddress:
+        return None
 
 
 def _group_contains(group: DestinationGroupConfig, host: str) -> bool:
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
+    address = _literal(host)
+    if address is None:
         return host.lower().rstrip(".") in {f.lower().rstrip(".") for f in group.fqdns}
-    return any(address in net for net in group.cidrs)
+    return within(group.cidrs)(address)
 
 
 class Inventory:
@@ -66,8 +80,15 @@ class Inventory:
             address = instance.interfaces.get(target.interface)
             if address is None:
                 raise LookupFailed(f"instance {target.name} has no interface {target.interface}")
-            return Destination(f"instance:{target.name}", address, target.port)
+            literal = _literal(address)
+            if literal is None:  # the operator named a DNS name for this instance
+                return Destination(f"instance:{target.name}", address, target.port, (), True)
+            network = ipaddress.ip_network(literal)
+            return Destination(f"instance:{target.name}", address, target.port, (network,))
         group = self._find_group(target)
         if group is None:
             raise LookupFailed(f"host {target.host} is in no destination group of {target.name}")
-        return Destination(f"group:{group.key}", target.host, target.port)
+        by_name = _literal(target.host) is None
+        return Destination(
+            f"group:{group.key}", target.host, target.port, tuple(group.cidrs), by_name
+        )

@@ -20,7 +20,6 @@ from websockets.http11 import Request, Response
 
 from tunnel_protocol import DIALECTS, CloseCode, Side, Tunnel, TunnelError
 from tunnel_protocol.aio.pump import End, Outcome, Pump
-from tunnel_protocol.aio.stream import open_tcp
 from tunnel_protocol.tunnel import Event, ReauthReceived
 from tunnel_protocol.urls import (
     CONNECT_PATH,
@@ -33,6 +32,7 @@ from tunnel_protocol.urls import (
 
 from .audit import AuditLog
 from .config import LoginConfig, TunnelSettings
+from .destinations import DestinationDenied, DestinationPolicy, DialFailed, resolve_and_dial, within
 from .identity import Authenticator, AuthError, Identity, IssuerUnavailable
 from .inventory import Inventory, LookupFailed
 from .policy import AccessRequest, Decision, Policy, evaluate
@@ -81,7 +81,9 @@ class Relay:
         audit: AuditLog,
         login: LoginConfig | None = None,
         revoked: Callable[[Identity], bool] = lambda identity: False,
+        destinations: DestinationPolicy | None = None,
     ) -> None:
+        self.destinations = destinations or DestinationPolicy()
         self.verifier = verifier
         self.login = login
         self._revoked = revoked
@@ -245,17 +247,36 @@ class Relay:
             )
             await ws.close(CloseCode.LOOKUP_FAILED, "lookup failed")
             return None
+        allowed = (lambda ip: True) if destination.any_address else within(destination.networks)
         try:
-            async with asyncio.timeout(self.settings.dial_timeout):
-                stream = await open_tcp(destination.host, destination.port)
-        except (OSError, TimeoutError) as exc:
-            reason = "dial timeout" if isinstance(exc, TimeoutError) else f"dial failed: {exc}"
+            # Resolve once, check every answer, connect to exactly the address checked.
+            stream, dialed = await resolve_and_dial(
+                destination.host,
+                destination.port,
+                policy=self.destinations.scoped(destination.networks),
+                allowed=allowed,
+                timeout=self.settings.dial_timeout,
+            )
+        except DestinationDenied as exc:
+            self.audit.record(
+                "decision",
+                decision="deny",
+                reason=exc.reason,
+                rule=decision.rule,
+                host=destination.host,
+                address=str(exc.address) if exc.address else None,
+                **base,
+            )
+            await ws.close(CloseCode.NOT_AUTHORIZED, "not authorized")
+            return None
+        except DialFailed as exc:
             self.audit.record(
                 "decision",
                 decision="allow",
-                reason=reason,
+                reason=exc.reason,
                 rule=decision.rule,
-                address=destination.host,
+                host=destination.host,
+                address=str(exc.address) if exc.address else None,
                 result="backend_unreachable",
                 **base,
             )
@@ -272,7 +293,7 @@ class Relay:
             tunnel,
             stream,
             destination.resource,
-            destination.host,
+            str(dialed),
             destination.port,
             source_ip,
         )
@@ -282,7 +303,8 @@ class Relay:
             decision="allow",
             reason=decision.reason,
             rule=decision.rule,
-            address=destination.host,
+            host=destination.host,
+            address=str(dialed),
             tunnel_id=sid,
             **base,
         )

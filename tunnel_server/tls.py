@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from .config import TlsConfig
+from .device import require_device_certificates
 
 
 def write_self_signed(cert_file: Path, key_file: Path, *, days: int = 30) -> None:
@@ -61,5 +62,7 @@ def server_context(config: TlsConfig) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(config.cert_file, config.key_file)
+    if config.device_ca is not None:
+        require_device_certificates(context, config.device_ca, require=config.require_device_cert)
     context.set_alpn_protocols(["http/1.1"])
     return context

@@ -419,3 +419,34 @@ def test_relay_and_client_on_uvloop(tmp_path: Path) -> None:
                 await echo.stop()
 
     assert uvloop.run(scenario()) == b"on uvloop"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.1", "2130706433", "::ffff:127.0.0.1"])
+async def test_group_that_does_not_name_loopback_cannot_reach_it(
+    issuer: TestIssuer, echo: TcpTarget, tmp_path: Path, host: str
+) -> None:
+    """SSRF: a destination group of 0.0.0.0/0 does not name loopback, so every spelling of a
+    loopback address is refused (4033) and the target sees no connection."""
+    data = relay_config_data(issuer, tmp_path)
+    data["inventory"]["destination_groups"] = [
+        {"project": "p", "region": "r", "network": "n", "name": "any",
+         "cidrs": ["0.0.0.0/0", "::/0"]},
+    ]  # fmt: skip
+    data["access"].append(
+        {"members": ["user:alice@example.com"], "destination_groups": ["p/r/n/any"],
+         "ports": ["1-65535"]}
+    )  # fmt: skip
+    async with start_relay(data) as relay:
+        audit = capture_audit(relay)
+        query = f"/v4/connect?project=p&region=r&network=n&host={host}&port={echo.port}"
+        assert await _close_code(relay, tmp_path, issuer.mint(), query) == 4033
+    assert echo.connections == 0
+    assert "loopback" in audit[-1]["reason"]
+
+
+async def test_relay_never_tunnels_to_its_own_listener(
+    relay: RunningServer, issuer: TestIssuer, tmp_path: Path
+) -> None:
+    """vm1 is 127.0.0.1 (named explicitly), but the relay's own port stays off limits."""
+    query = f"/v4/connect?project=p&zone=z&instance=vm1&interface=nic0&port={relay.port}"
+    assert await _close_code(relay, tmp_path, issuer.mint(), query) == 4033
