@@ -206,14 +206,19 @@ async def start_idp(stack: AsyncExitStack, state: Path) -> tuple[Service, str]:
         raise DemoError("deploy/dev-idp/node_modules is missing: run make system-deps")
     argv = [tool("node"), str(IDP_SERVER), "--host", "127.0.0.1", "--port", "0"]
     argv.append("--exit-on-stdin-close")  # it stops even if we die without cleaning up
-    service = await spawn(stack, "identity provider", argv, state / "idp.log", pipes=True)
-    assert service.process.stdout is not None
-    try:
-        async with asyncio.timeout(START_TIMEOUT):
-            line = await service.process.stdout.readline()
-        return service, str(json.loads(line)["issuer"])
-    except (TimeoutError, ValueError, KeyError, TypeError):
-        raise DemoError(f"the identity provider did not start:\n{service.tail()}") from None
+    for attempt in (1, 2):  # rarely a start prints nothing in time on a loaded machine
+        service = await spawn(stack, "identity provider", argv, state / "idp.log", pipes=True)
+        assert service.process.stdout is not None
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                line = await service.process.stdout.readline()
+            return service, str(json.loads(line)["issuer"])
+        except (TimeoutError, ValueError, KeyError, TypeError):
+            await stop(service)
+            if attempt == 2:
+                tail = service.tail()
+                raise DemoError(f"the identity provider did not start:\n{tail}") from None
+    raise AssertionError("unreachable")
 
 
 async def ssh_banner(port: int) -> bool:
