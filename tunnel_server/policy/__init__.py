@@ -1,0 +1,62 @@
+"""Authorization as a pure function: ``evaluate(AccessRequest, Policy, now) -> Decision``.
+
+IAM-style bindings (members -> role on resources and ports) with CEL conditions and access
+levels, deny rules that win, fail-closed errors; ``explain`` and ``next_change`` for the
+troubleshooter and continuous authorization. Language reference: ``docs/policy.md``.
+
+Errors::
+
+    ConfigError (tunnel_server.config)   policy file unreadable or invalid: file, key, reason
+    ValueError                           a Policy built in code names unknown or cyclic levels
+    CelError(ValueError)                 compile_condition: expression invalid (load time only)
+
+``evaluate`` never raises: evaluation errors deny with a reason.
+"""
+
+from ._cel import VARIABLES, CelError, Condition, compile_condition
+from ._engine import NO_GRANT, evaluate, next_change
+from ._explain import Check, Explanation, LevelState, explain
+from ._levels import AccessLevel, DevicePolicy, LevelCondition
+from ._model import Binding, Policy, ResourceSelector, labels_from_inventory
+from ._schema import load_policy, parse_policy
+from ._timewindow import TimeWindow
+from ._types import (
+    ADMIN,
+    ALL_AUTHENTICATED,
+    ROLES,
+    TUNNEL_USER,
+    WEB_USER,
+    AccessRequest,
+    Decision,
+)
+
+__all__ = [
+    "ADMIN",
+    "ALL_AUTHENTICATED",
+    "NO_GRANT",
+    "ROLES",
+    "TUNNEL_USER",
+    "VARIABLES",
+    "WEB_USER",
+    "AccessLevel",
+    "AccessRequest",
+    "Binding",
+    "CelError",
+    "Check",
+    "Condition",
+    "Decision",
+    "DevicePolicy",
+    "Explanation",
+    "LevelCondition",
+    "LevelState",
+    "Policy",
+    "ResourceSelector",
+    "TimeWindow",
+    "compile_condition",
+    "evaluate",
+    "explain",
+    "labels_from_inventory",
+    "load_policy",
+    "next_change",
+    "parse_policy",
+]
