@@ -10,7 +10,7 @@ import secrets
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http import HTTPStatus
 from urllib.parse import urlsplit
 
@@ -25,6 +25,7 @@ from tunnel_protocol.urls import (
     CONNECT_PATH,
     RECONNECT_PATH,
     ConnectRequest,
+    HostTarget,
     ReconnectRequest,
     UrlError,
     parse_request_path,
@@ -32,21 +33,26 @@ from tunnel_protocol.urls import (
 
 from .audit import AuditLog
 from .config import LoginConfig, TunnelSettings
-from .destinations import DestinationDenied, DestinationPolicy, DialFailed, resolve_and_dial, within
+from .control import ContinuousAuthorization, access_request
+from .destinations import (
+    DestinationDenied,
+    DestinationPolicy,
+    DialFailed,
+    IPAddress,
+    resolve_and_dial,
+    within,
+)
+from .device import Device, peer_device
 from .identity import Authenticator, AuthError, Identity, IssuerUnavailable
 from .inventory import Inventory, LookupFailed
-from .policy import AccessRequest, Decision, Policy, evaluate
-from .session import Session, wait_event
+from .policy import Policy, evaluate
+from .session import Session
 
 log = logging.getLogger("tunnel.relay")
 
 # websockets refuses header lines over 8 KiB (431) before we see them; same bound here.
 MAX_AUTHORIZATION = 8 * 1024
 WELL_KNOWN_LOGIN = "/.well-known/tunnel-client"
-# Native tunnels are asked for a fresh token this long before theirs expires (or halfway
-# through a shorter remaining lifetime); clients refresh when less than 60 s remain, so the
-# token they send is new.
-REAUTH_ADVANCE = 30.0
 # Closes we send that expect the client to come back on /v4/reconnect: the tunnel is parked.
 _PARK_AFTER = frozenset({CloseCode.SID_IN_USE, CloseCode.REAUTHENTICATION_REQUIRED})
 
@@ -55,6 +61,7 @@ _PARK_AFTER = frozenset({CloseCode.SID_IN_USE, CloseCode.REAUTHENTICATION_REQUIR
 class _Handshake:
     identity: Identity
     request: ConnectRequest | ReconnectRequest
+    device: Device | None
 
 
 def _respond(
@@ -70,7 +77,7 @@ def _respond(
     return response
 
 
-class Relay:
+class Relay(ContinuousAuthorization):
     def __init__(
         self,
         *,
@@ -97,6 +104,7 @@ class Relay:
         )
         self.draining = False
         self._changed = asyncio.Event()
+        self._policy_changed = asyncio.Event()
 
     def _notify(self) -> None:
         """Wake everything waiting in ``wait_until`` (session attached, parked or ended)."""
@@ -165,7 +173,8 @@ class Relay:
             return _respond(
                 connection, HTTPStatus.SERVICE_UNAVAILABLE, "draining\n", {"Retry-After": "1"}
             )
-        self._handshakes[connection] = _Handshake(identity, parsed)
+        device = peer_device(connection.transport.get_extra_info("ssl_object"))
+        self._handshakes[connection] = _Handshake(identity, parsed, device)
         return None
 
     async def _authenticate(self, headers: Headers) -> Identity:
@@ -211,29 +220,30 @@ class Relay:
             await ws.close(CloseCode.UNKNOWN_ERROR, "bad handshake")
             return
         if isinstance(handshake.request, ConnectRequest):
-            session = await self._connect(ws, handshake.identity, handshake.request, dialect.name)
+            session = await self._connect(ws, handshake, handshake.request, dialect.name)
         else:
             session = await self._reconnect(ws, handshake.identity, handshake.request)
         if session is not None:
             await self._attach(ws, session)
 
     async def _connect(
-        self, ws: ServerConnection, identity: Identity, request: ConnectRequest, dialect: str
+        self, ws: ServerConnection, handshake: _Handshake, request: ConnectRequest, dialect: str
     ) -> Session | None:
+        identity, device = handshake.identity, handshake.device
         target = request.target
         source_ip = _peer_ip(ws)
         resource = self.inventory.resource_for(target)
-        decision = evaluate(
-            AccessRequest(identity.members, resource, target.port, source_ip),
-            self.policy,
-            time.time(),
-        )
+        host = target.host if isinstance(target, HostTarget) else None
+        access = access_request(identity, resource, target.port, source_ip, device, host)
+        decision = evaluate(access, self.policy, time.time())
         base = {
             "principal": identity.principal,
             "source_ip": source_ip,
             "resource": resource,
             "port": target.port,
             "dialect": dialect,
+            "device": device.id if device is not None else None,
+            "binding": decision.binding,
         }
         if not decision.allowed:
             self.audit.record("decision", decision="deny", reason=decision.reason, **base)
@@ -247,7 +257,13 @@ class Relay:
             )
             await ws.close(CloseCode.LOOKUP_FAILED, "lookup failed")
             return None
-        allowed = (lambda ip: True) if destination.any_address else within(destination.networks)
+        named = (lambda ip: True) if destination.any_address else within(destination.networks)
+
+        def allowed(ip: IPAddress) -> bool:
+            # destination.ip conditions judge the address that will actually be dialed.
+            checked = replace(access, destination_ip=str(ip))
+            return named(ip) and evaluate(checked, self.policy, time.time()).allowed
+
         try:
             # Resolve once, check every answer, connect to exactly the address checked.
             stream, dialed = await resolve_and_dial(
@@ -296,6 +312,8 @@ class Relay:
             str(dialed),
             destination.port,
             source_ip,
+            device=device,
+            host=host,
         )
         self.sessions[sid] = session
         self.audit.record(
@@ -309,11 +327,6 @@ class Relay:
             **base,
         )
         return session
-
-    def _decide(self, identity: Identity, session: Session) -> Decision:
-        """Re-decide an existing tunnel for a (renewed) identity."""
-        request = AccessRequest(identity.members, session.resource, session.port, session.source_ip)
-        return evaluate(request, self.policy, time.time())
 
     async def _reconnect(
         self, ws: ServerConnection, identity: Identity, request: ReconnectRequest
@@ -395,9 +408,13 @@ class Relay:
         self._notify()
         try:
             async with asyncio.TaskGroup() as tg:
-                watcher = tg.create_task(self._watch_expiry(session, pump))
+                watchers = (
+                    tg.create_task(self._watch_expiry(session, pump)),
+                    tg.create_task(self._watch_time(session)),
+                )
                 outcome = await pump.run()
-                watcher.cancel()
+                for watcher in watchers:
+                    watcher.cancel()
         except asyncio.CancelledError:
             # Shutdown cancelled the handler: the target connection must not outlive it.
             self._end(session, CloseCode.GOING_AWAY, "relay shutting down")
@@ -410,78 +427,6 @@ class Relay:
             self._park(session)
         else:
             self._finish(session, outcome)
-
-    async def _watch_expiry(self, session: Session, pump: Pump) -> None:
-        """Keep the tunnel's credential current: ask native clients for a fresh token before it
-        expires (REAUTH_REQUIRED), and close with 4004 when it does expire. The tunnel is parked,
-        so the client (gcloud included) reconnects with a fresh token and loses no byte."""
-        native = session.tunnel.dialect.native
-        while True:
-            expires = session.identity.expires_at
-            renewed = session.renewed
-            if native:
-                remaining = expires - time.time()
-                ask_at = expires - min(REAUTH_ADVANCE, max(0.0, remaining / 2))
-                if await wait_event(renewed, ask_at - time.time()):
-                    continue
-                session.tunnel.send_reauth_required(int(expires))
-                await pump.flush()
-            # Closing before the leeway ends would loop: the same token is still accepted.
-            deadline = max(expires, session.identity.valid_until)
-            if await wait_event(renewed, deadline - time.time()):
-                continue
-            self.audit.record(
-                "reauth",
-                decision="deny",
-                reason="token expired",
-                principal=session.identity.principal,
-                tunnel_id=session.sid,
-            )
-            pump.close(CloseCode.REAUTHENTICATION_REQUIRED, "reauthentication required")
-            return
-
-    async def _reauth(self, session: Session, pump: Pump, token: str) -> None:
-        try:
-            identity = await self.verifier.verify(token)
-        except AuthError as exc:
-            self.audit.record(
-                "reauth",
-                decision="deny",
-                reason=exc.reason,
-                principal=session.identity.principal,
-                tunnel_id=session.sid,
-            )
-            pump.close(CloseCode.UNAUTHENTICATED, "re-authentication failed: log in again")
-            return
-        if identity.principal != session.identity.principal:
-            self.audit.record(
-                "reauth",
-                decision="deny",
-                reason="principal changed",
-                principal=session.identity.principal,
-                tunnel_id=session.sid,
-            )
-            pump.close(CloseCode.NOT_AUTHORIZED, "re-authentication as another principal")
-            return
-        decision = self._decide(identity, session)
-        if not decision.allowed:
-            self.audit.record(
-                "reauth",
-                decision="deny",
-                reason=decision.reason,
-                principal=identity.principal,
-                tunnel_id=session.sid,
-            )
-            pump.close(CloseCode.NOT_AUTHORIZED, "not authorized")
-            return
-        session.identity = identity
-        session.renewed.set()
-        session.renewed = asyncio.Event()
-        session.tunnel.send_reauth_ok(int(identity.expires_at))
-        self.audit.record(
-            "reauth", decision="allow", principal=identity.principal, tunnel_id=session.sid
-        )
-        self._notify()
 
     def _park(self, session: Session) -> None:
         if self.sessions.get(session.sid) is not session:
@@ -529,60 +474,6 @@ class Relay:
             close_reason=reason,
         )
         self._notify()
-
-    # -- continuous authorization ---------------------------------------------------------------
-
-    def set_policy(self, policy: Policy) -> int:
-        """Swap the policy atomically and re-decide every tunnel; returns how many were closed."""
-        self.policy = policy
-        return self.redecide_all("policy changed")
-
-    def redecide_all(self, why: str) -> int:
-        closed = 0
-        for session in list(self.sessions.values()):
-            decision = self._decide(session.identity, session)
-            if not decision.allowed:
-                self._revoke(session, f"{why}: {decision.reason}", by=None)
-                closed += 1
-        return closed
-
-    def revoke_session(self, sid: str, *, by: str | None) -> int:
-        session = self.sessions.get(sid)
-        if session is None:
-            return 0
-        self._revoke(session, "session revoked", by=by)
-        return 1
-
-    def revoke_user(self, principal: str, *, by: str | None) -> int:
-        """Close every tunnel of ``principal``; the caller also records the user revocation so
-        that tokens issued before now are refused."""
-        sessions = [s for s in self.sessions.values() if s.identity.principal == principal]
-        for session in sessions:
-            self._revoke(session, "user revoked", by=by)
-        return len(sessions)
-
-    def _revoke(self, session: Session, reason: str, *, by: str | None) -> None:
-        self.audit.record(
-            "revoke",
-            tunnel_id=session.sid,
-            principal=session.identity.principal,
-            reason=reason,
-            by=by,
-        )
-        if session.pump is not None:
-            # Native clients get the reason in a CLOSE frame; IAP clients see 4033.
-            session.pump.close(CloseCode.NOT_AUTHORIZED, f"access revoked: {reason}")
-        else:
-            self._end(session, CloseCode.NOT_AUTHORIZED, reason)
-
-    def require_reauth(self, sid: str) -> bool:
-        """Close a tunnel's WebSocket with 4004 and keep the tunnel for resume: gcloud then
-        reconnects with a fresh token and no byte is lost. False if the tunnel is not attached."""
-        session = self.sessions.get(sid)
-        if session is None or session.pump is None:
-            return False
-        session.pump.close(CloseCode.REAUTHENTICATION_REQUIRED, "reauthentication required")
-        return True
 
     def close_all(self, code: int, reason: str) -> None:
         """End every tunnel (shutdown): attached ones with a typed close, parked ones at once."""

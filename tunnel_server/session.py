@@ -10,6 +10,7 @@ from tunnel_protocol import Tunnel
 from tunnel_protocol.aio.pump import Pump
 from tunnel_protocol.aio.stream import TcpStream
 
+from .device import Device
 from .identity import Identity
 
 
@@ -31,6 +32,8 @@ class Session:
     renewed: asyncio.Event = field(default_factory=asyncio.Event)  # replaced on each renewal
     expiry: asyncio.TimerHandle | None = None
     resumes: int = 0
+    device: Device | None = None  # from the client certificate at connect (mTLS)
+    host: str | None = None  # destination host as requested (destination-group form)
 
 
 async def wait_event(event: asyncio.Event, delay: float) -> bool:
