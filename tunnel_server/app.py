@@ -11,7 +11,8 @@ import signal
 import socket
 import ssl
 import sys
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +27,9 @@ from .admin import serving as admin_serving
 from .audit import AuditLog
 from .config import ConfigError, ServerConfig, load_config
 from .destinations import DestinationPolicy
-from .identity import DEFAULT_ALGORITHMS, Authenticator, Introspector, OidcVerifier
+from .identity import DEFAULT_ALGORITHMS, Authenticator, Identity, Introspector, OidcVerifier
 from .inventory import Inventory
-from .policy import Policy
+from .policy import ADMIN, AccessRequest, Policy, evaluate, load_policy
 from .relay import Relay
 from .tls import server_context
 
@@ -46,6 +47,7 @@ class RunningServer:
     secure: bool
     revocations: Revocations
     admin_port: int | None = None
+    policy_file: Path | None = None
 
     @property
     def port(self) -> int:
@@ -86,7 +88,13 @@ def build_authenticator(config: ServerConfig) -> Authenticator:
 
 
 def build_policy(config: ServerConfig) -> Policy:
-    return Policy(tuple(config.access))
+    """The inline allow-list, merged into the policy file when there is one. Raises
+    ConfigError (precise file, key and reason) for an invalid policy file."""
+    if config.policy_file is None:
+        return Policy.from_allow_rules(config.access, inventory=config.inventory)
+    return load_policy(
+        config.policy_file, inventory=config.inventory, allow_rules=tuple(config.access)
+    )
 
 
 def build_relay(
@@ -120,16 +128,11 @@ async def running(config: ServerConfig, *, node: str | None = None) -> AsyncIter
             for sock in server.sockets:
                 relay.destinations.add_own_endpoint(*sock.getsockname()[:2])
             running_server = RunningServer(
-                relay, server, verifier, ssl_context is not None, revocations
-            )
+                relay, server, verifier, ssl_context is not None, revocations,
+                policy_file=config.policy_file,
+            )  # fmt: skip
             if config.admin is not None:
-                members = frozenset(config.admin.members)
-                app = admin_app(
-                    relay,
-                    verifier,
-                    lambda identity: not identity.members.isdisjoint(members),
-                    revocations,
-                )
+                app = admin_app(relay, verifier, _admin_check(config, relay), revocations)
                 running_server.admin_port = await stack.enter_async_context(
                     admin_serving(app, config.admin.listen.host, config.admin.listen.port)
                 )
@@ -143,6 +146,23 @@ async def running(config: ServerConfig, *, node: str | None = None) -> AsyncIter
         relay.close_all(CloseCode.GOING_AWAY, "relay shutting down")
     finally:
         await verifier.aclose()
+
+
+def _admin_check(config: ServerConfig, relay: Relay) -> Callable[[Identity], bool]:
+    """Admins: the config's admin members, or whom the policy grants the admin role on this
+    relay (resource ``relay:NODE``)."""
+    members = frozenset(config.admin.members if config.admin else ())
+    resource = f"relay:{relay.audit.node}"
+
+    def is_admin(identity: Identity) -> bool:
+        if not identity.members.isdisjoint(members):
+            return True
+        request = AccessRequest(
+            identity.members, resource, 0, principal=identity.principal, role=ADMIN
+        )
+        return evaluate(request, relay.policy, time.time()).allowed
+
+    return is_admin
 
 
 def _serve_relay(config: ServerConfig, relay: Relay, ssl_context: ssl.SSLContext | None) -> Server:
@@ -219,19 +239,27 @@ class Reloader:
         self.interval = interval
         self._mtime = self._stat()
 
-    def _stat(self) -> float | None:
-        try:
-            return self.path.stat().st_mtime
-        except OSError:
-            return None
+    def _stat(self) -> tuple[float, ...]:
+        """Modification times of the config file and of the policy file it names."""
+        paths = [self.path]
+        if self.server.policy_file is not None:
+            paths.append(self.server.policy_file)
+        times = []
+        for path in paths:
+            try:
+                times.append(path.stat().st_mtime)
+            except OSError:
+                times.append(-1.0)
+        return tuple(times)
 
     def reload(self, why: str) -> bool:
         try:
             config = load_config(self.path)
+            policy = build_policy(config)
         except ConfigError as exc:
             log.error("configuration not reloaded (%s), the previous policy stays: %s", why, exc)
             return False
-        closed = self.server.relay.set_policy(build_policy(config))
+        closed = self.server.relay.set_policy(policy)
         log.info("policy reloaded (%s); %d tunnel(s) closed", why, closed)
         return True
 
@@ -239,7 +267,7 @@ class Reloader:
         while True:
             await asyncio.sleep(self.interval)
             mtime = self._stat()
-            if mtime is not None and mtime != self._mtime:
+            if mtime != self._mtime:
                 self._mtime = mtime
                 self.reload("file changed")
 

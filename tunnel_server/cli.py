@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
 import json
+import ssl
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -13,8 +16,10 @@ import click
 
 from tunnel_protocol.aio.runtime import run
 
-from .app import serve_forever, setup_logging
-from .config import ConfigError, load_config
+from .app import build_policy, serve_forever, setup_logging
+from .config import ConfigError, ServerConfig, load_config
+from .device import device_attributes, device_from_certificate
+from .policy import TUNNEL_USER, AccessRequest, explain
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -134,3 +139,74 @@ def sessions_revoke(
     body = {"user": user} if user is not None else {"session": str(session_id)}
     data = _admin_call(admin_url, token_file, "POST", "/admin/revoke", body)
     click.echo(f"Closed {data.get('closed', 0)} tunnel(s).", err=True)
+
+
+@main.group()
+def policy() -> None:
+    """Inspect the access policy."""
+
+
+@policy.command("explain")
+@click.option("--config", "config_path", required=True, type=click.Path(path_type=Path))
+@click.option("--member", "members", multiple=True, required=True,
+              help="user:EMAIL, group:NAME, ... (repeat for each of the caller's members).")  # fmt: skip
+@click.option("--instance", help="project/zone/name, or a name unique in the inventory.")
+@click.option("--group", "dest_group", help="Destination group project/region/network/name.")
+@click.option("--host", help="Destination host (with --group).")
+@click.option("--port", type=click.IntRange(1, 65535), required=True)
+@click.option("--source-ip", help="Caller's address, for IP access levels and conditions.")
+@click.option("--device-cert", type=click.Path(path_type=Path, exists=True),
+              help="The caller's device certificate (PEM), for device conditions.")  # fmt: skip
+@click.option("--time", "at", help="ISO 8601 time to decide at (default: now).")
+@click.option("--json", "as_json", is_flag=True)
+def policy_explain(
+    config_path: Path,
+    members: tuple[str, ...],
+    instance: str | None,
+    dest_group: str | None,
+    host: str | None,
+    port: int,
+    source_ip: str | None,
+    device_cert: Path | None,
+    at: str | None,
+    as_json: bool,
+) -> None:
+    """Print the decision, the binding or level that decided it, and why every other
+    candidate did not apply (the troubleshooter)."""
+    try:
+        config = load_config(config_path)
+        policy_ = build_policy(config)
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    resource = _explain_resource(config, instance, dest_group)
+    device = None
+    if device_cert is not None:
+        der = ssl.PEM_cert_to_DER_cert(device_cert.read_text(encoding="ascii"))
+        device = device_attributes(device_from_certificate(der))
+    now = datetime.datetime.fromisoformat(at).timestamp() if at else time.time()
+    principal = next((m for m in members if m.startswith(("user:", "serviceAccount:"))), None)
+    request = AccessRequest(
+        frozenset(members), resource, port, source_ip, principal=principal, role=TUNNEL_USER,
+        destination_host=host, destination_ip=host, device=device or {},
+    )  # fmt: skip
+    result = explain(request, policy_, now)
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2, default=str))
+    else:
+        click.echo("\n".join(result.lines()))
+    sys.exit(0 if result.decision.allowed else 1)
+
+
+def _explain_resource(config: ServerConfig, instance: str | None, group: str | None) -> str:
+    if (instance is None) == (group is None):
+        raise click.UsageError("give exactly one of --instance or --group")
+    if group is not None:
+        return f"group:{group}"
+    assert instance is not None
+    if instance.count("/") == 2:
+        return f"instance:{instance}"
+    keys = [i.key for i in config.inventory.instances if i.name == instance]
+    if len(keys) != 1:
+        raise click.UsageError(f"instance {instance!r} is {'ambiguous' if keys else 'unknown'}")
+    return f"instance:{keys[0]}"

@@ -239,6 +239,9 @@ class ServerConfig(_Model):
     access: list[AllowRule] = Field(default_factory=list)
     tunnel: TunnelSettings = Field(default_factory=TunnelSettings)
     admin: AdminConfig | None = None
+    # IAM-style policy file (bindings, deny, access levels, CEL conditions): docs/policy.md.
+    # The inline `access` allow-list still applies and is merged into it.
+    policy_file: Path | None = None
     log_format: Literal["json", "text"] = "json"
 
     @model_validator(mode="before")
@@ -294,6 +297,8 @@ def parse_config(
     except ValidationError as exc:
         lines = [f"{source}: {_format_loc(err['loc'])}: {err['msg']}" for err in exc.errors()]
         raise ConfigError("\n".join(lines)) from None
+    if config.policy_file is not None and base_dir is not None:
+        config = config.model_copy(update={"policy_file": base_dir / config.policy_file})
     if config.tls is not None and base_dir is not None:
         tls = config.tls.model_copy(
             update={
