@@ -149,7 +149,7 @@ def policy() -> None:
 @policy.command("explain")
 @click.option("--config", "config_path", required=True, type=click.Path(path_type=Path))
 @click.option("--member", "members", multiple=True, required=True,
-              help="user:EMAIL, group:NAME, ... (repeat for each of the caller's members).")  # fmt: skip
+              help="user:EMAIL, group:NAME, ... (repeat: one per member).")  # fmt: skip
 @click.option("--instance", help="project/zone/name, or a name unique in the inventory.")
 @click.option("--group", "dest_group", help="Destination group project/region/network/name.")
 @click.option("--host", help="Destination host (with --group).")
