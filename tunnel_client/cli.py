@@ -75,6 +75,18 @@ def tunnel_options(func: F) -> F:
             help="CA bundle to verify the relay's certificate (env TUNNEL_CA_FILE).",
         ),
         click.option(
+            "--device-cert",
+            envvar="TUNNEL_DEVICE_CERT",
+            type=click.Path(path_type=Path),
+            help="Device certificate for relays that check devices (env TUNNEL_DEVICE_CERT).",
+        ),
+        click.option(
+            "--device-key",
+            envvar="TUNNEL_DEVICE_KEY",
+            type=click.Path(path_type=Path),
+            help="Key of --device-cert (default: in the same file).",
+        ),
+        click.option(
             "--insecure-skip-verify",
             is_flag=True,
             help="Do not verify the relay's TLS certificate (development only).",
@@ -86,8 +98,18 @@ def tunnel_options(func: F) -> F:
     return func
 
 
-def _ssl_context(ca_file: Path | None, insecure: bool) -> ssl.SSLContext:
+def _ssl_context(
+    ca_file: Path | None,
+    insecure: bool,
+    device_cert: Path | None = None,
+    device_key: Path | None = None,
+) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    if device_cert is not None:
+        try:
+            context.load_cert_chain(device_cert, device_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise click.UsageError(f"cannot load the device certificate: {exc}") from None
     if insecure:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
@@ -148,7 +170,9 @@ def _options(instance: str, port: int, kw: dict[str, Any]) -> ConnectOptions:
         server=server,
         target=_target(instance, port, kw),
         token=token,
-        ssl_context=_ssl_context(kw["ca_file"], kw["insecure_skip_verify"]),
+        ssl_context=_ssl_context(
+            kw["ca_file"], kw["insecure_skip_verify"], kw["device_cert"], kw["device_key"]
+        ),
     )
 
 
@@ -167,6 +191,8 @@ def _launcher_args(kw: dict[str, Any]) -> launchers.TunnelArgs:
         access_token_file=s(kw["access_token_file"]),
         insecure_skip_verify=kw["insecure_skip_verify"],
         ca_file=s(kw["ca_file"]),
+        device_cert=s(kw["device_cert"]),
+        device_key=s(kw["device_key"]),
     )
 
 

@@ -46,9 +46,13 @@ _VALUE_OPTIONS: tuple[tuple[str, str], ...] = (
     ("access_token_file", "--access-token-file"),
     ("credential_file", "--credential-file"),
     ("ca_file", "--ca-file"),
+    ("device_cert", "--device-cert"),
+    ("device_key", "--device-key"),
 )
 _NAME_FIELDS = frozenset({"project", "zone", "region", "network", "dest_group"})
-_PATH_FIELDS = frozenset({"access_token_file", "credential_file", "ca_file"})
+_PATH_FIELDS = frozenset(
+    {"access_token_file", "credential_file", "ca_file", "device_cert", "device_key"}
+)
 
 # Tokens made only of these characters mean the same thing unquoted to sh/bash/dash/zsh/fish/csh
 # and to the Windows argv parser. Everything else is double-quoted.
@@ -97,6 +101,8 @@ class TunnelArgs:
     insecure_skip_verify: bool = False
     credential_file: str | None = None
     ca_file: str | None = None
+    device_cert: str | None = None
+    device_key: str | None = None
 
 
 def client_argv() -> list[str]:

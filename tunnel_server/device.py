@@ -151,14 +151,14 @@ def device_from_certificate(der: bytes) -> Device:
 
 
 def device_attributes(device: Device) -> dict[str, str | bool]:
-    """Flat ``device.*`` attributes for policy conditions (no owner: "")."""
+    """The ``device`` map of policy requests (CEL ``device.managed`` etc.; no owner: "")."""
     return {
-        "device.id": device.id,
-        "device.owner": device.owner or "",
-        "device.os": device.os,
-        "device.managed": device.managed,
-        "device.encrypted": device.encrypted,
-        "device.serial": device.serial,
+        "id": device.id,
+        "owner": device.owner or "",
+        "os": device.os,
+        "managed": device.managed,
+        "encrypted": device.encrypted,
+        "serial": device.serial,
     }
 
 

@@ -387,15 +387,15 @@ def test_not_a_certificate() -> None:
 def test_device_attributes(pki: Pki) -> None:
     device = device_from_certificate(issue(pki.device_ca, pki.directory).der)
     assert device_attributes(device) == {
-        "device.id": "laptop-7f3a",
-        "device.owner": "alice@example.com",
-        "device.os": "linux",
-        "device.managed": True,
-        "device.encrypted": True,
-        "device.serial": device.serial,
+        "id": "laptop-7f3a",
+        "owner": "alice@example.com",
+        "os": "linux",
+        "managed": True,
+        "encrypted": True,
+        "serial": device.serial,
     }
     bare = device_from_certificate(issue(pki.device_ca, pki.directory, emails=()).der)
-    assert device_attributes(bare)["device.owner"] == ""
+    assert device_attributes(bare)["owner"] == ""
 
 
 def test_peer_device_never_trusts_an_unverified_certificate(pki: Pki) -> None:
