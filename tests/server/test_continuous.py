@@ -88,7 +88,11 @@ async def iap_tunnel(
 
 
 async def test_policy_change_closes_only_affected_tunnels(
-    relay: RunningServer, issuer: TestIssuer, echo: TcpTarget, tmp_path: Path
+    relay: RunningServer,
+    issuer: TestIssuer,
+    echo: TcpTarget,
+    tmp_path: Path,
+    record_property: Any,
 ) -> None:
     audit = capture_audit(relay)
     alice = await OpenTunnel(relay, tmp_path, issuer.mint(), echo.port).start(relay)
@@ -106,6 +110,7 @@ async def test_policy_change_closes_only_affected_tunnels(
         failure = await bob.ended
         await bob_iap.wait_closed()
     elapsed = time.monotonic() - started
+    record_property("close_seconds", round(elapsed, 4))
     assert isinstance(failure, TunnelFailed)
     assert failure.code == CloseCode.NOT_AUTHORIZED
     assert "access revoked" in str(failure)
