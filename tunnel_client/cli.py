@@ -18,7 +18,7 @@ import click
 from tunnel_protocol.aio.runtime import run
 from tunnel_protocol.urls import HostTarget, InstanceTarget, Target
 
-from . import cli_auth, launchers
+from . import cli_auth, http_proxy, launchers
 from .listener import LocalListener, PortUnavailable, run_stdio
 from .session import ConnectOptions, TunnelFailed, check_connection, get_token
 from .tokens import NoCredentials, token_provider
@@ -212,6 +212,7 @@ def main() -> None:
 
 
 cli_auth.register(main, lambda ca_file, insecure: _ssl_context(ca_file, insecure))
+http_proxy.register(main)
 
 
 @main.command("start-tunnel")

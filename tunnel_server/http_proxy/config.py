@@ -1,0 +1,108 @@
+"""HTTP mode configuration (``http:`` in the relay's YAML): routes, browser login, sessions."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator, model_validator
+
+from ..config import ListenConfig, TlsConfig, _Model
+
+_APP_NAME = r"^[a-z0-9][a-z0-9-]{0,62}$"
+_LABEL = r"[a-z0-9]([a-z0-9-]*[a-z0-9])?"
+_HOST = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
+
+
+class RouteConfig(_Model):
+    """One protected app: requests for ``host`` (and ``path_prefix``) go to ``upstream``. The
+    route is the policy resource ``app:NAME`` (role ``webUser``)."""
+
+    name: Annotated[str, Field(pattern=_APP_NAME)]
+    host: str
+    path_prefix: str = "/"
+    upstream: str = Field(pattern=r"^https?://\S+$")
+    # Bearer tokens (programmatic access) must carry one of these audiences; the signed
+    # assertion's aud is ``assertion_audience`` (default: "app:NAME").
+    audiences: list[str] = Field(default_factory=list)
+    assertion_audience: str | None = None
+    websockets: bool = True
+    # "insensitive": request.path is lower-cased for policy (for upstreams that ignore case).
+    path_case: Literal["sensitive", "insensitive"] = "sensitive"
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, host: str) -> str:
+        host = host.lower().rstrip(".")
+        if not _HOST.match(host):
+            raise ValueError(f"host {host!r} must be a DNS name (no port, no scheme)")
+        return host
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _prefix(cls, prefix: str) -> str:
+        if not prefix.startswith("/") or "//" in prefix or "/../" in prefix + "/":
+            raise ValueError("path_prefix must be an absolute, normalized path")
+        return prefix
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if not parts.hostname or parts.query or parts.fragment:
+            raise ValueError("upstream must be scheme://host[:port][/path]")
+        return url.rstrip("/")
+
+    @property
+    def audience(self) -> str:
+        return self.assertion_audience or f"app:{self.name}"
+
+
+class WebLoginConfig(_Model):
+    """The confidential OIDC client used for browser sign-in (authorization code + PKCE)."""
+
+    issuer: str = Field(pattern=r"^https?://\S+$")
+    client_id: str = Field(min_length=1)
+    client_secret: str = Field(min_length=1)
+    scopes: list[str] = Field(default_factory=lambda: ["openid", "email", "profile", "groups"])
+
+
+class SessionConfig(_Model):
+    max_age: float = Field(default=8 * 3600, gt=0, allow_inf_nan=False)
+    # Seconds since the user last authenticated at the IdP after which a new login is required
+    # (prompt=login); None = max_age alone.
+    reauth_max_age: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    login_timeout: float = Field(default=600, gt=0, le=3600)
+
+
+class HttpModeConfig(_Model):
+    listen: ListenConfig = Field(default_factory=lambda: ListenConfig(port=8445))
+    tls: TlsConfig | None = None
+    # The scheme browsers use to reach the apps (a TLS-terminating proxy in front: "https").
+    external_scheme: Literal["https", "http"] = "https"
+    # iss of the signed assertion: the URL upstreams fetch /.well-known/tunnel/jwks.json from.
+    issuer_url: str = Field(pattern=r"^https?://\S+$")
+    routes: list[RouteConfig] = Field(min_length=1)
+    login: WebLoginConfig | None = None
+    session: SessionConfig = Field(default_factory=SessionConfig)
+    assertion_lifetime: float = Field(default=300, ge=10, le=600)
+    key_rotation: float = Field(default=24 * 3600, ge=60)
+    # X-Forwarded-For is trusted only from these peers (load balancers in front).
+    trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
+        default_factory=list
+    )
+    # Seconds between re-decisions of open WebSockets and streams (time windows, expiry).
+    recheck_interval: float = Field(default=30, gt=0, le=3600)
+    upstream_timeout: float = Field(default=30, gt=0)
+
+    @model_validator(mode="after")
+    def _unique(self) -> HttpModeConfig:
+        names = [r.name for r in self.routes]
+        if len(set(names)) != len(names):
+            raise ValueError("a route name is used twice")
+        keys = [(r.host, r.path_prefix) for r in self.routes]
+        if len(set(keys)) != len(keys):
+            raise ValueError("two routes have the same host and path_prefix")
+        return self
