@@ -29,6 +29,7 @@ from .config import ConfigError, ServerConfig, load_config
 from .destinations import DestinationPolicy
 from .identity import DEFAULT_ALGORITHMS, Authenticator, Identity, Introspector, OidcVerifier
 from .inventory import Inventory
+from .limits import guarded_connection
 from .policy import ADMIN, AccessRequest, Policy, evaluate, load_policy
 from .relay import Relay
 from .tls import server_context
@@ -58,6 +59,10 @@ class RunningServer:
     def url(self) -> str:
         scheme = "wss" if self.secure else "ws"
         return f"{scheme}://127.0.0.1:{self.port}"
+
+    async def drain(self, grace: float | None = None) -> int:
+        """Graceful drain (what SIGTERM does): see ``Relay.drain``."""
+        return await self.relay.drain(grace)
 
 
 def build_authenticator(config: ServerConfig) -> Authenticator:
@@ -172,6 +177,7 @@ def _serve_relay(config: ServerConfig, relay: Relay, ssl_context: ssl.SSLContext
         config.listen.port,
         ssl=ssl_context,
         process_request=relay.process_request,
+        create_connection=guarded_connection(relay.reply_backlog),  # ping floods
         subprotocols=[Subprotocol(NATIVE.subprotocol), Subprotocol(IAP.subprotocol)],
         compression=None,  # 35x slower with deflate, and it invites decompression bombs
         ping_interval=None,  # never ping on IAP (gcloud drops the tunnel); native pumps ping
@@ -273,12 +279,14 @@ class Reloader:
 
 
 async def serve_forever(config: ServerConfig, path: Path | None = None) -> None:
-    """Run until SIGINT/SIGTERM; SIGHUP (and file changes) reload the policy from ``path``."""
-    stop = asyncio.Event()
+    """Run until SIGTERM (graceful drain, ``tunnel.drain_grace``) or SIGINT (at once: tunnels
+    close with 1001); a second signal during a drain ends its grace. SIGHUP (and file changes)
+    reload the policy from ``path``."""
+    signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, signals.put_nowait, sig)
         except (NotImplementedError, RuntimeError):  # pragma: no cover - Windows
             pass
     async with running(config) as srv, asyncio.TaskGroup() as tasks:
@@ -296,7 +304,18 @@ async def serve_forever(config: ServerConfig, path: Path | None = None) -> None:
         print(f"Listening on {srv.url}", file=sys.stderr, flush=True)
         if srv.admin_port is not None:
             print(f"Admin listening on port {srv.admin_port}", file=sys.stderr, flush=True)
-        await stop.wait()
+        received = await signals.get()
+        if received == signal.SIGTERM:
+            srv.relay.draining = True  # /readyz answers 503 from this instant
+            print("SIGTERM: draining", file=sys.stderr, flush=True)
+            drain = tasks.create_task(srv.drain())
+            again = tasks.create_task(signals.get())
+            await asyncio.wait((drain, again), return_when=asyncio.FIRST_COMPLETED)
+            if not drain.done():
+                log.info("second signal: ending the grace period")
+                srv.relay.end_grace()
+                await drain
+            again.cancel()
         log.info("shutting down")
         if watcher is not None:
             watcher.cancel()

@@ -213,6 +213,20 @@ class TunnelSettings(_Model):
     handshake_timeout: float = Field(default=10.0, gt=0)
     keepalive_interval: float = Field(default=20.0, gt=0)
     keepalive_timeout: float = Field(default=20.0, gt=0)
+    # Seconds without DATA or EOF in either direction before a tunnel is closed with 4101;
+    # 0 = no idle timeout.
+    idle_timeout: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    # Seconds from connect after which a tunnel is closed with 4102, however active; 0 = none.
+    max_session_duration: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    # Seconds before either limit closes a tunnel that a limit_warning audit record is written
+    # (at most a tenth of the limit); 0 = no warning.
+    limit_warning: float = Field(default=60.0, ge=0, allow_inf_nan=False)
+    # Open tunnels (attached or parked) at which a connect is refused with 429 (the lower of
+    # the two applies to each principal).
+    max_tunnels_per_principal: int = Field(default=100, ge=1)
+    max_tunnels: int = Field(default=10000, ge=1)
+    # Seconds open tunnels keep running after SIGTERM before they are closed with 4100.
+    drain_grace: float = Field(default=30.0, ge=0, allow_inf_nan=False)
 
 
 class AdminConfig(_Model):

@@ -4,6 +4,7 @@ pump bytes, and park dropped tunnels for resume (bound to the same principal).""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -19,7 +20,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from tunnel_protocol import DIALECTS, CloseCode, Side, Tunnel, TunnelError
-from tunnel_protocol.aio.pump import End, Outcome, Pump
+from tunnel_protocol.aio.pump import CLOSE_TIMEOUT, End, Outcome, Pump
 from tunnel_protocol.tunnel import Event, ReauthReceived
 from tunnel_protocol.urls import (
     CONNECT_PATH,
@@ -45,6 +46,7 @@ from .destinations import (
 from .device import Device, peer_device
 from .identity import Authenticator, AuthError, Identity, IssuerUnavailable
 from .inventory import Inventory, LookupFailed
+from .limits import LimitsMixin, TunnelCaps
 from .policy import Policy, evaluate
 from .session import Session
 
@@ -55,6 +57,9 @@ MAX_AUTHORIZATION = 8 * 1024
 WELL_KNOWN_LOGIN = "/.well-known/tunnel-client"
 # Closes we send that expect the client to come back on /v4/reconnect: the tunnel is parked.
 _PARK_AFTER = frozenset({CloseCode.SID_IN_USE, CloseCode.REAUTHENTICATION_REQUIRED})
+# Seconds a client refused at a cap (429) is told to wait before trying again.
+CAP_RETRY_AFTER = 5
+DRAIN_REASON = "relay draining, reconnect"
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +82,7 @@ def _respond(
     return response
 
 
-class Relay(ContinuousAuthorization):
+class Relay(ContinuousAuthorization, LimitsMixin):
     def __init__(
         self,
         *,
@@ -103,6 +108,8 @@ class Relay(ContinuousAuthorization):
             weakref.WeakKeyDictionary()
         )
         self.draining = False
+        self._grace_over = False
+        self.caps = TunnelCaps(settings.max_tunnels_per_principal, settings.max_tunnels)
         self._changed = asyncio.Event()
         self._policy_changed = asyncio.Event()
 
@@ -169,10 +176,29 @@ class Relay(ContinuousAuthorization):
                 "authentication required: log in again\n",
                 {"WWW-Authenticate": challenge},
             )
-        if self.draining:
-            return _respond(
-                connection, HTTPStatus.SERVICE_UNAVAILABLE, "draining\n", {"Retry-After": "1"}
-            )
+        if isinstance(parsed, ConnectRequest):
+            # Reconnects are never refused here: they resume tunnels already counted, and they
+            # are how tunnels survive a drain's grace period.
+            if self.draining:
+                return _respond(
+                    connection, HTTPStatus.SERVICE_UNAVAILABLE, "draining\n", {"Retry-After": "1"}
+                )
+            refusal = self.caps.refusal(identity.principal)
+            if refusal is not None:
+                self.audit.record(
+                    "handshake",
+                    decision="deny",
+                    reason=refusal,
+                    principal=identity.principal,
+                    source_ip=source_ip,
+                    status=429,
+                )
+                return _respond(
+                    connection,
+                    HTTPStatus.TOO_MANY_REQUESTS,
+                    f"{refusal}: close a tunnel or retry later\n",
+                    {"Retry-After": str(CAP_RETRY_AFTER)},
+                )
         device = peer_device(connection.transport.get_extra_info("ssl_object"))
         self._handshakes[connection] = _Handshake(identity, parsed, device)
         return None
@@ -227,6 +253,29 @@ class Relay(ContinuousAuthorization):
             await self._attach(ws, session)
 
     async def _connect(
+        self, ws: ServerConnection, handshake: _Handshake, request: ConnectRequest, dialect: str
+    ) -> Session | None:
+        # The handshake checked the caps; concurrent connects may have filled them since.
+        # The reservation covers the dial too, so the caps are never exceeded.
+        principal = handshake.identity.principal
+        refusal = self.caps.acquire(principal)
+        if refusal is not None:
+            self.audit.record(
+                "decision", decision="deny", reason=refusal, principal=principal,
+                source_ip=_peer_ip(ws), dialect=dialect,
+            )  # fmt: skip
+            await ws.close(CloseCode.TOO_MANY_TUNNELS, "too many tunnels")
+            return None
+        session = None
+        try:
+            session = await self._open(ws, handshake, request, dialect)
+        finally:
+            if session is None:
+                self.caps.release(principal)
+                self._notify()
+        return session
+
+    async def _open(
         self, ws: ServerConnection, handshake: _Handshake, request: ConnectRequest, dialect: str
     ) -> Session | None:
         identity, device = handshake.identity, handshake.device
@@ -314,8 +363,10 @@ class Relay(ContinuousAuthorization):
             source_ip,
             device=device,
             host=host,
+            last_activity=asyncio.get_running_loop().time(),
         )
         self.sessions[sid] = session
+        self._start_limits(session)
         self.audit.record(
             "decision",
             decision="allow",
@@ -402,6 +453,7 @@ class Relay(ContinuousAuthorization):
             session.stream,
             on_control=on_control,
             keepalive=(settings.keepalive_interval, settings.keepalive_timeout),
+            last_activity=session.last_activity,
         )
         session.pump = pump
         session.detached.clear()
@@ -421,6 +473,7 @@ class Relay(ContinuousAuthorization):
             raise
         finally:
             session.pump = None
+            session.last_activity = pump.last_activity
             session.detached.set()
             self._notify()
         if outcome.end is End.LOST or (outcome.end is End.CLOSED and outcome.code in _PARK_AFTER):
@@ -430,6 +483,9 @@ class Relay(ContinuousAuthorization):
 
     def _park(self, session: Session) -> None:
         if self.sessions.get(session.sid) is not session:
+            return
+        if session.limits is not None and session.limits.expired is not None:
+            self._end(session, *session.limits.expired)  # a limit was reached as it dropped
             return
         loop = asyncio.get_running_loop()
         session.expiry = loop.call_later(
@@ -452,8 +508,11 @@ class Relay(ContinuousAuthorization):
     def _end(self, session: Session, code: int, reason: str, *, close_stream: bool = True) -> None:
         if self.sessions.pop(session.sid, None) is None:
             return
+        self.caps.release(session.identity.principal)
         if session.expiry is not None:
             session.expiry.cancel()
+        if session.limits is not None:
+            session.limits.cancel()
         if close_stream and code == CloseCode.NORMAL:
             session.stream.close()
         elif close_stream:
@@ -478,10 +537,51 @@ class Relay(ContinuousAuthorization):
     def close_all(self, code: int, reason: str) -> None:
         """End every tunnel (shutdown): attached ones with a typed close, parked ones at once."""
         for session in list(self.sessions.values()):
-            if session.pump is not None:
-                session.pump.close(code, reason)
-            else:
-                self._end(session, code, reason)
+            self._close_session(session, code, reason)
+
+    def _close_session(self, session: Session, code: int, reason: str) -> None:
+        """End a tunnel: an attached one with a typed close (its handler ends it), a parked one
+        at once."""
+        if session.pump is not None:
+            session.pump.close(code, reason)
+        else:
+            self._end(session, code, reason)
+
+    # -- drain ------------------------------------------------------------------------------------
+
+    def _drained(self) -> bool:
+        return self._grace_over or (not self.sessions and self.caps.open == 0)
+
+    async def drain(self, grace: float | None = None) -> int:
+        """Stop taking new tunnels (``/readyz`` and connects answer 503 from now on), let open
+        tunnels run, resumes included, for ``grace`` seconds (default ``tunnel.drain_grace``)
+        or until they are all done or ``end_grace`` is called; then close the attached ones
+        with 4100 and end the parked ones. Returns how many tunnels the drain closed."""
+        grace = self.settings.drain_grace if grace is None else grace
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        self.draining = True
+        self.audit.record("drain", phase="start", grace=grace, tunnels=len(self.sessions))
+        log.info("draining: %d tunnel(s) open, grace %g s", len(self.sessions), grace)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await self.wait_until(self._drained)
+        closed = len(self.sessions)
+        self.close_all(CloseCode.DRAINING, DRAIN_REASON)
+        # Each close (CLOSE frame and handshake) is bounded by the pump's CLOSE_TIMEOUT.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_TIMEOUT + 1):
+                await self.wait_until(lambda: not self.sessions)
+        self.audit.record(
+            "drain", phase="end", closed=closed, seconds=round(loop.time() - started, 3)
+        )
+        log.info("drained: %d tunnel(s) closed with 4100", closed)
+        return closed
+
+    def end_grace(self) -> None:
+        """Cut a running drain's grace period short (a second signal)."""
+        self._grace_over = True
+        self._notify()
 
 
 def _peer_ip(connection: ServerConnection) -> str | None:

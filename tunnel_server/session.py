@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tunnel_protocol import Tunnel
 from tunnel_protocol.aio.pump import Pump
@@ -12,6 +13,9 @@ from tunnel_protocol.aio.stream import TcpStream
 
 from .device import Device
 from .identity import Identity
+
+if TYPE_CHECKING:
+    from .limits import SessionLimits
 
 
 @dataclass
@@ -34,6 +38,10 @@ class Session:
     resumes: int = 0
     device: Device | None = None  # from the client certificate at connect (mTLS)
     host: str | None = None  # destination host as requested (destination-group form)
+    # Loop time of the last DATA or EOF either way, as of the last detach (the pump tracks it
+    # while attached); the idle timeout counts from it.
+    last_activity: float = 0.0
+    limits: SessionLimits | None = None  # idle timeout and maximum duration, when configured
 
 
 async def wait_event(event: asyncio.Event, delay: float) -> bool:

@@ -53,6 +53,15 @@ ControlHandler = Callable[[Event], Awaitable[None]]
 # Seconds to send a close (reason frame + close handshake) before the socket is dropped.
 CLOSE_TIMEOUT = 5.0
 
+# Codes websockets sends when it fails a connection for the peer's misbehaviour.
+_LIBRARY_FAILURES = frozenset(
+    {
+        CloseCode.PROTOCOL_ERROR,
+        1007,  # invalid frame payload data (not UTF-8)
+        CloseCode.MESSAGE_TOO_BIG,
+    }
+)
+
 # Local read/write failures map to IAP's destination codes on the relay side.
 READ_FAILED = CloseCode.DESTINATION_READ_FAILED
 WRITE_FAILED = CloseCode.DESTINATION_WRITE_FAILED
@@ -70,6 +79,7 @@ class Pump:
         on_control: ControlHandler | None = None,
         on_eof_from_stream: Callable[[], None] | None = None,
         keepalive: tuple[float, float] | None = None,
+        last_activity: float | None = None,
     ) -> None:
         self.tunnel = tunnel
         self.ws = ws
@@ -82,7 +92,11 @@ class Pump:
         self._timer_wake = asyncio.Event()
         self._close_request: asyncio.Future[tuple[int, str]] | None = None
         self.stream_eof = False
-        self.last_activity = asyncio.get_running_loop().time()
+        # Loop time of the last DATA or EOF in either direction (ACKs, pings and REAUTH are not
+        # activity). A tunnel that resumes passes its previous value on.
+        if last_activity is None:
+            last_activity = asyncio.get_running_loop().time()
+        self.last_activity = last_activity
 
     def close(self, code: int, reason: str) -> None:
         """End this attachment with a typed close (safe to call from any task, any time)."""
@@ -120,7 +134,11 @@ class Pump:
 
     @staticmethod
     def _closed_outcome(exc: ConnectionClosed) -> Outcome:
-        rcvd = exc.rcvd
+        rcvd, sent = exc.rcvd, exc.sent
+        if rcvd is None and sent is not None and sent.code in _LIBRARY_FAILURES:
+            # Our WebSocket library failed the connection because of what the peer sent (a
+            # message over max_size, too many fragments, a framing error): not resumable.
+            return Outcome(End.CLOSED, sent.code, sent.reason)
         if rcvd is None or rcvd.code in (1005, 1006):
             return Outcome(End.LOST)
         if rcvd.code == CloseCode.NORMAL:
@@ -182,13 +200,13 @@ class Pump:
                     )
                 )
             now = loop.time()
-            self.last_activity = now
             try:
                 tunnel.receive_message(message, now)
             except TunnelError as exc:
                 raise _Stop(Outcome(End.CLOSED, exc.code, str(exc))) from None
             for event in tunnel.events_received():
                 if isinstance(event, DataReceived):
+                    self.last_activity = now
                     try:
                         await stream.write(event.data)
                     except OSError as exc:
@@ -196,6 +214,7 @@ class Pump:
                 elif isinstance(event, Acked):
                     self._capacity.set()
                 elif isinstance(event, EofReceived):
+                    self.last_activity = now
                     try:
                         await stream.write_eof()
                     except OSError as exc:
