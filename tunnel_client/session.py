@@ -132,6 +132,9 @@ class TunnelSession:
             except (OSError, TimeoutError, InvalidHandshake) as exc:
                 error = exc
             if self.tunnel.sid is None or loop.time() >= deadline:
+                if isinstance(error, InvalidStatus):
+                    status = error.response.status_code
+                    raise TunnelFailed(_status_message(status), code=status) from None
                 raise TunnelFailed(f"Error while connecting [{error}].") from None
             delay = min(next(delays), max(0.0, deadline - loop.time()))
             log.info("relay unreachable (%s); retrying in %.2fs", error, delay)
