@@ -224,7 +224,7 @@ async def test_caps_answer_429_with_retry_after_and_spare_reconnects(
         peer.close()
         # (the client reports the status; it retries 429 only while resuming)
         assert info.value.code == 429
-        assert "429 Too Many Requests: try again later" in str(info.value)
+        assert "429 Too Many Requests]: try again later" in str(info.value)
         # bob may open one more: the relay is then full for everyone.
         bob = await raw_tunnel(
             relay, tmp_path, issuer.mint(sub="bob", email="bob@example.com"), echo.port
