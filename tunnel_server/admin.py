@@ -61,8 +61,15 @@ def session_view(relay: Relay) -> list[dict[str, Any]]:
 
 
 def admin_app(
-    relay: Relay, authenticator: Authenticator, is_admin: IsAdmin, revocations: Revocations
+    relay: Relay,
+    authenticator: Authenticator,
+    is_admin: IsAdmin,
+    revocations: Revocations,
+    *,
+    on_revoke_user: Callable[[str], int] | None = None,
 ) -> web.Application:
+    """``on_revoke_user``: also end the user's HTTP-mode sessions and WebSockets."""
+
     @web.middleware
     async def authenticate(
         request: web.Request, handler: Callable[[web.Request], Any]
@@ -102,6 +109,8 @@ def admin_app(
         if "user" in body:
             revocations.revoke_user(str(body["user"]))
             closed = relay.revoke_user(str(body["user"]), by=admin)
+            if on_revoke_user is not None:
+                closed += on_revoke_user(str(body["user"]))
         else:
             closed = relay.revoke_session(str(body["session"]), by=admin)
         return _json({"closed": closed})

@@ -27,6 +27,8 @@ from .admin import serving as admin_serving
 from .audit import AuditLog
 from .config import ConfigError, ServerConfig, load_config
 from .destinations import DestinationPolicy
+from .http_proxy import HttpProxy
+from .http_proxy import serving as http_serving
 from .identity import DEFAULT_ALGORITHMS, Authenticator, Identity, Introspector, OidcVerifier
 from .inventory import Inventory
 from .limits import guarded_connection
@@ -49,6 +51,8 @@ class RunningServer:
     revocations: Revocations
     admin_port: int | None = None
     policy_file: Path | None = None
+    http: HttpProxy | None = None
+    http_port: int | None = None
 
     @property
     def port(self) -> int:
@@ -136,8 +140,35 @@ async def running(config: ServerConfig, *, node: str | None = None) -> AsyncIter
                 relay, server, verifier, ssl_context is not None, revocations,
                 policy_file=config.policy_file,
             )  # fmt: skip
+            if config.http is not None:
+                http_proxy = HttpProxy(
+                    config.http,
+                    issuers=config.issuers,
+                    policy=lambda: relay.policy,
+                    audit=relay.audit,
+                    is_revoked=revocations.is_revoked,
+                )
+                http_ssl = server_context(config.http.tls) if config.http.tls else None
+                running_server.http = http_proxy
+                running_server.http_port = await stack.enter_async_context(
+                    http_serving(
+                        http_proxy,
+                        config.http.listen.host,
+                        config.http.listen.port,
+                        ssl_context=http_ssl,
+                    )
+                )
+                relay.destinations.add_own_endpoint(
+                    config.http.listen.host, running_server.http_port
+                )
             if config.admin is not None:
-                app = admin_app(relay, verifier, _admin_check(config, relay), revocations)
+                app = admin_app(
+                    relay,
+                    verifier,
+                    _admin_check(config, relay),
+                    revocations,
+                    on_revoke_user=running_server.http.revoke_user if running_server.http else None,
+                )
                 running_server.admin_port = await stack.enter_async_context(
                     admin_serving(app, config.admin.listen.host, config.admin.listen.port)
                 )
@@ -266,6 +297,8 @@ class Reloader:
             log.error("configuration not reloaded (%s), the previous policy stays: %s", why, exc)
             return False
         closed = self.server.relay.set_policy(policy)
+        if self.server.http is not None:
+            self.server.http.redecide_all()
         log.info("policy reloaded (%s); %d tunnel(s) closed", why, closed)
         return True
 
@@ -302,6 +335,8 @@ async def serve_forever(config: ServerConfig, path: Path | None = None) -> None:
                 loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
         log.info("listening on %s", srv.url)
         print(f"Listening on {srv.url}", file=sys.stderr, flush=True)
+        if srv.http_port is not None:
+            print(f"HTTP mode listening on port {srv.http_port}", file=sys.stderr, flush=True)
         if srv.admin_port is not None:
             print(f"Admin listening on port {srv.admin_port}", file=sys.stderr, flush=True)
         received = await signals.get()

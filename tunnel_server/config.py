@@ -257,6 +257,8 @@ class ServerConfig(_Model):
     # The inline `access` allow-list still applies and is merged into it.
     policy_file: Path | None = None
     log_format: Literal["json", "text"] = "json"
+    # HTTP mode (identity-aware reverse proxy for web apps): docs/http-mode.md.
+    http: HttpModeConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -286,6 +288,12 @@ class ServerConfig(_Model):
                 if key != "*" and key not in groups:
                     raise ValueError(f"access[{n}]: unknown destination group {key!r}")
         return self
+
+
+# After the models it builds on (ListenConfig, TlsConfig, _Model): it imports them from here.
+from .http_proxy.config import HttpModeConfig  # noqa: E402
+
+ServerConfig.model_rebuild()
 
 
 def _format_loc(loc: tuple[int | str, ...]) -> str:
