@@ -333,17 +333,21 @@ def parse_config(
     return config
 
 
-def load_config(path: Path) -> ServerConfig:
-    """Read and validate a YAML file; relative TLS paths are relative to the file."""
+def read_yaml(path: Path) -> Any:
+    """Parse a YAML file (safe loader); ConfigError names the file, line and column."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(f"{path}: {where}invalid YAML: {problem}") from None
-    return parse_config(data, source=str(path), base_dir=path.parent)
+
+
+def load_config(path: Path) -> ServerConfig:
+    """Read and validate a YAML file; relative paths are relative to the file."""
+    return parse_config(read_yaml(path), source=str(path), base_dir=path.parent)

@@ -9,10 +9,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..config import _MEMBER, AllowRule, ConfigError, InventoryConfig, PortRange, _format_loc
+from ..config import (
+    _MEMBER,
+    AllowRule,
+    ConfigError,
+    InventoryConfig,
+    PortRange,
+    _format_loc,
+    read_yaml,
+)
 from ..config import _parse_ports as parse_ports
 from ._cel import CelError, Condition, compile_condition
 from ._levels import AccessLevel, DevicePolicy, LevelCondition, check_graph
@@ -397,15 +404,4 @@ def load_policy(
     allow_rules: Sequence[AllowRule] = (),
 ) -> Policy:
     """Read a YAML policy file; see :func:`parse_policy`."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{path}: {where}invalid YAML: {problem}") from None
-    return parse_policy(data, str(path), inventory=inventory, allow_rules=allow_rules)
+    return parse_policy(read_yaml(path), str(path), inventory=inventory, allow_rules=allow_rules)
