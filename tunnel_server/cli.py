@@ -52,9 +52,9 @@ def serve(config_path: Path) -> None:
 @main.command("check-config")
 @click.argument("config_path", type=click.Path(path_type=Path))
 def check_config(config_path: Path) -> None:
-    """Validate a configuration file and exit (0 valid, 2 invalid)."""
+    """Validate a configuration file (and the policy file it names) and exit (0 valid, 2 invalid)."""
     try:
-        load_config(config_path)
+        build_policy(load_config(config_path))
     except ConfigError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

@@ -9,6 +9,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from tunnel_server.app import build_policy
 from tunnel_server.cli import main
 from tunnel_server.config import ConfigError, load_config, parse_config
 
@@ -161,3 +162,5 @@ def test_shipped_example_config_is_valid() -> None:
     config = load_config(example)
     assert config.access
     assert config.inventory.instances
+    policy = build_policy(config)  # the example policy file loads and compiles too
+    assert policy.source.endswith("policy.example.yaml")
