@@ -52,7 +52,7 @@ def serve(config_path: Path) -> None:
 @main.command("check-config")
 @click.argument("config_path", type=click.Path(path_type=Path))
 def check_config(config_path: Path) -> None:
-    """Validate a configuration file (and the policy file it names) and exit (0 valid, 2 invalid)."""
+    """Validate a configuration file and the policy file it names (exit 0 valid, 2 invalid)."""
     try:
         build_policy(load_config(config_path))
     except ConfigError as exc:
