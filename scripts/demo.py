@@ -1,5 +1,6 @@
 """``make demo``: the whole stack on loopback until Ctrl-C: the development identity provider
-(deploy/dev-idp), an unprivileged sshd as the demo target and the relay in front of it.
+(deploy/dev-idp), an unprivileged sshd as the demo target, the demo web app (scripts/demo_web)
+and the relay in front of both (tunnels, and HTTP mode for the web app on its own listener).
 ``--check`` starts everything, runs the printed commands end to end, stops and exits 0 or 1.
 Keys, certificate, configuration and logs live in ``.demo/``; see docs/demo.md."""
 
@@ -38,6 +39,9 @@ SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/loca
 PROJECT, ZONE, INSTANCE = "demo", "demo-zone", "demo-vm"
 RELAY_PORT = 8443  # when free, else any free port
 LOCAL_PORT = 2222  # the local end of the printed start-tunnel command
+HTTP_PORT = 8080  # HTTP mode's listener when free, else any free port
+WEB_APP = "demo"  # the HTTP-mode route: policy resource app:demo, host demo.localhost
+WEB_CLIENT, WEB_SECRET = "tunnel-web", "tunnel-web-secret"  # the dev IdP's confidential client
 PASSWORD = "demo-password"
 ALICE = "alice@example.com"
 START_TIMEOUT = 30.0  # per service, until ready
@@ -59,11 +63,30 @@ login: {issuer: "$issuer", client_id: tunnel-cli, resource: "urn:identity-tunnel
 inventory:
   instances:
     - {project: $project, zone: $zone, name: $instance, address: 127.0.0.1}
-access:
+access:  # merged with policy.yaml (the web app's binding)
   - members: [group:ops, user:alice@example.com]
     instances: [$project/$zone/$instance]
     ports: [$ssh_port]
+policy_file: policy.yaml
+http:
+  listen: {host: 127.0.0.1, port: $http_port}
+  external_scheme: http
+  issuer_url: "http://127.0.0.1:$http_port"  # the demo app fetches the JWKS from here
+  routes:
+    - name: $app
+      host: $app.localhost
+      upstream: "http://127.0.0.1:$web_port"
+      audiences: [tunnel]  # the dev IdP's access tokens (users and svc-backup)
+  login: {issuer: "$issuer", client_id: $web_client, client_secret: $web_secret}
 log_format: text
+""")
+POLICY = Template("""\
+# Written by scripts/demo.py on every start. The relay's inline access: list (SSH) is merged in.
+bindings:
+  - name: demo-web
+    members: [group:ops]
+    role: webUser
+    resources: {apps: [$app]}
 """)
 
 
@@ -131,7 +154,9 @@ def sshd_config(state: Path, port: int, user: str) -> Path:
     return config
 
 
-def relay_config(state: Path, issuer: str, relay_port: int, ssh_port: int) -> Path:
+def relay_config(
+    state: Path, issuer: str, relay_port: int, ssh_port: int, http_port: int, web_port: int
+) -> Path:
     cert, key = state / "relay-cert.pem", state / "relay-key.pem"
     try:  # the relay writes a new self-signed pair (valid 30 days) when one is missing
         expires = x509.load_pem_x509_certificate(cert.read_bytes()).not_valid_after_utc
@@ -142,7 +167,10 @@ def relay_config(state: Path, issuer: str, relay_port: int, ssh_port: int) -> Pa
         cert.unlink(missing_ok=True)
         key.unlink(missing_ok=True)
     values = {"project": PROJECT, "zone": ZONE, "instance": INSTANCE, "issuer": issuer}
-    text = RELAY_CONFIG.substitute(values, relay_port=relay_port, ssh_port=ssh_port)
+    values |= {"app": WEB_APP, "web_client": WEB_CLIENT, "web_secret": WEB_SECRET}
+    ports = {"relay_port": relay_port, "ssh_port": ssh_port, "http_port": http_port}
+    text = RELAY_CONFIG.substitute(values, **ports, web_port=web_port)
+    (state / "policy.yaml").write_text(POLICY.substitute(app=WEB_APP), encoding="utf-8")
     config = state / "relay.yaml"
     config.write_text(text, encoding="utf-8")
     return config
@@ -201,10 +229,11 @@ async def wait_ready(service: Service, ready: Callable[[], Awaitable[bool]]) -> 
         delay = min(delay * 2, 0.5)
 
 
-async def start_idp(stack: AsyncExitStack, state: Path) -> tuple[Service, str]:
+async def start_idp(stack: AsyncExitStack, state: Path, http_port: int) -> tuple[Service, str]:
     if not (IDP_SERVER.parent / "node_modules" / "oidc-provider").is_dir():
         raise DemoError("deploy/dev-idp/node_modules is missing: run make system-deps")
     argv = [tool("node"), str(IDP_SERVER), "--host", "127.0.0.1", "--port", "0"]
+    argv += ["--web-redirect", f"{web_url(http_port)}/_tunnel/callback"]  # browser sign-in
     argv.append("--exit-on-stdin-close")  # it stops even if we die without cleaning up
     for attempt in (1, 2):  # rarely a start prints nothing in time on a loaded machine
         service = await spawn(stack, "identity provider", argv, state / "idp.log", pipes=True)
@@ -248,6 +277,25 @@ async def start_sshd(stack: AsyncExitStack, state: Path, user: str) -> tuple[Ser
     return service, port
 
 
+async def start_web(stack: AsyncExitStack, state: Path, http_port: int) -> tuple[Service, int]:
+    """scripts/demo_web: refuses every request without a valid assertion from HTTP mode."""
+    port = free_port()
+    argv = [sys.executable, "-m", "scripts.demo_web", "--port", str(port)]
+    argv += ["--issuer", f"http://127.0.0.1:{http_port}", "--audience", f"app:{WEB_APP}"]
+    service = await spawn(stack, "demo web app", argv, state / "web.log")
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+
+        async def ready() -> bool:
+            try:  # 401 "assertion refused": it answers, and only to HTTP mode
+                async with session.get(f"http://127.0.0.1:{port}/") as answer:
+                    return answer.status == 401
+            except (OSError, aiohttp.ClientError, TimeoutError):
+                return False
+
+        await wait_ready(service, ready)
+    return service, port
+
+
 async def start_relay(stack: AsyncExitStack, state: Path, config: Path, port: int) -> Service:
     argv = [str(BIN / "tunnel-server"), "serve", "--config", str(config)]
     service = await spawn(stack, "relay", argv, state / "relay.log")
@@ -269,12 +317,18 @@ async def start_relay(stack: AsyncExitStack, state: Path, config: Path, port: in
 # -- what the user runs -----------------------------------------------------------------------
 
 
+def web_url(http_port: int) -> str:
+    """The demo web app as browsers reach it (*.localhost is loopback: RFC 6761)."""
+    return f"http://{WEB_APP}.localhost:{http_port}"
+
+
 @dataclass
 class Demo:
     state: Path
     issuer: str
     relay_port: int
     ssh_port: int
+    http_port: int
     user: str
     services: list[Service]
 
@@ -304,6 +358,8 @@ class Demo:
         tunnel = ["start-tunnel", INSTANCE, str(self.ssh_port), "--zone", ZONE]
         tunnel.append(f"--local-host-port=localhost:{LOCAL_PORT}")
         via_local = ["ssh", "-p", str(LOCAL_PORT), *self.ssh_options(), f"{self.user}@localhost"]
+        app = web_url(self.http_port) + "/"
+        token = shlex.join(self.client("print-access-token"))
         return "\n".join(
             [
                 "",
@@ -313,6 +369,7 @@ class Demo:
                 f"          {ALICE} (groups ops, dev): allowed",
                 "          bob@example.com (group dev), mallory@example.com (none): denied",
                 f"  target  {PROJECT}/{ZONE}/{INSTANCE}, SSH as {self.user}, only via the relay",
+                f"  web app {app}  (HTTP mode; alice allowed, bob and mallory denied)",
                 f"  logs    {'  '.join(show(service.log) for service in self.services)}",
                 "",
                 "In another terminal:",
@@ -325,6 +382,8 @@ class Demo:
                 "  # 3. or forward a local port, then ssh to it from a third terminal",
                 f"  {shlex.join(self.client(*tunnel))}",
                 f"  {shlex.join(via_local)}",
+                f"  # 4. Open {app} in a browser (sign in as alice), or after step 1:",
+                f'  curl -H "Authorization: Bearer $({token})" {app}',
                 "",
             ]
         )  # fmt: skip
@@ -421,6 +480,25 @@ async def check_http(demo: Demo, url: str, expect: str) -> None:
         raise DemoError(f"{url}: HTTP {answer.status} {text[:200]}")
 
 
+async def check_web(demo: Demo, env: dict[str, str]) -> None:
+    """The printed curl command: alice's access token (aud tunnel) as a bearer token; the demo
+    app shows the email from the signed assertion. Host is set by hand: not every resolver
+    knows *.localhost (browsers and curl do)."""
+    process = await launch(demo.client("print-access-token"), env)
+    out, err = await process.communicate()
+    if process.returncode != 0:
+        raise DemoError(f"print-access-token exited with {process.returncode}: {err.decode()}")
+    headers = {"Host": f"{WEB_APP}.localhost:{demo.http_port}", "Accept": "text/html"}
+    headers["Authorization"] = f"Bearer {out.decode().strip()}"
+    url = f"http://127.0.0.1:{demo.http_port}/"
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url, headers=headers, allow_redirects=False) as answer:
+            text = await answer.text()
+    expect = f"Verified identity: <b id='email'>{ALICE}</b>"
+    if answer.status != 200 or expect not in text:
+        raise DemoError(f"{web_url(demo.http_port)}/: HTTP {answer.status} {text[:300]}")
+
+
 async def check(demo: Demo) -> None:
     client_home = demo.state / "check-client"  # not the user's own logins
     shutil.rmtree(client_home, ignore_errors=True)
@@ -433,6 +511,7 @@ async def check(demo: Demo) -> None:
         ("relay /readyz", lambda: check_http(demo, readyz, "ready")),
         ("device-flow login as alice", lambda: check_login(demo, env)),
         ("tunnel-client ssh ... 'echo demo-ok'", lambda: check_ssh(demo, env)),
+        ("HTTP mode (demo web app)", lambda: check_web(demo, env)),
     ]
     for name, step in steps:
         try:
@@ -447,14 +526,17 @@ async def check(demo: Demo) -> None:
 
 
 async def start(stack: AsyncExitStack, state: Path) -> Demo:
-    """IdP, sshd, relay, in this order; the stack stops them in reverse."""
+    """IdP, sshd, web app, relay, in this order; the stack stops them in reverse."""
     user = pwd.getpwuid(os.getuid()).pw_name
-    idp, issuer = await start_idp(stack, state)
+    http_port = free_port(HTTP_PORT)  # before the IdP: its tunnel-web redirect URI names it
+    idp, issuer = await start_idp(stack, state, http_port)
     sshd, ssh_port = await start_sshd(stack, state, user)
+    web, web_port = await start_web(stack, state, http_port)
     relay_port = free_port(RELAY_PORT)
-    config = relay_config(state, issuer, relay_port, ssh_port)
+    config = relay_config(state, issuer, relay_port, ssh_port, http_port, web_port)
     relay = await start_relay(stack, state, config, relay_port)
-    return Demo(state, issuer, relay_port, ssh_port, user, [idp, sshd, relay])
+    services = [idp, sshd, web, relay]
+    return Demo(state, issuer, relay_port, ssh_port, http_port, user, services)
 
 
 async def supervise(demo: Demo) -> None:
@@ -483,7 +565,7 @@ async def run_demo(state: Path, check_only: bool) -> int:
         loop.add_signal_handler(sig, interrupted)
     try:
         async with AsyncExitStack() as stack:
-            print("Starting the identity provider, sshd and the relay...", flush=True)
+            print("Starting the IdP, sshd, the demo web app and the relay...", flush=True)
             demo = await start(stack, state)
             print(demo.instructions(), flush=True)
             if check_only:

@@ -1,6 +1,7 @@
-"""``make demo``: ``python -m scripts.demo --check`` starts the dev IdP, sshd and the relay, logs in
-as alice with the device flow, runs ``tunnel-client ssh ... 'echo demo-ok'`` through the relay,
-and stops every process it started."""
+"""``make demo``: ``python -m scripts.demo --check`` starts the dev IdP, sshd, the demo web app and
+the relay, logs in as alice with the device flow, runs ``tunnel-client ssh ... 'echo demo-ok'``
+through the relay, fetches the web app through HTTP mode with alice's token, and stops every
+process it started."""
 
 from __future__ import annotations
 
@@ -65,15 +66,25 @@ async def test_demo_check(tmp_path: Path) -> None:
     output = raw.decode(errors="replace")
     assert process.returncode == 0, output
     assert "ok: tunnel-client ssh ... 'echo demo-ok'" in output
+    assert "ok: HTTP mode (demo web app)" in output
     assert output.rstrip().endswith("Demo check passed.\nDemo stopped.")
     relay = re.search(r"TUNNEL_SERVER=wss://127\.0\.0\.1:(\d+)", output)
     issuer = re.search(r"IdP +http://127\.0\.0\.1:(\d+)", output)
     sshd = re.search(r"tunnel-client ssh demo-vm --zone demo-zone --port (\d+) ", output)
     assert relay is not None
     assert issuer is not None
+    web = re.search(r"Open http://demo\.localhost:(\d+)/ in a browser \(sign in as alice\)", output)
+    relay_yaml = (tmp_path / "demo" / "relay.yaml").read_text()
+    upstream = re.search(r'upstream: "http://127\.0\.0\.1:(\d+)"', relay_yaml)
     assert sshd is not None
+    assert web is not None
+    assert upstream is not None
     # The SSH target's port is only ever an argument for the relay, never dialled directly.
     assert f"127.0.0.1:{sshd[1]}" not in output
     assert f"-p {sshd[1]}" not in output
     assert await _refused(int(relay[1])), "the relay still listens"
     assert await _refused(int(issuer[1])), "the IdP still listens"
+    assert await _refused(int(web[1])), "HTTP mode still listens"
+    assert await _refused(int(upstream[1])), "the demo web app still listens"
+    # The web app's own port is never printed: it is reached only through HTTP mode.
+    assert f"127.0.0.1:{upstream[1]}" not in output
