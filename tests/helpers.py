@@ -15,6 +15,7 @@ from typing import Any
 from tunnel_server.app import RunningServer, running
 from tunnel_server.config import ServerConfig, parse_config
 
+from .faults import FaultProxy as FaultProxy  # re-exported: the proxy lives in tests/faults.py
 from .oidc_fixture import TestIssuer
 
 # One scaled time unit for every timing-dependent test (seconds).
@@ -92,71 +93,6 @@ def deterministic_digest(total: int) -> str:
     for piece in deterministic_chunks(total):
         digest.update(piece)
     return digest.hexdigest()
-
-
-class FaultProxy:
-    """A TCP proxy on 127.0.0.1:0 in front of ``target_port``; ``drop_all`` resets every current
-    connection (both legs), like a network blip; ``refuse`` makes new connections fail."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = 0
-        self.connections = 0
-        self.refuse = False
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> FaultProxy:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = int(self._server.sockets[0].getsockname()[1])
-        return self
-
-    async def stop(self) -> None:
-        self.drop_all()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-    def drop_all(self) -> int:
-        """Reset every proxied connection; returns how many client connections were cut."""
-        cut = len(self._writers) // 2
-        for writer in list(self._writers):
-            writer.transport.abort()
-        self._writers.clear()
-        return cut
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.refuse:
-            writer.transport.abort()
-            return
-        self.connections += 1
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.transport.abort()
-            return
-        self._writers.update((writer, up_writer))
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-                if dst.can_write_eof():
-                    dst.write_eof()
-            except (ConnectionError, OSError):
-                dst.transport.abort()
-
-        try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(pipe(reader, up_writer))
-                tg.create_task(pipe(up_reader, writer))
-        finally:
-            self._writers.discard(writer)
-            self._writers.discard(up_writer)
-            writer.close()
-            up_writer.close()
 
 
 def relay_config_data(

@@ -415,7 +415,9 @@ class Relay(ContinuousAuthorization, LimitsMixin):
             return None
         if session.pump is not None:
             # The client saw the old WebSocket die before we did: the newest attachment wins.
-            session.pump.close(CloseCode.SID_IN_USE, "superseded by a reconnect")
+            # The old path is presumed dead, so drop it at once: a polite close would wait for
+            # a peer that never answers (up to the close timeout) before the resume could start.
+            session.pump.ws.transport.abort()
             await session.detached.wait()
             if self.sessions.get(session.sid) is not session:
                 await ws.close(CloseCode.SID_UNKNOWN, "sid unknown")
