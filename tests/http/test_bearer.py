@@ -12,6 +12,7 @@ import pytest
 from yarl import URL
 
 from scripts.demo_web import expected_download_digest
+from tunnel_server.policy import parse_policy
 from tunnel_upstream import AssertionError_, verify_assertion
 
 from ..oidc_fixture import TestIssuer
@@ -247,3 +248,23 @@ async def test_streaming_200_mib_both_ways_bounded_memory(stack: Stack, issuer: 
         tracemalloc.stop()
     # Client, proxy and upstream share this process: 200 MiB each way, a few MiB at most held.
     assert peak < 32 * 1024 * 1024, peak
+
+
+async def test_assertion_carries_the_access_levels_met(issuer: TestIssuer) -> None:
+    """`access_levels` in the signed assertion: the levels this request meets (from 127.0.0.1:
+    the loopback level, not the office one)."""
+    levels = {
+        "loopback": {"ip_subnetworks": ["127.0.0.0/8"]},
+        "office": {"ip_subnetworks": ["203.0.113.0/24"]},
+    }
+    policy = parse_policy(
+        {
+            "access_levels": levels,
+            "bindings": [{"members": [ALICE], "role": "webUser", "resources": {"apps": ["demo"]}}],
+        }
+    )
+    async with proxy_stack(issuer.issuer, policy, apps=("demo",)) as stack:
+        token = issuer.mint(aud=APP_AUDIENCE)
+        status, body = await get_json(stack, "/headers", {"Authorization": f"Bearer {token}"})
+    assert status == 200, body
+    assert body["claims"]["access_levels"] == ["loopback"]

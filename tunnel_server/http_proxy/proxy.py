@@ -39,7 +39,7 @@ from ..identity import (
     IssuerUnavailable,
     OidcVerifier,
 )
-from ..policy import WEB_USER, AccessRequest, Policy, evaluate
+from ..policy import WEB_USER, AccessRequest, Policy, access_levels_met, evaluate
 from . import pages
 from .assertion import AssertionSigner
 from .config import HttpModeConfig, RouteConfig
@@ -341,7 +341,8 @@ class HttpProxy:
                 "groups": list(caller.identity.groups),
             },
         )
-        decision = evaluate(access, self.policy(), self.clock())
+        policy, now = self.policy(), self.clock()
+        decision = evaluate(access, policy, now)
         request_id = secrets.token_hex(8)
         self.audit.record(
             "http",
@@ -366,6 +367,7 @@ class HttpProxy:
                 email=caller.identity.email,
                 groups=caller.identity.groups,
                 principal=caller.identity.principal,
+                access_levels=access_levels_met(access, policy, now),
             ),
             EMAIL_HEADER: caller.identity.email or "",
             ID_HEADER: f"{caller.identity.issuer}#{caller.identity.subject}",

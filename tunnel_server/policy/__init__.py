@@ -14,7 +14,7 @@ Errors::
 """
 
 from ._cel import VARIABLES, CelError, Condition, compile_condition
-from ._engine import NO_GRANT, evaluate, next_change
+from ._engine import NO_GRANT, access_levels_met, evaluate, next_change
 from ._explain import Check, Explanation, LevelState, explain
 from ._levels import AccessLevel, DevicePolicy, LevelCondition
 from ._model import Binding, Policy, ResourceSelector, labels_from_inventory
@@ -31,6 +31,7 @@ from ._types import (
 )
 
 __all__ = [
+    "access_levels_met",
     "ADMIN",
     "ALL_AUTHENTICATED",
     "NO_GRANT",

@@ -242,6 +242,12 @@ def _binding_change(ctx: Context, binding: Binding) -> float | None:
     return min(times, default=None)
 
 
+def access_levels_met(request: AccessRequest, policy: Policy, now: float) -> list[str]:
+    """Names of the access levels this request meets (``request.auth.access_levels``), for the
+    HTTP mode's signed assertion."""
+    return Context(request, policy, now).levels.met()
+
+
 def next_change(request: AccessRequest, policy: Policy, now: float) -> float | None:
     """The earliest instant after ``now`` at which the decision could change with time alone.
 
