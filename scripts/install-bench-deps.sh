@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# System packages `make bench` uses, installed only when missing (Debian/Ubuntu, run as root or
+# with sudo): iperf3 (source and sink), socat (the C relay baseline), taskset (util-linux, for
+# pinning). The gcloud CLI is optional: its rows are skipped when it is not installed.
+set -euo pipefail
+
+need=()
+command -v iperf3 >/dev/null 2>&1 || need+=(iperf3)
+command -v socat >/dev/null 2>&1 || need+=(socat)
+command -v taskset >/dev/null 2>&1 || need+=(util-linux)
+
+if [ ${#need[@]} -eq 0 ]; then
+  exit 0
+fi
+echo "installing system packages for the benchmarks: ${need[*]}" >&2
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
