@@ -16,13 +16,14 @@ from tunnel_server.app import RunningServer, running
 from tunnel_server.config import ServerConfig, parse_config
 
 from .faults import FaultProxy as FaultProxy  # re-exported: the proxy lives in tests/faults.py
+from .loopback import LoopbackServer
 from .oidc_fixture import TestIssuer
 
 # One scaled time unit for every timing-dependent test (seconds).
 UNIT = float(os.environ.get("TEST_TIME_UNIT", "0.05"))
 
 
-class TcpTarget:
+class TcpTarget(LoopbackServer):
     """A TCP service on 127.0.0.1:0. Modes: ``echo`` writes back what it reads; ``sink`` hashes
     what it reads and answers the sha256 hex when the peer half-closes; ``source`` sends
     ``source_bytes`` of deterministic data then closes."""
@@ -33,18 +34,6 @@ class TcpTarget:
         self.connections = 0
         self.received = 0
         self.digests: list[str] = []
-        self._server: asyncio.Server | None = None
-        self.port = 0
-
-    async def start(self) -> TcpTarget:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = int(self._server.sockets[0].getsockname()[1])
-        return self
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..helpers import UNIT
+from ..loopback import LoopbackServer
 
 GCLOUD = shutil.which("gcloud")
 PROJECT = "p"
@@ -168,24 +169,34 @@ async def gcloud_tunnel(
     *,
     stdin_mode: bool,
 ) -> AsyncIterator[Gcloud]:
-    """Start gcloud against the relay; in port mode, wait for ``Listening on port [N].``.
-    The process is always killed on the way out."""
+    """Start gcloud against the relay (see ``_tunnel_process``)."""
     token_file = write_token(workdir, token)
+    argv = gcloud_argv(relay_port, target_port, token_file, stdin_mode=stdin_mode)
+    async with _tunnel_process(argv, gcloud_env(workdir / "gcloud-config"), stdin_mode) as gcloud:
+        yield gcloud
+
+
+@asynccontextmanager
+async def _tunnel_process(
+    argv: list[str], env: dict[str, str], stdin_mode: bool
+) -> AsyncIterator[Gcloud]:
+    """Start a tunnel program (gcloud or tunnel-client); in port mode, wait for ``Listening on
+    port [N].``. The process is always killed on the way out."""
     process = await asyncio.create_subprocess_exec(
-        *gcloud_argv(relay_port, target_port, token_file, stdin_mode=stdin_mode),
-        env=gcloud_env(workdir / "gcloud-config"),
+        *argv,
+        env=env,
         stdin=asyncio.subprocess.PIPE if stdin_mode else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     assert process.stderr is not None
-    gcloud = Gcloud(process, Output(process.stderr))
+    tunnel = Gcloud(process, Output(process.stderr))
     try:
         if not stdin_mode:
-            gcloud.port = await _listening_port(gcloud)
-        yield gcloud
+            tunnel.port = await _listening_port(tunnel)
+        yield tunnel
     finally:
-        await gcloud.kill()
+        await tunnel.kill()
 
 
 @asynccontextmanager
@@ -203,20 +214,8 @@ async def client_tunnel(
         "--ca-file", str(workdir / "relay-cert.pem"),
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNNEL_")}
-    process = await asyncio.create_subprocess_exec(
-        *argv,
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert process.stderr is not None
-    client = Gcloud(process, Output(process.stderr))
-    try:
-        client.port = await _listening_port(client)
+    async with _tunnel_process(argv, env, stdin_mode=False) as client:
         yield client
-    finally:
-        await client.kill()
 
 
 async def _listening_port(gcloud: Gcloud) -> int:
@@ -280,7 +279,7 @@ async def read_exactly(reader: asyncio.StreamReader, n: int, progress: Progress)
     return digest.hexdigest()
 
 
-class DigestSink:
+class DigestSink(LoopbackServer):
     """A TCP target on 127.0.0.1:0 that reads each connection to EOF and reports
     ``(bytes, sha256 hex)`` on ``results`` (also for a connection that ends in a reset)."""
 
@@ -288,18 +287,6 @@ class DigestSink:
         self.connections = 0
         self.results: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
         self.progress = Progress()
-        self.port = 0
-        self._server: asyncio.Server | None = None
-
-    async def start(self) -> DigestSink:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = int(self._server.sockets[0].getsockname()[1])
-        return self
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -327,7 +314,7 @@ def payload(total: int, seed: int = 0) -> bytes:
     return random.Random(seed).randbytes(total)
 
 
-class GatedSource:
+class GatedSource(LoopbackServer):
     """A TCP target on 127.0.0.1:0 that sends ``data`` to each connection, but never beyond what
     the test has ``release``d (everything unless ``gated``), then closes."""
 
@@ -336,19 +323,7 @@ class GatedSource:
         self.allowed = 0 if gated else len(data)
         self.sent = 0
         self.connections = 0
-        self.port = 0
         self._more = asyncio.Event()
-        self._server: asyncio.Server | None = None
-
-    async def start(self) -> GatedSource:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = int(self._server.sockets[0].getsockname()[1])
-        return self
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
 
     def release(self, upto: int) -> None:
         self.allowed = min(max(self.allowed, upto), len(self.data))
@@ -426,18 +401,5 @@ async def gcloud_refreshing_tunnel(
         CLOUDSDK_AUTH_CREDENTIAL_FILE_OVERRIDE=str(credential_file),
         CLOUDSDK_AUTH_TOKEN_HOST=token_endpoint,
     )
-    process = await asyncio.create_subprocess_exec(
-        *argv,
-        env=env,
-        stdin=asyncio.subprocess.PIPE if stdin_mode else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert process.stderr is not None
-    gcloud = Gcloud(process, Output(process.stderr))
-    try:
-        if not stdin_mode:
-            gcloud.port = await _listening_port(gcloud)
+    async with _tunnel_process(argv, env, stdin_mode) as gcloud:
         yield gcloud
-    finally:
-        await gcloud.kill()
