@@ -18,6 +18,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from tunnel_protocol.aio.runtime import run
+from tunnel_protocol.aio.wsbridge import forward_messages
 
 from .credentials import CredentialManager
 from .login import ServiceAccount, canonical_server
@@ -117,19 +118,10 @@ async def _websocket(
     local = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else ())
     await local.prepare(request)
 
-    async def pump(
-        src: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
-        dst: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
-    ) -> None:
-        async for message in src:
-            if message.type == aiohttp.WSMsgType.TEXT:
-                await dst.send_str(message.data)
-            elif message.type == aiohttp.WSMsgType.BINARY:
-                await dst.send_bytes(message.data)
-            else:
-                break
-
-    tasks = [asyncio.create_task(pump(local, upstream)), asyncio.create_task(pump(upstream, local))]
+    tasks = [
+        asyncio.create_task(forward_messages(local, upstream)),
+        asyncio.create_task(forward_messages(upstream, local)),
+    ]
     await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     for task in tasks:
         task.cancel()

@@ -29,6 +29,8 @@ import jwt
 from aiohttp import web
 from yarl import URL
 
+from tunnel_protocol.aio.wsbridge import forward_messages
+
 from ..audit import AuditLog
 from ..config import OidcConfig
 from ..identity import (
@@ -579,22 +581,10 @@ class HttpProxy:
 
         active = self._track(route, caller, access, close)
 
-        async def pump(
-            src: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
-            dst: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
-        ) -> None:
-            async for message in src:
-                if message.type == aiohttp.WSMsgType.TEXT:
-                    await dst.send_str(message.data)
-                elif message.type == aiohttp.WSMsgType.BINARY:
-                    await dst.send_bytes(message.data)
-                else:
-                    break
-
         try:
             tasks += [
-                asyncio.create_task(pump(server, upstream)),
-                asyncio.create_task(pump(upstream, server)),
+                asyncio.create_task(forward_messages(server, upstream)),
+                asyncio.create_task(forward_messages(upstream, server)),
             ]
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             revoked = active not in self._active
