@@ -10,6 +10,8 @@ command -v socat >/dev/null 2>&1 || need+=(socat)
 # Browser-login tests drive Debian's Chromium with Playwright (its own browser download does
 # not work on these machines).
 [ -x /usr/bin/chromium ] || need+=(chromium)
+# Scale-out tests run three relays sharing state in a real Redis.
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

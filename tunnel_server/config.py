@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -244,6 +246,79 @@ class AdminConfig(_Model):
         return members
 
 
+class StateConfig(_Model):
+    """Where the state shared between relay nodes lives (docs/scale-out.md): ``memory`` (one
+    node, the default) or ``redis`` (several nodes behind a load balancer)."""
+
+    backend: Literal["memory", "redis"] = "memory"
+    # redis:// or rediss:// URL, password included; the environment variable TUNNEL_REDIS_URL
+    # overrides it (keep the password in a Secret, not in the config file).
+    redis_url: str | None = None
+    key_prefix: str = Field(default="tunnel:", pattern=r"^[A-Za-z0-9:._-]{0,64}$")
+    # New tunnels while Redis is unreachable: refused (503, the default: caps and the resume
+    # registry cannot be kept) or accepted with this node's local caps only.
+    on_unavailable: Literal["deny", "allow"] = "deny"
+    # Seconds a node's leases (its cap slots and resume registry entries) outlive its last
+    # heartbeat: a node that dies frees its slots after this long.
+    lease_ttl: float = Field(default=15.0, ge=1, le=3600, allow_inf_nan=False)
+    # Seconds between full revocation resyncs (pub/sub pushes them at once; this catches what a
+    # node missed while disconnected).
+    resync_interval: float = Field(default=5.0, gt=0, le=3600, allow_inf_nan=False)
+    # Seconds a revocation is kept: longer than any token the issuers accept.
+    revocation_retention: float = Field(default=86400.0, ge=60, allow_inf_nan=False)
+    # Seconds each Redis command may take before the store counts as unavailable.
+    timeout: float = Field(default=1.0, gt=0, le=60, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _url(self) -> StateConfig:
+        if self.backend == "redis":
+            if not self.redis_url:
+                raise ValueError("backend 'redis' needs redis_url (or TUNNEL_REDIS_URL)")
+            if not re.match(r"^rediss?://", self.redis_url):
+                raise ValueError("redis_url must start with redis:// or rediss://")
+        return self
+
+
+class ClusterConfig(_Model):
+    """This node among several: how the others reach it to forward a resume it owns."""
+
+    # Unique per node; the default is the host name (a pod's name on Kubernetes).
+    node_id: str | None = Field(default=None, pattern=_NAME)
+    # The relay listener's URL as other nodes reach it (ws:// or wss://, e.g. the pod IP).
+    advertise_url: str = Field(pattern=r"^wss?://[^/?#\s]+$")
+    # Shared key authenticating node-to-node forwards (at least 32 bytes); the environment
+    # variable TUNNEL_CLUSTER_SECRET overrides it, or name a file holding it.
+    secret: str | None = Field(default=None, min_length=32)
+    secret_file: Path | None = None
+    # CA bundle to verify other nodes' certificates (wss advertise URLs); default: system CAs.
+    ca_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _secret(self) -> ClusterConfig:
+        if (self.secret is None) == (self.secret_file is None):
+            raise ValueError("give exactly one of secret, secret_file (or TUNNEL_CLUSTER_SECRET)")
+        return self
+
+    def secret_bytes(self) -> bytes:
+        """The shared key; ConfigError when the file is unreadable or too short."""
+        if self.secret is not None:
+            return self.secret.encode()
+        assert self.secret_file is not None
+        try:
+            data = self.secret_file.read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError(f"cluster.secret_file: cannot read: {exc.strerror}") from None
+        if len(data) < 32:
+            raise ConfigError("cluster.secret_file: the secret must be at least 32 bytes")
+        return data
+
+
+class MetricsConfig(_Model):
+    """Prometheus metrics (text exposition at /metrics) on their own listener."""
+
+    listen: ListenConfig = Field(default_factory=lambda: ListenConfig(port=9464))
+
+
 class ServerConfig(_Model):
     listen: ListenConfig = Field(default_factory=ListenConfig)
     tls: TlsConfig | None = None
@@ -259,6 +334,10 @@ class ServerConfig(_Model):
     log_format: Literal["json", "text"] = "json"
     # HTTP mode (identity-aware reverse proxy for web apps): docs/http-mode.md.
     http: HttpModeConfig | None = None
+    # Shared state and clustering (docs/scale-out.md); metrics (docs/operations.md).
+    state: StateConfig = Field(default_factory=StateConfig)
+    cluster: ClusterConfig | None = None
+    metrics: MetricsConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -280,6 +359,10 @@ class ServerConfig(_Model):
             raise ValueError(f"login.issuer {self.login.issuer!r} is not one of the issuers")
         instances = {i.key for i in self.inventory.instances}
         groups = {g.key for g in self.inventory.destination_groups}
+        if self.state.backend == "redis" and self.cluster is None:
+            raise ValueError(
+                "state.backend 'redis' needs a cluster section (advertise_url and secret)"
+            )
         for n, rule in enumerate(self.access):
             for key in rule.instances:
                 if key != "*" and key not in instances:
@@ -308,12 +391,41 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
+# Secrets that may come from the environment instead of the file (a Kubernetes Secret or a
+# systemd credential): variable -> (section, key).
+ENV_OVERRIDES = {
+    "TUNNEL_REDIS_URL": ("state", "redis_url"),
+    "TUNNEL_CLUSTER_SECRET": ("cluster", "secret"),
+}
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    data = dict(data)
+    for variable, (section, key) in ENV_OVERRIDES.items():
+        value = env.get(variable)
+        part = data.get(section)
+        if not value or not isinstance(part, dict):  # only completes a section the file has
+            continue
+        part = dict(part)
+        part[key] = value
+        if key == "secret":
+            part.pop("secret_file", None)  # the environment wins over the file
+        data[section] = part
+    return data
+
+
 def parse_config(
-    data: Any, *, source: str = "<config>", base_dir: Path | None = None
+    data: Any,
+    *,
+    source: str = "<config>",
+    base_dir: Path | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> ServerConfig:
-    """Validate already-parsed YAML. Raises ConfigError listing every problem."""
+    """Validate already-parsed YAML. Raises ConfigError listing every problem. ``env``
+    (default: the process environment) supplies ENV_OVERRIDES."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping")
+    data = _apply_env(data, os.environ if env is None else env)
     try:
         config = ServerConfig.model_validate(data)
     except ValidationError as exc:
@@ -330,6 +442,16 @@ def parse_config(
             }
         )
         config = config.model_copy(update={"tls": tls})
+    if config.cluster is not None and base_dir is not None:
+        cluster = config.cluster.model_copy(
+            update={
+                "secret_file": base_dir / config.cluster.secret_file
+                if config.cluster.secret_file
+                else None,
+                "ca_file": base_dir / config.cluster.ca_file if config.cluster.ca_file else None,
+            }
+        )
+        config = config.model_copy(update={"cluster": cluster})
     return config
 
 

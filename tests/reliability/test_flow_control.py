@@ -248,8 +248,13 @@ async def test_relay_memory_bounded_and_target_window_closes(
     assert len(written) == TUNNELS
     assert per_tunnel < RSS_PER_TUNNEL_LIMIT
     assert max(written) < WRITTEN_LIMIT
-    # The readers were slow, not stalled: each got data throughout.
-    assert rates[0] > READ_RATE / 1e6 / 10
+    # The readers were slow, not stalled: most read at close to the offered rate and every one
+    # kept receiving after the start. (Not "every reader at >= 10% of the rate": with the relay,
+    # the client and 100 readers sharing 2 busy cores, one reader's loop turn can starve for
+    # seconds; CI saw one at 0.04 MB/s while the median was 0.95.)
+    assert rates[len(rates) // 2] > READ_RATE / 1e6 / 2
+    assert sum(rate > READ_RATE / 1e6 / 10 for rate in rates) >= TUNNELS * 9 // 10
+    assert all(r.read > 64 * 1024 for r in readers)
 
 
 def go_now() -> asyncio.Event:
