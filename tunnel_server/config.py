@@ -391,11 +391,15 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
-# Secrets that may come from the environment instead of the file (a Kubernetes Secret or a
-# systemd credential): variable -> (section, key).
+# Values that may come from the environment instead of the file (secrets from a Kubernetes
+# Secret or a systemd credential; per-node values): variable -> (section, key). A variable only
+# completes a section the file has.
 ENV_OVERRIDES = {
     "TUNNEL_REDIS_URL": ("state", "redis_url"),
     "TUNNEL_CLUSTER_SECRET": ("cluster", "secret"),
+    # Per-node values on a shared config (a Kubernetes Deployment: the pod name and IP).
+    "TUNNEL_NODE_ID": ("cluster", "node_id"),
+    "TUNNEL_ADVERTISE_URL": ("cluster", "advertise_url"),
 }
 
 
