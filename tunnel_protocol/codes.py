@@ -16,6 +16,7 @@ class CloseCode(IntEnum):
     PROTOCOL_ERROR = 1002
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
+    TRY_AGAIN_LATER = 1013  # RFC 6455 registry: a temporary condition (shared state down)
     # IAP relay v4, as gcloud knows them.
     UNKNOWN_ERROR = 4000
     SID_UNKNOWN = 4001
@@ -58,6 +59,7 @@ _DESCRIPTIONS: dict[CloseCode, str] = {
     CloseCode.PROTOCOL_ERROR: "protocol error",
     CloseCode.MESSAGE_TOO_BIG: "message too big",
     CloseCode.INTERNAL_ERROR: "internal error",
+    CloseCode.TRY_AGAIN_LATER: "try again later",
     CloseCode.UNKNOWN_ERROR: "unknown error",
     CloseCode.SID_UNKNOWN: "sid unknown",
     CloseCode.SID_IN_USE: "sid in use",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -13,6 +13,7 @@ from aiohttp import web
 
 from .identity import Authenticator, AuthError, Identity, IssuerUnavailable
 from .relay import Relay
+from .state import Revocation
 
 IsAdmin = Callable[[Identity], bool]
 
@@ -29,8 +30,12 @@ class Revocations:
         self._users: dict[str, float] = {}
         self._clock = clock
 
-    def revoke_user(self, principal: str) -> None:
-        self._users[principal] = self._clock()
+    def revoke_user(self, principal: str, at: float | None = None) -> float:
+        """Refuse ``principal``'s tokens issued up to ``at`` (default: now); returns the
+        moment in force (a later revocation is never moved back)."""
+        at = self._clock() if at is None else at
+        self._users[principal] = max(at, self._users.get(principal, at))
+        return self._users[principal]
 
     def is_revoked(self, identity: Identity) -> bool:
         revoked_at = self._users.get(identity.principal)
@@ -67,8 +72,10 @@ def admin_app(
     revocations: Revocations,
     *,
     on_revoke_user: Callable[[str], int] | None = None,
+    publish: Callable[[Revocation], Awaitable[None]] | None = None,
 ) -> web.Application:
-    """``on_revoke_user``: also end the user's HTTP-mode sessions and WebSockets."""
+    """``on_revoke_user``: also end the user's HTTP-mode sessions and WebSockets.
+    ``publish``: persist the revocation in the shared state and push it to the other nodes."""
 
     @web.middleware
     async def authenticate(
@@ -107,12 +114,19 @@ def admin_app(
             return _json({"error": 'give exactly one of "user" or "session"'}, 400)
         admin = request[_PRINCIPAL]
         if "user" in body:
-            revocations.revoke_user(str(body["user"]))
-            closed = relay.revoke_user(str(body["user"]), by=admin)
+            subject = str(body["user"])
+            at = revocations.revoke_user(subject)
+            closed = relay.revoke_user(subject, by=admin)
             if on_revoke_user is not None:
-                closed += on_revoke_user(str(body["user"]))
+                closed += on_revoke_user(subject)
+            revocation = Revocation("user", subject, at, admin, relay.node)
         else:
-            closed = relay.revoke_session(str(body["session"]), by=admin)
+            subject = str(body["session"])
+            closed = relay.revoke_session(subject, by=admin)
+            revocation = Revocation("session", subject, time.time(), admin, relay.node)
+        if publish is not None:
+            # Never fails: kept and pushed again when the shared state is back.
+            await publish(revocation)
         return _json({"closed": closed})
 
     app = web.Application(middlewares=[authenticate], client_max_size=64 * 1024)

@@ -25,6 +25,7 @@ from tunnel_protocol import IAP, NATIVE, CloseCode
 from .admin import Revocations, admin_app
 from .admin import serving as admin_serving
 from .audit import AuditLog
+from .cluster import ClusterLink
 from .config import ConfigError, ServerConfig, load_config
 from .destinations import DestinationPolicy
 from .http_proxy import HttpProxy
@@ -34,6 +35,7 @@ from .inventory import Inventory
 from .limits import guarded_connection
 from .policy import ADMIN, AccessRequest, Policy, evaluate, load_policy
 from .relay import Relay
+from .state import Revocation, build_state
 from .tls import server_context
 
 log = logging.getLogger("tunnel.server")
@@ -106,20 +108,46 @@ def build_policy(config: ServerConfig) -> Policy:
     )
 
 
+def build_link(config: ServerConfig) -> ClusterLink:
+    """How this node talks to the others (ConfigError for an unreadable cluster secret)."""
+    link = ClusterLink(
+        fail_open=config.state.on_unavailable == "allow",
+        open_timeout=config.tunnel.handshake_timeout,
+        max_size=MAX_MESSAGE,
+    )
+    if config.cluster is not None:
+        link.secret = config.cluster.secret_bytes()
+        if config.cluster.advertise_url.startswith("wss:"):
+            cafile = str(config.cluster.ca_file) if config.cluster.ca_file else None
+            link.ssl_context = ssl.create_default_context(cafile=cafile)
+    return link
+
+
+def node_name(config: ServerConfig, node: str | None = None) -> str:
+    if node is not None:
+        return node
+    if config.cluster is not None and config.cluster.node_id:
+        return config.cluster.node_id
+    return socket.gethostname()
+
+
 def build_relay(
     config: ServerConfig, *, node: str | None = None, revocations: Revocations | None = None
 ) -> tuple[Relay, Authenticator]:
     authenticator = build_authenticator(config)
     revocations = revocations or Revocations()
+    node = node_name(config, node)
     relay = Relay(
         verifier=authenticator,
         inventory=Inventory(config.inventory),
         policy=build_policy(config),
         settings=config.tunnel,
-        audit=AuditLog(node or socket.gethostname()),
+        audit=AuditLog(node),
         login=config.login,
         revoked=revocations.is_revoked,
         destinations=DestinationPolicy(),
+        state=build_state(config, node),
+        link=build_link(config),
     )
     return relay, authenticator
 
@@ -161,6 +189,11 @@ async def running(config: ServerConfig, *, node: str | None = None) -> AsyncIter
                 relay.destinations.add_own_endpoint(
                     config.http.listen.host, running_server.http_port
                 )
+            await relay.state.start(
+                on_revocation=_applier(relay, revocations, running_server.http),
+                local_tunnels=relay.local_tunnels,
+            )
+            stack.push_async_callback(relay.state.aclose)
             if config.admin is not None:
                 app = admin_app(
                     relay,
@@ -168,6 +201,7 @@ async def running(config: ServerConfig, *, node: str | None = None) -> AsyncIter
                     _admin_check(config, relay),
                     revocations,
                     on_revoke_user=running_server.http.revoke_user if running_server.http else None,
+                    publish=relay.state.revoke,
                 )
                 running_server.admin_port = await stack.enter_async_context(
                     admin_serving(app, config.admin.listen.host, config.admin.listen.port)
@@ -182,6 +216,22 @@ async def running(config: ServerConfig, *, node: str | None = None) -> AsyncIter
         relay.close_all(CloseCode.GOING_AWAY, "relay shutting down")
     finally:
         await verifier.aclose()
+
+
+def _applier(
+    relay: Relay, revocations: Revocations, http: HttpProxy | None
+) -> Callable[[Revocation], None]:
+    """Apply a revocation decided on another node: refuse the user's older tokens here too,
+    close their tunnels (or the one tunnel) and web sessions on this node."""
+
+    def apply(revocation: Revocation) -> None:
+        if revocation.kind == "user":
+            revocations.revoke_user(revocation.subject, revocation.at)
+            if http is not None:
+                http.revoke_user(revocation.subject)
+        relay.apply_revocation(revocation)
+
+    return apply
 
 
 def _admin_check(config: ServerConfig, relay: Relay) -> Callable[[Identity], bool]:

@@ -5,34 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import secrets
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from http import HTTPStatus
-from urllib.parse import urlsplit
+from dataclasses import replace
 
 from websockets.asyncio.server import ServerConnection
-from websockets.datastructures import Headers
-from websockets.http11 import Request, Response
 
 from tunnel_protocol import DIALECTS, CloseCode, Side, Tunnel, TunnelError
 from tunnel_protocol.aio.pump import CLOSE_TIMEOUT, End, Outcome, Pump
 from tunnel_protocol.tunnel import Event, ReauthReceived
 from tunnel_protocol.urls import (
-    CONNECT_PATH,
-    RECONNECT_PATH,
     ConnectRequest,
     HostTarget,
     ReconnectRequest,
-    UrlError,
-    parse_request_path,
 )
 
 from .audit import AuditLog
+from .cluster import STATE_DOWN, ClusterLink, ClusterMixin
 from .config import LoginConfig, TunnelSettings
 from .control import ContinuousAuthorization, access_request
 from .destinations import (
@@ -43,46 +34,22 @@ from .destinations import (
     resolve_and_dial,
     within,
 )
-from .device import Device, peer_device
-from .identity import Authenticator, AuthError, Identity, IssuerUnavailable
+from .handshake import Handshake, HandshakeMixin
+from .identity import Authenticator, Identity
 from .inventory import Inventory, LookupFailed
 from .limits import LimitsMixin, TunnelCaps
 from .policy import Policy, evaluate
 from .session import Session
+from .state import MemoryState, StateStore, new_sid
 
 log = logging.getLogger("tunnel.relay")
 
-# websockets refuses header lines over 8 KiB (431) before we see them; same bound here.
-MAX_AUTHORIZATION = 8 * 1024
-WELL_KNOWN_LOGIN = "/.well-known/tunnel-client"
 # Closes we send that expect the client to come back on /v4/reconnect: the tunnel is parked.
 _PARK_AFTER = frozenset({CloseCode.SID_IN_USE, CloseCode.REAUTHENTICATION_REQUIRED})
-# Seconds a client refused at a cap (429) is told to wait before trying again.
-CAP_RETRY_AFTER = 5
 DRAIN_REASON = "relay draining, reconnect"
 
 
-@dataclass(frozen=True, slots=True)
-class _Handshake:
-    identity: Identity
-    request: ConnectRequest | ReconnectRequest
-    device: Device | None
-
-
-def _respond(
-    connection: ServerConnection,
-    status: HTTPStatus,
-    text: str,
-    headers: dict[str, str] | None = None,
-) -> Response:
-    response = connection.respond(status, text)
-    for key, value in (headers or {}).items():
-        response.headers[key] = value
-    response.headers["Cache-Control"] = "no-store"
-    return response
-
-
-class Relay(ContinuousAuthorization, LimitsMixin):
+class Relay(HandshakeMixin, ContinuousAuthorization, LimitsMixin, ClusterMixin):
     def __init__(
         self,
         *,
@@ -94,8 +61,12 @@ class Relay(ContinuousAuthorization, LimitsMixin):
         login: LoginConfig | None = None,
         revoked: Callable[[Identity], bool] = lambda identity: False,
         destinations: DestinationPolicy | None = None,
+        state: StateStore | None = None,
+        link: ClusterLink | None = None,
     ) -> None:
         self.destinations = destinations or DestinationPolicy()
+        self.state = state or MemoryState(audit.node)
+        self.link = link or ClusterLink()
         self.verifier = verifier
         self.login = login
         self._revoked = revoked
@@ -104,7 +75,7 @@ class Relay(ContinuousAuthorization, LimitsMixin):
         self.settings = settings
         self.audit = audit
         self.sessions: dict[str, Session] = {}
-        self._handshakes: weakref.WeakKeyDictionary[ServerConnection, _Handshake] = (
+        self._handshakes: weakref.WeakKeyDictionary[ServerConnection, Handshake] = (
             weakref.WeakKeyDictionary()
         )
         self.draining = False
@@ -123,120 +94,6 @@ class Relay(ContinuousAuthorization, LimitsMixin):
         while not predicate():
             await self._changed.wait()
 
-    # -- handshake ------------------------------------------------------------------------------
-
-    async def process_request(
-        self, connection: ServerConnection, request: Request
-    ) -> Response | None:
-        path = urlsplit(request.path).path
-        if path == "/healthz":
-            return _respond(connection, HTTPStatus.OK, "ok\n")
-        if path == "/readyz":
-            return await self._readyz(connection)
-        if path == WELL_KNOWN_LOGIN:
-            return self._login_document(connection)
-        if path not in (CONNECT_PATH, RECONNECT_PATH):
-            return _respond(connection, HTTPStatus.NOT_FOUND, "not found\n")
-        source_ip = _peer_ip(connection)
-        try:
-            parsed = parse_request_path(request.path)
-        except UrlError as exc:
-            self.audit.record(
-                "handshake",
-                decision="deny",
-                reason=f"bad request: {exc}",
-                source_ip=source_ip,
-                status=400,
-            )
-            return _respond(connection, HTTPStatus.BAD_REQUEST, f"{exc}\n")
-        try:
-            identity = await self._authenticate(request.headers)
-        except IssuerUnavailable as exc:
-            # Not the caller's fault: 503 tells clients to retry instead of logging in again.
-            self.audit.record(
-                "handshake", decision="deny", reason=exc.reason, source_ip=source_ip, status=503
-            )
-            return _respond(
-                connection,
-                HTTPStatus.SERVICE_UNAVAILABLE,
-                "identity provider unavailable, retry later\n",
-                {"Retry-After": "5"},
-            )
-        except AuthError as exc:
-            self.audit.record(
-                "handshake", decision="deny", reason=exc.reason, source_ip=source_ip, status=401
-            )
-            # RFC 6750 3.1: no error attribute when the request carried no credentials.
-            challenge = 'Bearer realm="tunnel"'
-            if exc.reason != "missing credentials":
-                challenge += ', error="invalid_token"'
-            return _respond(
-                connection,
-                HTTPStatus.UNAUTHORIZED,
-                "authentication required: log in again\n",
-                {"WWW-Authenticate": challenge},
-            )
-        if isinstance(parsed, ConnectRequest):
-            # Reconnects are never refused here: they resume tunnels already counted, and they
-            # are how tunnels survive a drain's grace period.
-            if self.draining:
-                return _respond(
-                    connection, HTTPStatus.SERVICE_UNAVAILABLE, "draining\n", {"Retry-After": "1"}
-                )
-            refusal = self.caps.refusal(identity.principal)
-            if refusal is not None:
-                self.audit.record(
-                    "handshake",
-                    decision="deny",
-                    reason=refusal,
-                    principal=identity.principal,
-                    source_ip=source_ip,
-                    status=429,
-                )
-                return _respond(
-                    connection,
-                    HTTPStatus.TOO_MANY_REQUESTS,
-                    f"{refusal}: close a tunnel or retry later\n",
-                    {"Retry-After": str(CAP_RETRY_AFTER)},
-                )
-        device = peer_device(connection.transport.get_extra_info("ssl_object"))
-        self._handshakes[connection] = _Handshake(identity, parsed, device)
-        return None
-
-    async def _authenticate(self, headers: Headers) -> Identity:
-        values = headers.get_all("Authorization")
-        if len(values) != 1:
-            raise AuthError("missing credentials" if not values else "several credentials")
-        value = values[0]
-        if len(value) > MAX_AUTHORIZATION:
-            raise AuthError("too large")
-        scheme, _, token = value.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise AuthError("not a bearer token")
-        identity = await self.verifier.verify(token.strip())
-        if self._revoked(identity):
-            raise AuthError("revoked")
-        return identity
-
-    def _login_document(self, connection: ServerConnection) -> Response:
-        if self.login is None:
-            return _respond(connection, HTTPStatus.NOT_FOUND, "no login configuration\n")
-        body = json.dumps(self.login.model_dump(), separators=(",", ":"))
-        response = _respond(connection, HTTPStatus.OK, body)
-        del response.headers["Content-Type"]  # Headers is a multi-dict: replace, not append
-        response.headers["Content-Type"] = "application/json"
-        return response
-
-    async def _readyz(self, connection: ServerConnection) -> Response:
-        if self.draining:
-            return _respond(connection, HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
-        if not self.verifier.ready:
-            try:
-                await self.verifier.refresh()
-            except AuthError:
-                return _respond(connection, HTTPStatus.SERVICE_UNAVAILABLE, "issuer unavailable\n")
-        return _respond(connection, HTTPStatus.OK, "ready\n")
-
     # -- connection handler ---------------------------------------------------------------------
 
     async def handler(self, ws: ServerConnection) -> None:
@@ -245,15 +102,20 @@ class Relay(ContinuousAuthorization, LimitsMixin):
         if handshake is None or dialect is None:  # pragma: no cover - process_request ensures it
             await ws.close(CloseCode.UNKNOWN_ERROR, "bad handshake")
             return
+        if handshake.owner is not None:
+            assert isinstance(handshake.request, ReconnectRequest)
+            principal = handshake.identity.principal
+            await self._bridge(ws, handshake.owner, principal, handshake.request.sid)
+            return
         if isinstance(handshake.request, ConnectRequest):
             session = await self._connect(ws, handshake, handshake.request, dialect.name)
         else:
-            session = await self._reconnect(ws, handshake.identity, handshake.request)
+            session = await self._reconnect(ws, handshake, handshake.request)
         if session is not None:
             await self._attach(ws, session)
 
     async def _connect(
-        self, ws: ServerConnection, handshake: _Handshake, request: ConnectRequest, dialect: str
+        self, ws: ServerConnection, handshake: Handshake, request: ConnectRequest, dialect: str
     ) -> Session | None:
         # The handshake checked the caps; concurrent connects may have filled them since.
         # The reservation covers the dial too, so the caps are never exceeded.
@@ -262,25 +124,46 @@ class Relay(ContinuousAuthorization, LimitsMixin):
         if refusal is not None:
             self.audit.record(
                 "decision", decision="deny", reason=refusal, principal=principal,
-                source_ip=_peer_ip(ws), dialect=dialect,
+                source_ip=handshake.source_ip, dialect=dialect,
             )  # fmt: skip
             await ws.close(CloseCode.TOO_MANY_TUNNELS, "too many tunnels")
             return None
+        sid = new_sid(self.state.tag)
         session = None
+        claimed = False
         try:
-            session = await self._open(ws, handshake, request, dialect)
+            refusal = await self._claim(sid, handshake.identity, ws.subprotocol or "")
+            if refusal is not None:
+                self.audit.record(
+                    "decision", decision="deny", reason=refusal, principal=principal,
+                    source_ip=handshake.source_ip, dialect=dialect,
+                )  # fmt: skip
+                if refusal == STATE_DOWN:
+                    await ws.close(CloseCode.TRY_AGAIN_LATER, STATE_DOWN)
+                else:
+                    await ws.close(CloseCode.TOO_MANY_TUNNELS, "too many tunnels")
+                return None
+            claimed = True
+            session = await self._open(ws, handshake, request, dialect, sid)
         finally:
             if session is None:
                 self.caps.release(principal)
+                if claimed:
+                    self._release_sid(sid, handshake.identity, ws.subprotocol or "")
                 self._notify()
         return session
 
     async def _open(
-        self, ws: ServerConnection, handshake: _Handshake, request: ConnectRequest, dialect: str
+        self,
+        ws: ServerConnection,
+        handshake: Handshake,
+        request: ConnectRequest,
+        dialect: str,
+        sid: str,
     ) -> Session | None:
         identity, device = handshake.identity, handshake.device
         target = request.target
-        source_ip = _peer_ip(ws)
+        source_ip = handshake.source_ip
         resource = self.inventory.resource_for(target)
         host = target.host if isinstance(target, HostTarget) else None
         access = access_request(identity, resource, target.port, source_ip, device, host)
@@ -347,7 +230,6 @@ class Relay(ContinuousAuthorization, LimitsMixin):
             )
             await ws.close(CloseCode.FAILED_TO_CONNECT_TO_BACKEND, "failed to connect to backend")
             return None
-        sid = secrets.token_urlsafe(24)
         tunnel = Tunnel(
             Side.SERVER, DIALECTS[ws.subprotocol or ""], buffer_limit=self.settings.resume_buffer
         )
@@ -380,10 +262,11 @@ class Relay(ContinuousAuthorization, LimitsMixin):
         return session
 
     async def _reconnect(
-        self, ws: ServerConnection, identity: Identity, request: ReconnectRequest
+        self, ws: ServerConnection, handshake: Handshake, request: ReconnectRequest
     ) -> Session | None:
+        identity = handshake.identity
         session = self.sessions.get(request.sid)
-        base = {"principal": identity.principal, "source_ip": _peer_ip(ws)}
+        base = {"principal": identity.principal, "source_ip": handshake.source_ip}
         if session is None:
             self.audit.record("resume", decision="deny", reason="sid unknown", **base)
             await ws.close(CloseCode.SID_UNKNOWN, "sid unknown")
@@ -511,6 +394,7 @@ class Relay(ContinuousAuthorization, LimitsMixin):
         if self.sessions.pop(session.sid, None) is None:
             return
         self.caps.release(session.identity.principal)
+        self._release(session)
         if session.expiry is not None:
             session.expiry.cancel()
         if session.limits is not None:
@@ -584,10 +468,3 @@ class Relay(ContinuousAuthorization, LimitsMixin):
         """Cut a running drain's grace period short (a second signal)."""
         self._grace_over = True
         self._notify()
-
-
-def _peer_ip(connection: ServerConnection) -> str | None:
-    address = connection.remote_address
-    if isinstance(address, tuple) and address:
-        return str(address[0])
-    return None
