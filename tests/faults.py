@@ -306,7 +306,7 @@ class Link:
             await self.flowing.wait()  # a black-holed SYN never reaches the target
             try:
                 self._upstream = await asyncio.open_connection(
-                    "127.0.0.1", self.proxy.target_port, limit=self.proxy.chunk
+                    "127.0.0.1", self.proxy.upstream_port(self.number), limit=self.proxy.chunk
                 )
             except OSError:
                 self.reset(by_fault=False)
@@ -344,8 +344,10 @@ class FaultProxy:
         chunk: int = DEFAULT_CHUNK,
         max_buffer: int = DEFAULT_MAX_BUFFER,
         on_connect: Callable[[Link], None] | None = None,
+        choose: Callable[[int], int] | None = None,
     ) -> None:
         self.target_port = target_port
+        self.choose = choose
         self.chunk = chunk
         self.max_buffer = max_buffer
         self.on_connect = on_connect
@@ -361,6 +363,11 @@ class FaultProxy:
         self.links: set[Link] = set()
         self._server: asyncio.Server | None = None
         self._change = asyncio.Event()
+
+    def upstream_port(self, number: int) -> int:
+        """Where connection ``number`` (1, 2, ...) goes: ``choose(number)`` when given (a load
+        balancer in front of several relays), else ``target_port``."""
+        return self.choose(number) if self.choose is not None else self.target_port
 
     async def start(self) -> FaultProxy:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, limit=self.chunk)

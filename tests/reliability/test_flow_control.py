@@ -16,20 +16,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import re
-import signal
 import sys
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from ..helpers import UNIT, relay_config_data
 from ..oidc_fixture import TestIssuer
-from .common import MiB, rss_bytes
+from ..processes import started
+from .common import MiB
 
 pytestmark = pytest.mark.e2e
 
@@ -80,67 +76,6 @@ class Source:
                 await writer.drain()
                 self.written[index] += len(piece)
         writer.close()
-
-
-@dataclass
-class Process:
-    """A subprocess whose stderr (and stdout, merged when asked) is drained in the background,
-    keeping the last lines for failure messages."""
-
-    process: asyncio.subprocess.Process
-    found: str
-    tail: list[str]
-
-    @property
-    def rss(self) -> int:
-        return rss_bytes(self.process.pid)
-
-
-@contextlib.asynccontextmanager
-async def started(argv: list[str], pattern: str, *, stdout: bool) -> AsyncIterator[Process]:
-    """Run ``argv`` until a line of its stdout (``stdout=True``) or stderr matches ``pattern``
-    (group 1 is returned as ``found``); interrupt it on exit (SIGINT: the relay closes its
-    tunnels at once instead of draining them for a grace period, as on SIGTERM)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNNEL_")}
-    process = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE if stdout else asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.STDOUT if stdout else asyncio.subprocess.PIPE,
-        env=env,
-    )
-    stream = process.stdout if stdout else process.stderr
-    assert stream is not None
-    tail: list[str] = []
-
-    async def drain() -> None:
-        while raw := await stream.readline():
-            tail.append(raw.decode(errors="replace"))
-            del tail[:-200]
-
-    try:
-        async with asyncio.timeout(400 * UNIT):
-            while True:
-                raw = await stream.readline()
-                if not raw:
-                    raise AssertionError(f"{argv[2]} exited:\n" + "".join(tail))
-                tail.append(raw.decode(errors="replace"))
-                match = re.search(pattern, tail[-1])
-                if match:
-                    break
-        drainer = asyncio.create_task(drain())
-        try:
-            yield Process(process, match.group(1), tail)
-        finally:
-            drainer.cancel()
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                await asyncio.wait_for(process.wait(), 200 * UNIT)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
 
 
 class SlowReader:
