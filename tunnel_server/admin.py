@@ -124,6 +124,8 @@ def admin_app(
             subject = str(body["session"])
             closed = relay.revoke_session(subject, by=admin)
             revocation = Revocation("session", subject, time.time(), admin, relay.node)
+        if relay.metrics is not None:
+            relay.metrics.revocation_applied("local")
         if publish is not None:
             # Never fails: kept and pushed again when the shared state is back.
             await publish(revocation)

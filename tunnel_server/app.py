@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server, serve
 from websockets.typing import Subprotocol
@@ -33,6 +34,8 @@ from .http_proxy import serving as http_serving
 from .identity import DEFAULT_ALGORITHMS, Authenticator, Identity, Introspector, OidcVerifier
 from .inventory import Inventory
 from .limits import guarded_connection
+from .metrics import Metrics
+from .metrics import serving as metrics_serving
 from .policy import ADMIN, AccessRequest, Policy, evaluate, load_policy
 from .relay import Relay
 from .state import Revocation, build_state
@@ -55,6 +58,7 @@ class RunningServer:
     policy_file: Path | None = None
     http: HttpProxy | None = None
     http_port: int | None = None
+    metrics_port: int | None = None
 
     @property
     def port(self) -> int:
@@ -189,6 +193,19 @@ async def running(config: ServerConfig, *, node: str | None = None) -> AsyncIter
                 relay.destinations.add_own_endpoint(
                     config.http.listen.host, running_server.http_port
                 )
+            if config.metrics is not None:
+                metrics = Metrics(relay, state_available=lambda: relay.state.available)
+                relay.audit.observers.append(metrics.observe_audit)
+                relay.metrics = metrics
+                listen = config.metrics.listen
+                running_server.metrics_port = await stack.enter_async_context(
+                    metrics_serving(metrics, listen.host, listen.port)
+                )
+                relay.destinations.add_own_endpoint(listen.host, running_server.metrics_port)
+            if config.state.backend == "redis" and config.state.redis_url:
+                # Never a tunnel to the shared state, whatever the policy says (SSRF).
+                for address in await _addresses(config.state.redis_url, 6379):
+                    relay.destinations.add_own_endpoint(*address)
             await relay.state.start(
                 on_revocation=_applier(relay, revocations, running_server.http),
                 local_tunnels=relay.local_tunnels,
@@ -216,6 +233,21 @@ async def running(config: ServerConfig, *, node: str | None = None) -> AsyncIter
         relay.close_all(CloseCode.GOING_AWAY, "relay shutting down")
     finally:
         await verifier.aclose()
+
+
+async def _addresses(url: str, default_port: int) -> list[tuple[str, int]]:
+    """The numeric addresses a service URL's host resolves to now (none if it does not)."""
+    parts = urlsplit(url)
+    port = parts.port or default_port
+    if not parts.hostname:
+        return []
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            parts.hostname, port, type=socket.SOCK_STREAM
+        )
+    except OSError:
+        return []
+    return [(str(info[4][0]), port) for info in infos]
 
 
 def _applier(
@@ -389,6 +421,8 @@ async def serve_forever(config: ServerConfig, path: Path | None = None) -> None:
             print(f"HTTP mode listening on port {srv.http_port}", file=sys.stderr, flush=True)
         if srv.admin_port is not None:
             print(f"Admin listening on port {srv.admin_port}", file=sys.stderr, flush=True)
+        if srv.metrics_port is not None:
+            print(f"Metrics listening on port {srv.metrics_port}", file=sys.stderr, flush=True)
         received = await signals.get()
         if received == signal.SIGTERM:
             srv.relay.draining = True  # /readyz answers 503 from this instant

@@ -23,6 +23,7 @@ from .audit import AuditLog
 from .config import TunnelSettings
 from .forward import OwnerUnreachable, bridge, forward_headers, open_forward
 from .identity import Identity
+from .metrics import Metrics
 from .session import Session
 from .state import MemoryState, Revocation, StateStore, StateUnavailable, TunnelRecord
 
@@ -53,6 +54,7 @@ class ClusterMixin:
     sessions: dict[str, Session]
     settings: TunnelSettings
     audit: AuditLog
+    metrics: Metrics | None
 
     if TYPE_CHECKING:
 
@@ -151,6 +153,8 @@ class ClusterMixin:
             by=revocation.by,
             origin=revocation.node or None,
         )
+        if self.metrics is not None:
+            self.metrics.revocation_applied("remote")
         if revocation.kind == "user":
             return self.revoke_user(revocation.subject, by=revocation.by)
         return self.revoke_session(revocation.subject, by=revocation.by)

@@ -38,6 +38,7 @@ from .handshake import Handshake, HandshakeMixin
 from .identity import Authenticator, Identity
 from .inventory import Inventory, LookupFailed
 from .limits import LimitsMixin, TunnelCaps
+from .metrics import Metrics
 from .policy import Policy, evaluate
 from .session import Session
 from .state import MemoryState, StateStore, new_sid
@@ -66,6 +67,7 @@ class Relay(HandshakeMixin, ContinuousAuthorization, LimitsMixin, ClusterMixin):
     ) -> None:
         self.destinations = destinations or DestinationPolicy()
         self.state = state or MemoryState(audit.node)
+        self.metrics: Metrics | None = None  # set by the composition root when configured
         self.link = link or ClusterLink()
         self.verifier = verifier
         self.login = login
@@ -167,7 +169,10 @@ class Relay(HandshakeMixin, ContinuousAuthorization, LimitsMixin, ClusterMixin):
         resource = self.inventory.resource_for(target)
         host = target.host if isinstance(target, HostTarget) else None
         access = access_request(identity, resource, target.port, source_ip, device, host)
+        started = time.perf_counter()
         decision = evaluate(access, self.policy, time.time())
+        if self.metrics is not None:
+            self.metrics.observe_decision(time.perf_counter() - started)
         base = {
             "principal": identity.principal,
             "source_ip": source_ip,
@@ -395,6 +400,8 @@ class Relay(HandshakeMixin, ContinuousAuthorization, LimitsMixin, ClusterMixin):
             return
         self.caps.release(session.identity.principal)
         self._release(session)
+        if self.metrics is not None:
+            self.metrics.session_ended(session, time.monotonic() - session.created)
         if session.expiry is not None:
             session.expiry.cancel()
         if session.limits is not None:
