@@ -62,10 +62,10 @@ class Issuer:
         public = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(self.key.public_key()))
         return web.json_response({"keys": [{**public, "kid": self.kid, "alg": "ES256"}]})
 
-    def token(self) -> str:
+    def token(self, user: str = "bench") -> str:
         now = int(time.time())
-        claims = {"iss": self.url, "sub": "bench", "aud": "tunnel", "iat": now, "exp": now + 600,
-                  "email": "bench@example.com", "email_verified": True}  # fmt: skip
+        claims = {"iss": self.url, "sub": user, "aud": "tunnel", "iat": now, "exp": now + 600,
+                  "email": f"{user}@example.com", "email_verified": True}  # fmt: skip
         return jwt.encode(claims, self.key, algorithm="ES256", headers={"kid": self.kid})
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import ssl
 import sys
@@ -112,15 +113,21 @@ def _one_tunnel(args: Args) -> Callable[[], Awaitable[None]]:
     async def provide() -> str:
         return token
 
-    options = ConnectOptions(
-        args.url,
-        InstanceTarget(PROJECT, ZONE, INSTANCE, "nic0", args.target_port),
-        provide,
-        args.context,
-    )
+    # Several comma-separated URLs: the workers take them in turn (client-side round robin
+    # across relay nodes, the cluster benchmark's ideal load balancer).
+    options = [
+        ConnectOptions(
+            url,
+            InstanceTarget(PROJECT, ZONE, INSTANCE, "nic0", args.target_port),
+            provide,
+            args.context,
+        )
+        for url in args.url.split(",")
+    ]
+    turn = itertools.cycle(options)
 
     async def native() -> None:
-        await TunnelSession(options).run(OneByte())
+        await TunnelSession(next(turn)).run(OneByte())
 
     return native
 
@@ -236,7 +243,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=["rate", "idle"])
     parser.add_argument("--kind", choices=["tcp", "ws", "native"], required=True)
-    parser.add_argument("--url", required=True, help="tcp://H:P, ws[s]://H:P")
+    parser.add_argument(
+        "--url",
+        required=True,
+        help="tcp://H:P, ws[s]://H:P (native rate: several, comma-separated)",
+    )
     parser.add_argument("--target-port", type=int, default=0, help="native: the target's port")
     parser.add_argument("--token-file", type=Path)
     parser.add_argument("--ca-file", type=Path)
