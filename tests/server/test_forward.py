@@ -1,0 +1,132 @@
+"""Node-to-node forwarding: the proof a forwarding node gives (HMAC over node, client address,
+path and time) and what a relay does with a forwarding claim it cannot verify."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.datastructures import Headers
+from websockets.exceptions import InvalidStatus
+
+from tunnel_server.config import ConfigError, parse_config
+from tunnel_server.forward import (
+    MAX_SKEW,
+    SIGNATURE_HEADER,
+    ForwardRefused,
+    forward_headers,
+    verify_forward,
+)
+
+from ..helpers import capture_audit, relay_config_data, start_relay
+from ..oidc_fixture import TestIssuer
+
+SECRET = b"s" * 32
+PATH = "/v4/reconnect?sid=abc&ack=0&zone=z"
+
+
+def test_a_signed_forward_verifies() -> None:
+    now = time.time()
+    headers = forward_headers(SECRET, "relay-1", "192.0.2.7", PATH, now)
+    forwarded = verify_forward(headers, PATH, SECRET, now + 1)
+    assert forwarded is not None
+    assert (forwarded.node, forwarded.client_ip) == ("relay-1", "192.0.2.7")
+    assert verify_forward(Headers(), PATH, SECRET, now) is None  # not forwarded at all
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        (lambda h: h.update({"x-tunnel-client-ip": "10.0.0.1"}), "signature"),
+        (lambda h: h.update({"x-tunnel-forwarded-by": "relay-9"}), "signature"),
+        (lambda h: h.update({SIGNATURE_HEADER.lower(): "0" * 64}), "signature"),
+        (lambda h: h.update({"x-tunnel-forward-time": "soon"}), "time"),
+    ],
+)
+def test_tampered_forwards_are_refused(change: object, why: str) -> None:
+    now = time.time()
+    headers = forward_headers(SECRET, "relay-1", "192.0.2.7", PATH, now)
+    values = {k.lower(): headers[k] for k in headers}
+    change(values)  # type: ignore[operator]
+    with pytest.raises(ForwardRefused, match=why):
+        verify_forward(Headers(values), PATH, SECRET, now)
+
+
+def test_replays_other_paths_and_other_secrets_are_refused() -> None:
+    now = time.time()
+    headers = forward_headers(SECRET, "relay-1", "192.0.2.7", PATH, now)
+    with pytest.raises(ForwardRefused, match="stale"):
+        verify_forward(headers, PATH, SECRET, now + MAX_SKEW + 2)
+    with pytest.raises(ForwardRefused, match="signature"):
+        verify_forward(headers, PATH.replace("abc", "xyz"), SECRET, now)
+    with pytest.raises(ForwardRefused, match="signature"):
+        verify_forward(headers, PATH, b"t" * 32, now)
+    with pytest.raises(ForwardRefused, match="without a cluster"):
+        verify_forward(headers, PATH, None, now)
+    partial = Headers({"X-Tunnel-Forwarded-By": "relay-1"})
+    with pytest.raises(ForwardRefused, match="incomplete"):
+        verify_forward(partial, PATH, SECRET, now)
+
+
+async def test_a_client_claiming_to_be_a_node_is_refused(
+    issuer: TestIssuer, tmp_path: Path
+) -> None:
+    """Forged forwarding headers (to smuggle a client address past source.ip conditions) get
+    403 before any authentication, on a single relay and on a cluster node alike."""
+    async with start_relay(relay_config_data(issuer, tmp_path, tls=False)) as server:
+        audit = capture_audit(server)
+        forged = forward_headers(b"x" * 32, "relay-1", "10.0.0.1", PATH, time.time())
+        forged["Authorization"] = f"Bearer {issuer.mint()}"
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(server.url + PATH, additional_headers=forged)
+        assert refused.value.response.status_code == 403
+        assert audit[-1]["reason"] == "forwarded handshake to a relay without a cluster"
+        assert audit[-1]["source_ip"] == "127.0.0.1"
+
+
+def test_cluster_config_errors_are_precise(tmp_path: Path) -> None:
+    base = {"oidc": {"issuer": "https://idp.example.com", "audiences": ["tunnel"]}}
+    with pytest.raises(ConfigError, match="needs redis_url"):
+        parse_config({**base, "state": {"backend": "redis"}}, env={})
+    with pytest.raises(ConfigError, match="needs a cluster section"):
+        parse_config({**base, "state": {"backend": "redis", "redis_url": "redis://r"}}, env={})
+    cluster = {"advertise_url": "ws://10.0.0.5:8443"}
+    with pytest.raises(ConfigError, match="exactly one of secret, secret_file"):
+        parse_config(
+            {**base, "state": {"backend": "redis", "redis_url": "redis://r"}, "cluster": cluster},
+            env={},
+        )
+    with pytest.raises(ConfigError, match="at least 32"):
+        parse_config({**base, "cluster": {**cluster, "secret": "short"}}, env={})
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("too short\n")
+    config = parse_config({**base, "cluster": {**cluster, "secret_file": str(secret_file)}})
+    assert config.cluster is not None
+    with pytest.raises(ConfigError, match="at least 32 bytes"):
+        config.cluster.secret_bytes()
+
+
+def test_environment_supplies_secrets_and_per_node_values() -> None:
+    data = {
+        "oidc": {"issuer": "https://idp.example.com", "audiences": ["tunnel"]},
+        "state": {"backend": "redis"},
+        "cluster": {"advertise_url": "ws://placeholder:8443", "secret_file": "/nonexistent"},
+    }
+    env = {
+        "TUNNEL_REDIS_URL": "redis://:pw@redis:6379/0",
+        "TUNNEL_CLUSTER_SECRET": "k" * 40,
+        "TUNNEL_NODE_ID": "relay-7f9c",
+        "TUNNEL_ADVERTISE_URL": "ws://10.1.2.3:8443",
+    }
+    config = parse_config(data, env=env)
+    assert config.state.redis_url == "redis://:pw@redis:6379/0"
+    assert config.cluster is not None
+    assert config.cluster.secret_bytes() == b"k" * 40  # the environment wins over the file
+    assert config.cluster.node_id == "relay-7f9c"
+    assert config.cluster.advertise_url == "ws://10.1.2.3:8443"
+    # A variable completes a section the file has; it never creates one.
+    plain = parse_config({"oidc": data["oidc"]}, env=env)
+    assert plain.cluster is None
+    assert plain.state.backend == "memory"
