@@ -10,6 +10,7 @@ import pytest
 
 from .helpers import LOG_LINES, TcpTarget
 from .oidc_fixture import MINTED, TestIssuer
+from .redis_fixture import redis as redis  # the `redis` fixture: a real redis-server on loopback
 
 
 class _Collect(logging.Handler):

@@ -79,7 +79,7 @@ async def test_browser_login_demo_app_and_sign_out(web_stack: tuple[Stack, DevId
         await page.wait_for_selector("#signed-out")
         await page.screenshot(path=ARTIFACTS / "http-alice-3-signed-out.png", full_page=True)
         sid = session[0]["value"]
-        assert stack.proxy.store.get(sid) is None
+        assert await stack.proxy.store.get(sid) is None
         response = await page.goto(app + "/_tunnel/identity")
         assert response is not None
         assert response.status == 401

@@ -1,23 +1,26 @@
 """An HTTP-mode proxy on loopback in front of the demo upstream (scripts/demo_web.py), with a
-policy from a dict, for the tests in this package."""
+policy from a dict, and a token endpoint for browser logins, for the tests in this package."""
 
 from __future__ import annotations
 
+import secrets
 import socket
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from aiohttp import web
 
 from scripts.demo_web import make_app
 from tunnel_server.audit import AuditLog
 from tunnel_server.config import OidcConfig
-from tunnel_server.http_proxy import HttpModeConfig, HttpProxy, serving
+from tunnel_server.http_proxy import HttpModeConfig, HttpProxy, SessionStore, serving
 from tunnel_server.policy import Policy, parse_policy
 
 from ..helpers import LOG_LINES
+from ..oidc_fixture import TestIssuer
 
 APP_AUDIENCE = "https://demo.app"  # bearer tokens for the app carry this aud
 
@@ -69,8 +72,10 @@ async def proxy_stack(
     extra: dict[str, Any] | None = None,
     audiences: dict[str, list[str]] | None = None,
     hosts: dict[str, str] | None = None,
+    store: SessionStore | None = None,
 ) -> AsyncIterator[Stack]:
-    """A proxy with one route per app (``NAME.localhost`` -> its own demo upstream)."""
+    """A proxy with one route per app (``NAME.localhost`` -> its own demo upstream), its browser
+    sessions in ``store`` (default: in memory)."""
     if sock is None:
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
@@ -111,6 +116,55 @@ async def proxy_stack(
             issuers=[OidcConfig(issuer=issuer, audiences=["unused"])],
             policy=lambda: current["policy"],
             audit=AuditLog("test-node", sink=sink),
+            store=store,
         )
         bound = await stack.enter_async_context(serving(proxy, "127.0.0.1", 0, sock=sock))
         yield Stack(proxy, bound, ports, audit)
+
+
+@dataclass
+class TokenEndpoint:
+    """The authorization-code half of an IdP for ``TestIssuer`` (which serves discovery and
+    JWKS only): ``authorize`` plays the user signing in at the authorization URL the proxy
+    redirected to, and ``POST /token`` redeems the code once for an ID token with its nonce."""
+
+    issuer: TestIssuer
+    client_id: str = "tunnel-web"
+    codes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _runner: web.AppRunner | None = None
+
+    async def __aenter__(self) -> TokenEndpoint:
+        app = web.Application()
+        app.router.add_post("/token", self._token)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        port = int(self._runner.addresses[0][1])
+        self.issuer.discovery_overrides["token_endpoint"] = f"http://127.0.0.1:{port}/token"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    @property
+    def login(self) -> dict[str, Any]:
+        """The ``login:`` block of the HTTP-mode config for this IdP."""
+        return {"issuer": self.issuer.issuer, "client_id": self.client_id, "client_secret": "s"}
+
+    def authorize(self, location: str, **mint: Any) -> dict[str, str]:
+        """The callback's query for the authorization URL ``location`` (state and a new code
+        that redeems to a token minted with ``mint``)."""
+        query = {k: v[0] for k, v in parse_qs(urlsplit(location).query).items()}
+        code = secrets.token_urlsafe(16)
+        self.codes[code] = {**mint, "nonce": query["nonce"]}
+        return {"state": query["state"], "code": code}
+
+    async def _token(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        grant = self.codes.pop(str(form.get("code", "")), None)  # one use
+        if grant is None or not form.get("code_verifier"):
+            return web.json_response({"error": "invalid_grant"}, status=400)
+        nonce = grant.pop("nonce")
+        token = self.issuer.mint(aud=self.client_id, extra_claims={"nonce": nonce}, **grant)
+        return web.json_response({"id_token": token, "token_type": "Bearer"})

@@ -204,7 +204,7 @@ def test_assertion_audience_lifetime_and_rotation() -> None:
 LOGIN = {"issuer": "http://127.0.0.1:9/", "client_id": "tunnel-web", "client_secret": "s"}
 
 
-def _session(stack: Stack, email: str = "alice@example.com") -> WebSession:
+async def _session(stack: Stack, email: str = "alice@example.com") -> WebSession:
     now = time.time()
     identity = Identity(
         principal=f"user:{email}", subject=email.split("@")[0], issuer="https://idp",
@@ -215,14 +215,14 @@ def _session(stack: Stack, email: str = "alice@example.com") -> WebSession:
         sid="sid-" + email, identity=identity, origin=f"http://demo.localhost:{stack.port}",
         created=now, auth_time=now, expires=now + 3600,
     )  # fmt: skip
-    stack.proxy.store.put(session)
+    await stack.proxy.store.put(session)
     return session
 
 
 async def test_session_cookie_csrf_and_sign_out(issuer: TestIssuer) -> None:
     policy = web_policy({"demo": ["user:alice@example.com"]})
     async with proxy_stack(issuer.issuer, policy, login=LOGIN) as stack:
-        session = _session(stack)
+        session = await _session(stack)
         cookie = {"Cookie": f"__Host-tunnel_session={session.sid}", "Host": stack.host()}
         async with aiohttp.ClientSession() as http:
             async with http.get(stack.base + "/headers", headers=cookie) as resp:
@@ -250,16 +250,16 @@ async def test_session_cookie_csrf_and_sign_out(issuer: TestIssuer) -> None:
                     assert resp.status == 403
             async with http.get(url, headers=cookie) as resp:
                 assert resp.status == 200
-            assert stack.proxy.store.get(session.sid) is not None
+            assert await stack.proxy.store.get(session.sid) is not None
             async with http.post(url, headers=cookie, data={"csrf": session.csrf}) as resp:
                 assert resp.status == 200
                 set_cookie = resp.headers["Set-Cookie"]
                 assert set_cookie.startswith("__Host-tunnel_session=")
-            assert stack.proxy.store.get(session.sid) is None
+            assert await stack.proxy.store.get(session.sid) is None
             async with http.get(stack.base + "/headers", headers=cookie) as resp:
                 assert resp.status == 401
             # Header form of the CSRF token works too.
-            second = _session(stack)
+            second = await _session(stack)
             async with http.post(url, headers={**cookie, "X-Tunnel-Csrf": second.csrf}) as resp:
                 assert resp.status == 200
 

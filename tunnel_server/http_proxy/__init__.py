@@ -12,15 +12,27 @@ from .config import HttpModeConfig, RouteConfig, SessionConfig, WebLoginConfig
 if TYPE_CHECKING:
     from .assertion import AssertionSigner
     from .proxy import HttpProxy, serving
-    from .sessions import MemorySessionStore, SessionStore, WebSession
+    from .redis_sessions import RedisSessionStore
+    from .sessions import (
+        MemorySessionStore,
+        SessionStore,
+        SessionStoreUnavailable,
+        WebSession,
+        build_session_store,
+        session_key,
+    )
 
 _LAZY = {
     "AssertionSigner": ".assertion",
     "HttpProxy": ".proxy",
     "serving": ".proxy",
     "MemorySessionStore": ".sessions",
+    "RedisSessionStore": ".redis_sessions",
     "SessionStore": ".sessions",
+    "SessionStoreUnavailable": ".sessions",
     "WebSession": ".sessions",
+    "build_session_store": ".sessions",
+    "session_key": ".sessions",
 }
 
 
@@ -38,10 +50,14 @@ __all__ = [
     "HttpModeConfig",
     "HttpProxy",
     "MemorySessionStore",
+    "RedisSessionStore",
     "RouteConfig",
     "SessionConfig",
     "SessionStore",
+    "SessionStoreUnavailable",
     "WebLoginConfig",
     "WebSession",
+    "build_session_store",
     "serving",
+    "session_key",
 ]

@@ -51,3 +51,11 @@ def login_failed(reason: str) -> str:
         "Sign-in failed",
         f"<p>{escape(reason)}</p><p><a href='/_tunnel/sign_in'>Try again</a></p>",
     )
+
+
+def unavailable() -> str:
+    return page(
+        "Temporarily unavailable",
+        "<p id='unavailable'>Sign-in is temporarily unavailable. Try again in a few seconds."
+        "</p><p><a href=''>Retry</a></p>",
+    )

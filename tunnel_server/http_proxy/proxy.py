@@ -5,27 +5,27 @@ Every request: normalize host and path (400 when ambiguous), pick the route, aut
 ``webUser`` on the normalized host and path, then forward exactly one request with the client's
 identity headers replaced by a signed assertion. Bodies stream both ways; WebSockets pass
 through after an Origin check; open WebSockets and streams are re-decided on policy change,
-revocation and every ``recheck_interval``."""
+revocation and every ``recheck_interval``; those bound to a browser session also end when the
+session ends on any node (the store's notifications, and a store check every interval).
+
+Browser sign-in, callback and sign-out: ``login.py``; sessions: ``sessions.py``."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import hashlib
 import hmac
-import json
 import logging
+import math
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 import aiohttp
-import jwt
 from aiohttp import web
 from yarl import URL
 
@@ -53,18 +53,31 @@ from .headers import (
     response_headers,
     upstream_headers,
 )
-from .paths import BadRequest, normalize_host, normalize_path, safe_return_path
-from .sessions import MemorySessionStore, PendingLogin, SessionStore, WebSession
+from .login import MAX_ID, SESSION_COOKIE, BrowserLogin
+from .paths import BadRequest, normalize_host, normalize_path
+from .responses import (
+    RETRY_AFTER,
+    html_response,
+    json_response,
+    redirect,
+    store_unavailable,
+    wants_html,
+)
+from .sessions import (
+    MemorySessionStore,
+    SessionStore,
+    SessionStoreUnavailable,
+    WebSession,
+    session_key,
+)
 
 log = logging.getLogger("tunnel.http")
 
-SESSION_COOKIE = "__Host-tunnel_session"
-LOGIN_COOKIE = "__Host-tunnel_login"
-CSRF_HEADER = "X-Tunnel-Csrf"
 RESERVED = "/_tunnel/"
 JWKS_PATH = "/.well-known/tunnel/jwks.json"
 CHUNK = 64 * 1024
 WS_MAX_MESSAGE = 4 * 1024 * 1024
+CLOSE_WAIT = 5.0  # seconds aclose() lets background store calls (revocations) finish
 
 
 @dataclass(eq=False)
@@ -73,9 +86,11 @@ class _Active:
 
     route: RouteConfig
     identity: Identity
-    session_id: str | None
     request: AccessRequest
     close: Callable[[], None]
+    session_id: str | None = None  # the browser session it runs on, if any
+    session_key: str | None = None  # session_key(session_id): what announcements carry
+    session_expires: float = math.inf
 
 
 @dataclass
@@ -90,46 +105,6 @@ class _Reply(Exception):
         self.response = response
 
 
-def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
-        text=json.dumps(data),
-        status=status,
-        content_type="application/json",
-        headers={"Cache-Control": "no-store", **(headers or {})},
-    )
-
-
-def _redirect(location: str) -> web.Response:
-    return web.Response(status=302, headers={"Location": location, "Cache-Control": "no-store"})
-
-
-def _html(body: str, status: int = 200) -> web.Response:
-    return web.Response(
-        text=body,
-        status=status,
-        content_type="text/html",
-        headers={
-            "Cache-Control": "no-store",
-            "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
-            "form-action 'self'; frame-ancestors 'none'",
-            "X-Content-Type-Options": "nosniff",
-        },
-    )
-
-
-def wants_html(request: web.Request) -> bool:
-    """A top-level browser navigation (may be redirected to sign-in); XHR, fetch() and
-    non-HTML clients get 401 instead."""
-    if request.method not in ("GET", "HEAD"):
-        return False
-    if request.headers.get("X-Requested-With", "").lower() == "xmlhttprequest":
-        return False
-    mode = request.headers.get("Sec-Fetch-Mode")
-    if mode is not None and mode.lower() != "navigate":
-        return False
-    return "text/html" in request.headers.get("Accept", "").lower()
-
-
 def _bearer(value: str | None) -> str | None:
     if not value:
         return None
@@ -139,16 +114,12 @@ def _bearer(value: str | None) -> str | None:
     return token.strip()
 
 
-def _pkce() -> tuple[str, str]:
-    verifier = secrets.token_urlsafe(48)
-    digest = hashlib.sha256(verifier.encode("ascii")).digest()
-    return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
-
-
 class HttpProxy:
     """The HTTP-mode server. ``policy`` returns the policy in force (the relay's); ``is_revoked``
-    is the relay's revocation check. Call ``redecide_all()`` after a policy change and
-    ``revoke_user(principal)`` when an admin revokes someone."""
+    is the relay's revocation check; ``store`` holds browser sessions (``build_session_store``;
+    in memory by default). Call ``redecide_all()`` after a policy change and
+    ``revoke_user(principal)`` when an admin revokes someone. ``start()`` also subscribes to the
+    store's ended-session notifications; ``aclose()`` ends that and closes the store."""
 
     def __init__(
         self,
@@ -187,8 +158,20 @@ class HttpProxy:
         self._routes = sorted(config.routes, key=lambda r: (r.host, -len(r.path_prefix)))
         self._active: set[_Active] = set()
         self._client: aiohttp.ClientSession | None = None
-        self._discovery: dict[str, Any] | None = None
         self._recheck: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()  # background store calls, kept until done
+        # Set once the store's ended-session notifications reach this node.
+        self.listening = asyncio.Event()
+        self.login = BrowserLogin(
+            config,
+            store=self.store,
+            audit=audit,
+            verifier=self._login_verifier,
+            client=lambda: self._client,
+            end_sessions=self.end_sessions,
+            clock=clock,
+        )
         self.app = web.Application(client_max_size=0)
         self.app.router.add_route("*", "/{tail:.*}", self.handle)
 
@@ -217,12 +200,20 @@ class HttpProxy:
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
         )
         self._recheck = asyncio.create_task(self._recheck_loop())
+        self._listener = asyncio.create_task(self.store.listen(self.end_sessions, self._missed))
+        self._listener.add_done_callback(self._log_failure)
 
     async def aclose(self) -> None:
-        if self._recheck is not None:
-            self._recheck.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._recheck
+        for task in (self._recheck, self._listener):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._tasks:  # revocations under way: let them reach the store if they can
+            _, late = await asyncio.wait(set(self._tasks), timeout=CLOSE_WAIT)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
         for active in list(self._active):
             active.close()
         if self._client is not None:
@@ -231,18 +222,58 @@ class HttpProxy:
             await authenticator.aclose()
         if self._login_verifier is not None:
             await self._login_verifier.aclose()
+        await self.store.aclose()
 
     async def _recheck_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.recheck_interval)
-            self.signer.maybe_rotate()
-            self.redecide_all()
+            try:
+                self.signer.maybe_rotate()
+                self.redecide_all()
+                await self.recheck_sessions()
+            except Exception:  # the next round must still come
+                log.exception("re-deciding open HTTP-mode streams failed")
+
+    def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
+        """Run ``coro`` in the background, keeping a reference until it is done."""
+        try:
+            task = asyncio.get_running_loop().create_task(coro)
+        except RuntimeError:  # no event loop: nothing could run it
+            coro.close()
+            log.error("no event loop: a background session-store call was dropped")
+            return
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._log_failure)
+
+    @staticmethod
+    def _log_failure(task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("HTTP-mode background task failed", exc_info=task.exception())
+
+    async def idle(self) -> None:
+        """Wait until the background store calls started so far (revocations, session
+        re-checks) are done."""
+        while self._tasks:
+            await asyncio.wait(set(self._tasks))
 
     # -- continuous authorization -------------------------------------------------------------
 
+    def _close(self, active: _Active, reason: str) -> bool:
+        if active not in self._active:
+            return False
+        self._active.discard(active)
+        self.audit.record(
+            "http_close", principal=active.identity.principal, app=active.route.name, reason=reason
+        )
+        active.close()
+        return True
+
     def redecide_all(self) -> int:
         """Re-decide every open WebSocket and streaming response against the policy in force,
-        revocations, session state and credential expiry; close those no longer allowed."""
+        revocations, session and credential expiry; close those no longer allowed. Synchronous
+        (policy reload calls it); whether sessions still exist in the store is
+        ``recheck_sessions()``, and sessions ended elsewhere are announced (``end_sessions``)."""
         closed = 0
         now = self.clock()
         policy = self.policy()
@@ -250,36 +281,65 @@ class HttpProxy:
             reason: str | None = None
             if self.is_revoked(active.identity):
                 reason = "revoked"
-            elif active.session_id is not None and self.store.get(active.session_id) is None:
+            elif active.session_expires <= now:
                 reason = "session ended"
-            elif active.session_id is None and active.identity.valid_until < now:
+            elif active.session_key is None and active.identity.valid_until < now:
                 reason = "credential expired"
             else:
                 decision = evaluate(active.request, policy, now)
                 if not decision.allowed:
                     reason = decision.reason
-            if reason is not None:
-                self._active.discard(active)
-                self.audit.record(
-                    "http_close",
-                    principal=active.identity.principal,
-                    app=active.route.name,
-                    reason=reason,
-                )
-                active.close()
+            if reason is not None and self._close(active, reason):
+                closed += 1
+        return closed
+
+    async def recheck_sessions(self) -> int:
+        """Close the open WebSockets and streams whose browser session is gone from the store
+        (an announcement this node missed). While the store is unavailable they stay open (no
+        one can sign out meanwhile) and are checked again on the next round."""
+        ended: set[str] = set()
+        for sid in {a.session_id for a in self._active if a.session_id is not None}:
+            try:
+                if await self.store.get(sid) is None:
+                    ended.add(session_key(sid))
+            except SessionStoreUnavailable as exc:
+                log.warning("open streams' sessions not re-checked: %s", exc)
+                break
+        return self.end_sessions(ended) if ended else 0
+
+    def _missed(self) -> None:
+        self.listening.set()
+        if any(a.session_id is not None for a in self._active):
+            self._spawn(self.recheck_sessions())
+
+    def end_sessions(self, keys: Collection[str]) -> int:
+        """Close this node's WebSockets and streams running on the sessions with these keys
+        (``session_key(sid)``): signed out here, or announced by the store from any node."""
+        wanted = set(keys)
+        closed = 0
+        for active in list(self._active):
+            if active.session_key in wanted and self._close(active, "session ended"):
                 closed += 1
         return closed
 
     def revoke_user(self, principal: str) -> int:
-        """End the principal's browser sessions and close their open streams."""
-        self.store.delete_principal(principal)
+        """Close the principal's open streams here (returns how many) and end their browser
+        sessions on every node: the store call runs in the background (``idle()`` waits for
+        it), as this is called from synchronous code."""
         closed = 0
         for active in list(self._active):
-            if active.identity.principal == principal:
-                self._active.discard(active)
-                active.close()
+            if active.identity.principal == principal and self._close(active, "revoked"):
                 closed += 1
+        self._spawn(self._end_principal(principal))
         return closed
+
+    async def _end_principal(self, principal: str) -> None:
+        try:
+            await self.store.delete_principal(principal)
+        except SessionStoreUnavailable as exc:
+            # The sessions stay in the store, but every node that knows the revocation refuses
+            # them (is_revoked); their streams here are closed already.
+            log.error("sessions of a revoked principal not deleted: %s", exc)
 
     # -- request handling ------------------------------------------------------------------------
 
@@ -312,7 +372,9 @@ class HttpProxy:
             self.audit.record("http", decision="deny", reason=f"bad request: {exc}", status=400)
             return web.Response(status=400, text=f"Bad request: {exc}\n")
         if path.decoded == JWKS_PATH:
-            return _json(self.signer.jwks(), headers={"Cache-Control": "public, max-age=300"})
+            return json_response(
+                self.signer.jwks(), headers={"Cache-Control": "public, max-age=300"}
+            )
         route = self._route(host, path.decoded)
         if route is None:
             return web.Response(status=404, text="Not found\n")
@@ -411,7 +473,11 @@ class HttpProxy:
                 identity = await authenticator.verify(token)
             except IssuerUnavailable:
                 raise _Reply(
-                    _json({"error": "identity provider unavailable"}, 503, {"Retry-After": "5"})
+                    json_response(
+                        {"error": "identity provider unavailable"},
+                        503,
+                        {"Retry-After": RETRY_AFTER},
+                    )
                 ) from None
             except AuthError as exc:
                 self._refuse(route, exc.reason)
@@ -419,24 +485,29 @@ class HttpProxy:
                 self._refuse(route, "revoked")
             return _Caller(identity, consumed_authorization=auth_token is not None)
         sid = request.cookies.get(SESSION_COOKIE)
-        if not sid or len(sid) > 128:
+        if not sid or len(sid) > MAX_ID:
             return None
-        session = self.store.get(sid)
+        try:
+            session = await self.store.get(sid)
+        except SessionStoreUnavailable as exc:
+            # Fail closed, and not with a sign-in redirect (that needs the store too).
+            self.audit.record("http", decision="deny", reason=str(exc), app=route.name, status=503)
+            raise _Reply(store_unavailable(request)) from None
         if session is None or not hmac.compare_digest(session.origin, origin):
             return None
         reauth = self.config.session.reauth_max_age
-        if reauth is not None and self.clock() - session.auth_time > reauth:
-            self.store.delete(sid)
-            return None
-        if self.is_revoked(session.identity):
-            self.store.delete(sid)
+        if (reauth is not None and self.clock() - session.auth_time > reauth) or self.is_revoked(
+            session.identity
+        ):
+            with contextlib.suppress(SessionStoreUnavailable):  # refused here either way
+                await self.store.delete(sid)
             return None
         return _Caller(session.identity, session=session)
 
     def _refuse(self, route: RouteConfig, reason: str) -> None:
         self.audit.record("http", decision="deny", reason=reason, app=route.name, status=401)
         raise _Reply(
-            _json(
+            json_response(
                 {"error": "authentication required"},
                 401,
                 {"WWW-Authenticate": 'Bearer realm="tunnel", error="invalid_token"'},
@@ -445,8 +516,8 @@ class HttpProxy:
 
     def _unauthenticated(self, request: web.Request, target: str) -> web.StreamResponse:
         if self.config.login is not None and wants_html(request):
-            return _redirect("/_tunnel/sign_in?" + urlencode({"rd": target}))
-        return _json(
+            return redirect("/_tunnel/sign_in?" + urlencode({"rd": target}))
+        return json_response(
             {"error": "authentication required"}, 401, {"WWW-Authenticate": 'Bearer realm="tunnel"'}
         )
 
@@ -454,17 +525,19 @@ class HttpProxy:
         if wants_html(request):
             csrf = caller.session.csrf if caller.session else None
             who = caller.identity.email or caller.identity.principal
-            return _html(pages.denied(who, request_id, csrf), 403)
-        return _json({"error": "access denied", "request_id": request_id}, 403)
+            return html_response(pages.denied(who, request_id, csrf), 403)
+        return json_response({"error": "access denied", "request_id": request_id}, 403)
 
     # -- forwarding ----------------------------------------------------------------------------
 
     def _track(
         self, route: RouteConfig, caller: _Caller, access: AccessRequest, close: Callable[[], None]
     ) -> _Active:
-        active = _Active(
-            route, caller.identity, caller.session.sid if caller.session else None, access, close
-        )
+        active = _Active(route, caller.identity, access, close)
+        if caller.session is not None:
+            active.session_id = caller.session.sid
+            active.session_key = session_key(caller.session.sid)
+            active.session_expires = caller.session.expires
         self._active.add(active)
         return active
 
@@ -532,7 +605,7 @@ class HttpProxy:
     ) -> web.StreamResponse:
         assert self._client is not None
         if not route.websockets:
-            return _json({"error": "WebSockets are not enabled for this app"}, 403)
+            return json_response({"error": "WebSockets are not enabled for this app"}, 403)
         sent_origin = request.headers.get("Origin")
         # Cross-site WebSocket hijacking: a browser (cookie) upgrade must come from the app's own
         # origin; bearer clients may omit Origin but not send a foreign one.
@@ -543,7 +616,7 @@ class HttpProxy:
                 "http", decision="deny", reason="websocket origin not allowed", app=route.name,
                 principal=caller.identity.principal, status=403,
             )  # fmt: skip
-            return _json({"error": "origin not allowed"}, 403)
+            return json_response({"error": "origin not allowed"}, 403)
         protocols = [
             p.strip()
             for v in request.headers.getall("Sec-WebSocket-Protocol", [])
@@ -604,15 +677,15 @@ class HttpProxy:
     ) -> web.StreamResponse:
         name = path[len(RESERVED) :]
         if name == "sign_in" and request.method == "GET":
-            return await self._sign_in(request, origin, request.query.get("rd"))
+            return await self.login.sign_in(request, origin)
         if name == "callback" and request.method == "GET":
-            return await self._callback(request, origin)
+            return await self.login.callback(request, origin)
         if name == "sign_out":
-            return await self._sign_out(request, route, origin)
+            return await self.login.sign_out(request, origin)
         if name == "identity" and request.method == "GET":
             caller = await self._authenticate(request, route, origin)
             if caller is None:
-                return _json({"error": "authentication required"}, 401)
+                return json_response({"error": "authentication required"}, 401)
             identity = caller.identity
             body: dict[str, Any] = {
                 "principal": identity.principal,
@@ -624,191 +697,8 @@ class HttpProxy:
             if caller.session is not None:
                 body["csrf_token"] = caller.session.csrf
                 body["expires"] = caller.session.expires
-            return _json(body)
+            return json_response(body)
         return web.Response(status=404, text="Not found\n")
-
-    async def _discover(self) -> dict[str, Any]:
-        assert self.config.login is not None
-        assert self._client is not None
-        if self._discovery is None:
-            url = self.config.login.issuer.rstrip("/") + "/.well-known/openid-configuration"
-            async with self._client.get(url, timeout=aiohttp.ClientTimeout(total=10)) as resp:
-                resp.raise_for_status()
-                document = await resp.json()
-            if not isinstance(document, dict) or document.get("issuer") != self.config.login.issuer:
-                raise ValueError("discovery document names another issuer")
-            self._discovery = document
-        return self._discovery
-
-    def _cookie_flags(self) -> dict[str, Any]:
-        return {"secure": True, "httponly": True, "samesite": "Lax", "path": "/"}
-
-    async def _sign_in(
-        self, request: web.Request, origin: str, rd: str | None
-    ) -> web.StreamResponse:
-        login = self.config.login
-        if login is None:
-            return _html(pages.page("Sign-in unavailable", "<p>Use a bearer token.</p>"), 404)
-        try:
-            discovery = await self._discover()
-        except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
-            return _html(pages.login_failed("The identity provider cannot be reached."), 503)
-        verifier, challenge = _pkce()
-        browser = secrets.token_urlsafe(24)
-        pending = PendingLogin(
-            state=secrets.token_urlsafe(24),
-            nonce=secrets.token_urlsafe(24),
-            verifier=verifier,
-            return_to=safe_return_path(rd, origin),
-            host=origin,
-            browser=browser,
-            expires=self.clock() + self.config.session.login_timeout,
-        )
-        self.store.put_pending(pending)
-        params = {
-            "response_type": "code",
-            "client_id": login.client_id,
-            "redirect_uri": origin + "/_tunnel/callback",
-            "scope": " ".join(login.scopes),
-            "state": pending.state,
-            "nonce": pending.nonce,
-            "code_challenge": challenge,
-            "code_challenge_method": "S256",
-        }
-        if self.config.session.reauth_max_age is not None:
-            params["max_age"] = str(int(self.config.session.reauth_max_age))
-        response = _redirect(str(discovery["authorization_endpoint"]) + "?" + urlencode(params))
-        response.set_cookie(
-            LOGIN_COOKIE,
-            browser,
-            max_age=int(self.config.session.login_timeout),
-            **self._cookie_flags(),
-        )
-        return response
-
-    async def _callback(self, request: web.Request, origin: str) -> web.StreamResponse:
-        login = self.config.login
-        if login is None or self._login_verifier is None:
-            return web.Response(status=404, text="Not found\n")
-        state = request.query.get("state", "")
-        pending = self.store.pop_pending(state) if 0 < len(state) <= 128 else None
-        browser = request.cookies.get(LOGIN_COOKIE, "")
-        if (
-            pending is None
-            or not hmac.compare_digest(pending.browser, browser)
-            or pending.host != origin
-        ):
-            self.audit.record("http_login", decision="deny", reason="bad state", status=400)
-            return _html(pages.login_failed("This sign-in link is invalid or has expired."), 400)
-        if "error" in request.query or "code" not in request.query:
-            self.audit.record("http_login", decision="deny", reason="idp refused", status=401)
-            return _html(pages.login_failed("The identity provider did not sign you in."), 401)
-        try:
-            discovery = await self._discover()
-            identity, claims = await self._redeem(discovery, request.query["code"], pending, origin)
-        except IssuerUnavailable:
-            return _html(pages.login_failed("The identity provider cannot be reached."), 503)
-        except (TimeoutError, AuthError, ValueError, aiohttp.ClientError, OSError) as exc:
-            reason = exc.reason if isinstance(exc, AuthError) else type(exc).__name__
-            self.audit.record("http_login", decision="deny", reason=reason, status=401)
-            return _html(pages.login_failed("Sign-in could not be completed."), 401)
-        now = self.clock()
-        auth_time = claims.get("auth_time")
-        session = WebSession(
-            sid=secrets.token_urlsafe(32),  # always a new id on login (session fixation)
-            identity=identity,
-            origin=origin,
-            created=now,
-            auth_time=float(auth_time) if isinstance(auth_time, int | float) else now,
-            expires=now + self.config.session.max_age,
-        )
-        old = request.cookies.get(SESSION_COOKIE)
-        if old:
-            self.store.delete(old)
-        self.store.put(session)
-        self.audit.record("http_login", decision="allow", principal=identity.principal)
-        response = _redirect(pending.return_to)
-        response.set_cookie(
-            SESSION_COOKIE, session.sid, max_age=int(self.config.session.max_age),
-            **self._cookie_flags(),
-        )  # fmt: skip
-        response.del_cookie(LOGIN_COOKIE, **self._cookie_flags())
-        return response
-
-    async def _redeem(
-        self, discovery: dict[str, Any], code: str, pending: PendingLogin, origin: str
-    ) -> tuple[Identity, dict[str, Any]]:
-        login = self.config.login
-        assert login is not None
-        assert self._client is not None
-        assert self._login_verifier
-        form = {
-            "grant_type": "authorization_code",
-            "code": code,
-            "redirect_uri": origin + "/_tunnel/callback",
-            "code_verifier": pending.verifier,
-        }
-        pair = f"{quote(login.client_id, safe='')}:{quote(login.client_secret, safe='')}"
-        basic = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
-        async with self._client.post(
-            str(discovery["token_endpoint"]),
-            data=form,
-            headers={"Authorization": basic, "Content-Type": "application/x-www-form-urlencoded"},
-            timeout=aiohttp.ClientTimeout(total=15),
-        ) as resp:
-            if resp.status != 200:
-                raise AuthError("code exchange refused")
-            tokens = await resp.json()
-        id_token = tokens.get("id_token") if isinstance(tokens, dict) else None
-        if not isinstance(id_token, str):
-            raise AuthError("no id token")
-        identity = await self._login_verifier.verify(id_token)
-        # Verified above; read the claims the Identity does not carry (nonce, auth_time).
-        claims: dict[str, Any] = jwt.decode(id_token, options={"verify_signature": False})
-        nonce = claims.get("nonce")
-        if not isinstance(nonce, str) or not hmac.compare_digest(nonce, pending.nonce):
-            raise AuthError("bad nonce")
-        return identity, claims
-
-    async def _sign_out(
-        self, request: web.Request, route: RouteConfig, origin: str
-    ) -> web.StreamResponse:
-        sid = request.cookies.get(SESSION_COOKIE, "")
-        session = self.store.get(sid) if 0 < len(sid) <= 128 else None
-        if request.method == "GET":
-            if session is None:
-                return _html(pages.signed_out())
-            return _html(pages.sign_out_confirm(session.csrf))
-        if request.method != "POST":
-            return web.Response(status=405, headers={"Allow": "GET, POST"})
-        sent_origin = request.headers.get("Origin")
-        if sent_origin is not None and sent_origin.lower() != origin:
-            return _json({"error": "cross-origin sign-out refused"}, 403)
-        token = request.headers.get(CSRF_HEADER)
-        if token is None and request.content_type == "application/x-www-form-urlencoded":
-            if (request.content_length or 0) > 4096:
-                return _json({"error": "form too large"}, 413)
-            form = await request.post()
-            value = form.get("csrf")
-            token = value if isinstance(value, str) else None
-        if session is None:
-            response = _html(pages.signed_out())
-        elif token is None or not hmac.compare_digest(token, session.csrf):
-            self.audit.record(
-                "http_logout", decision="deny", reason="bad csrf token",
-                principal=session.identity.principal, status=403,
-            )  # fmt: skip
-            return _json({"error": "invalid CSRF token"}, 403)
-        else:
-            self.store.delete(session.sid)
-            for active in list(self._active):
-                if active.session_id == session.sid:
-                    self._active.discard(active)
-                    active.close()
-            self.audit.record("http_logout", principal=session.identity.principal)
-            response = _html(pages.signed_out())
-        response.del_cookie(SESSION_COOKIE, **self._cookie_flags())
-        return response
 
 
 @asynccontextmanager

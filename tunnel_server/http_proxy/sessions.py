@@ -1,16 +1,55 @@
 """Server-side browser sessions. The cookie holds only a random id; everything else lives in a
-``SessionStore`` (in memory here; a Redis store can implement the same interface so that a
-sign-out ends the session on every node)."""
+``SessionStore``: ``MemorySessionStore`` (one node) or ``RedisSessionStore`` (several nodes share
+sessions; a sign-out or a revocation on any node ends the session on all of them,
+``redis_sessions.py``). ``build_session_store`` picks one from the relay's ``state:`` config.
+
+Every store method is a coroutine. Errors::
+
+    SessionStoreUnavailable   the store cannot be reached or did not answer in time: the
+                              request fails closed with 503 + Retry-After (never a sign-in
+                              redirect: a new login would need the store too)
+    SessionTooLarge           (ValueError) a session or pending login too big to store
+
+A store also tells the proxy about sessions that ended anywhere (``listen``): the proxy closes
+its open WebSockets and streams bound to them. Those notifications carry ``session_key(sid)``
+(a SHA-256 of the id), never the id itself: the id is the bearer credential in the cookie."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..identity import Identity
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from ..config import StateConfig
+
+# Called with the keys (session_key) of sessions that ended, on this node or another.
+EndedCallback = Callable[[Collection[str]], object]
+# Called each time notifications start flowing (first subscription, reconnections): any
+# announced before may have been missed, so re-check sessions.
+GapCallback = Callable[[], object]
+
+
+class SessionStoreUnavailable(Exception):
+    """The session store cannot be reached or did not answer in time (HTTP 503)."""
+
+
+class SessionTooLarge(ValueError):
+    """A session or pending login over the store's size bound."""
+
+
+def session_key(sid: str) -> str:
+    """What stores index and announce a session by: not the cookie value itself, so that keys,
+    notifications and logs never carry a usable credential."""
+    return hashlib.sha256(sid.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 @dataclass
@@ -36,12 +75,35 @@ class PendingLogin:
 
 
 class SessionStore(Protocol):
-    def get(self, sid: str) -> WebSession | None: ...
-    def put(self, session: WebSession) -> None: ...
-    def delete(self, sid: str) -> None: ...
-    def delete_principal(self, principal: str) -> int: ...
-    def put_pending(self, pending: PendingLogin) -> None: ...
-    def pop_pending(self, state: str) -> PendingLogin | None: ...
+    async def get(self, sid: str) -> WebSession | None:
+        """The live session, or None (unknown, expired, unreadable)."""
+        ...
+
+    async def put(self, session: WebSession) -> None: ...
+
+    async def delete(self, sid: str) -> None:
+        """End one session (announced to ``listen`` on every node)."""
+        ...
+
+    async def delete_principal(self, principal: str) -> int:
+        """End every session of ``principal`` (announced); how many there were."""
+        ...
+
+    async def put_pending(self, pending: PendingLogin) -> None: ...
+
+    async def pop_pending(self, state: str) -> PendingLogin | None:
+        """Take a pending login out: one use, atomically, whatever happens next."""
+        ...
+
+    async def listen(self, on_ended: EndedCallback, on_gap: GapCallback | None = None) -> None:
+        """Until cancelled: call ``on_ended(keys)`` for sessions ended anywhere, this node
+        included, and ``on_gap()`` each time notifications start flowing (the first time
+        and after every interruption): those announced before may have been missed."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release what the store itself opened (``HttpProxy.aclose`` calls it)."""
+        ...
 
 
 class MemorySessionStore:
@@ -52,41 +114,61 @@ class MemorySessionStore:
         self._pending: dict[str, PendingLogin] = {}
         self._clock = clock
         self._max_pending = max_pending
+        self._listeners: list[EndedCallback] = []
 
-    def get(self, sid: str) -> WebSession | None:
+    async def get(self, sid: str) -> WebSession | None:
         session = self._sessions.get(sid)
         if session is not None and session.expires <= self._clock():
             del self._sessions[sid]
             return None
         return session
 
-    def put(self, session: WebSession) -> None:
+    async def put(self, session: WebSession) -> None:
         self._sweep()
         self._sessions[session.sid] = session
 
-    def delete(self, sid: str) -> None:
-        self._sessions.pop(sid, None)
+    async def delete(self, sid: str) -> None:
+        if self._sessions.pop(sid, None) is not None:
+            self._announce([session_key(sid)])
 
-    def delete_principal(self, principal: str) -> int:
+    async def delete_principal(self, principal: str) -> int:
         doomed = [s for s, v in self._sessions.items() if v.identity.principal == principal]
         for sid in doomed:
             del self._sessions[sid]
+        if doomed:
+            self._announce([session_key(sid) for sid in doomed])
         return len(doomed)
 
-    def put_pending(self, pending: PendingLogin) -> None:
+    async def put_pending(self, pending: PendingLogin) -> None:
         self._sweep()
         if len(self._pending) >= self._max_pending:
             self._pending.pop(next(iter(self._pending)))  # oldest first
         self._pending[pending.state] = pending
 
-    def pop_pending(self, state: str) -> PendingLogin | None:
+    async def pop_pending(self, state: str) -> PendingLogin | None:
         pending = self._pending.pop(state, None)  # one use, whatever happens next
         if pending is None or pending.expires <= self._clock():
             return None
         return pending
 
+    async def listen(self, on_ended: EndedCallback, on_gap: GapCallback | None = None) -> None:
+        self._listeners.append(on_ended)
+        if on_gap is not None:
+            on_gap()
+        try:
+            await asyncio.get_running_loop().create_future()  # until cancelled
+        finally:
+            self._listeners.remove(on_ended)
+
+    async def aclose(self) -> None:
+        return None
+
     def sessions(self) -> list[WebSession]:
         return list(self._sessions.values())
+
+    def _announce(self, keys: list[str]) -> None:
+        for listener in list(self._listeners):
+            listener(keys)
 
     def _sweep(self) -> None:
         now = self._clock()
@@ -94,3 +176,24 @@ class MemorySessionStore:
             del self._sessions[sid]
         for state in [s for s, v in self._pending.items() if v.expires <= now]:
             del self._pending[state]
+
+
+def build_session_store(
+    state: StateConfig, redis: Redis | None = None, *, clock: Callable[[], float] = time.time
+) -> SessionStore:
+    """The session store for the relay's ``state:`` config: in memory for ``backend: memory``;
+    for ``backend: redis``, sessions in Redis at ``state.redis_url`` under ``state.key_prefix``,
+    every command bounded by ``state.timeout``. With ``redis`` given, that client is used (and
+    left open: its owner closes it); otherwise the store makes its own and closes it in
+    ``aclose`` (which ``HttpProxy.aclose`` calls)."""
+    if state.backend == "memory":
+        return MemorySessionStore(clock)
+    from .redis_sessions import RedisSessionStore
+
+    if redis is not None:
+        return RedisSessionStore(redis, state.key_prefix, timeout=state.timeout, clock=clock)
+    if not state.redis_url:
+        raise ValueError("state.backend 'redis' needs redis_url for the session store")
+    return RedisSessionStore.from_url(
+        state.redis_url, state.key_prefix, timeout=state.timeout, clock=clock
+    )
