@@ -29,7 +29,7 @@ from .audit import AuditLog
 from .cluster import ClusterLink
 from .config import ConfigError, ServerConfig, load_config
 from .destinations import DestinationPolicy
-from .http_proxy import HttpProxy
+from .http_proxy import HttpProxy, build_session_store
 from .http_proxy import serving as http_serving
 from .identity import DEFAULT_ALGORITHMS, Authenticator, Identity, Introspector, OidcVerifier
 from .inventory import Inventory
@@ -179,6 +179,7 @@ async def running(config: ServerConfig, *, node: str | None = None) -> AsyncIter
                     policy=lambda: relay.policy,
                     audit=relay.audit,
                     is_revoked=revocations.is_revoked,
+                    store=build_session_store(config.state),
                 )
                 http_ssl = server_context(config.http.tls) if config.http.tls else None
                 running_server.http = http_proxy
