@@ -15,7 +15,7 @@ import pytest
 from .helpers import UNIT
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -37,7 +37,7 @@ class RedisServer:
     async def start(self) -> RedisServer:
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         for _attempt in range(5):
-            port = self.port or _free_port()
+            port = self.port or free_port()
             self.process = await asyncio.create_subprocess_exec(
                 binary,
                 "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",

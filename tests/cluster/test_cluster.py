@@ -26,7 +26,7 @@ from ..faults import FaultProxy, Link
 from ..helpers import UNIT, TcpTarget, deterministic_chunks, relay_config_data
 from ..oidc_fixture import TestIssuer
 from ..processes import Process, started
-from ..redis_fixture import RedisServer, _free_port, redis  # noqa: F401  (fixture)
+from ..redis_fixture import RedisServer, free_port
 from ..reliability.common import MiB, client_options, finished, listening, only_session
 
 pytestmark = pytest.mark.e2e
@@ -132,9 +132,9 @@ def node_config(
     issuer: TestIssuer,
     tmp_path: Path,
     redis: RedisServer,
-    index: int,  # noqa: F811
+    index: int,
 ) -> Node:
-    port, admin_port = _free_port(), _free_port()
+    port, admin_port = free_port(), free_port()
     data = relay_config_data(
         issuer, tmp_path, tls=False, members=["allAuthenticatedUsers"],
         tunnel={"max_tunnels_per_principal": CAP, "drain_grace": 0},
@@ -165,7 +165,7 @@ def node_config(
 async def cluster(
     issuer: TestIssuer,
     tmp_path: Path,
-    redis: RedisServer,  # noqa: F811
+    redis: RedisServer,
 ) -> AsyncIterator[Cluster]:
     nodes = [node_config(issuer, tmp_path, redis, i) for i in range(NODES)]
     route: list[int] = []

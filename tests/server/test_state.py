@@ -23,7 +23,7 @@ from tunnel_server.state import (
 )
 
 from ..helpers import UNIT
-from ..redis_fixture import RedisServer, redis  # noqa: F401  (fixture)
+from ..redis_fixture import RedisServer
 
 SUBPROTOCOL = "v1.native.tunnel.identity-tunnel"
 
@@ -61,7 +61,7 @@ async def poll(check: Callable[[], Awaitable[bool]], limit: float = 100 * UNIT) 
 @pytest.fixture(params=["memory", "redis"])
 async def store(
     request: pytest.FixtureRequest,
-    redis: RedisServer,  # noqa: F811
+    redis: RedisServer,
 ) -> AsyncIterator[StateStore]:
     state: StateStore = (
         MemoryState("node-a") if request.param == "memory" else redis_state(redis, "node-a")
@@ -103,7 +103,7 @@ async def test_contract_claim_release_owner(store: StateStore) -> None:
 
 
 async def test_caps_hold_across_nodes_and_owner_is_found_elsewhere(
-    redis: RedisServer,  # noqa: F811
+    redis: RedisServer,
 ) -> None:
     a, b = redis_state(redis, "node-a"), redis_state(redis, "node-b")
     for state in (a, b):
@@ -122,7 +122,7 @@ async def test_caps_hold_across_nodes_and_owner_is_found_elsewhere(
         await b.aclose()
 
 
-async def test_a_dead_nodes_leases_expire(redis: RedisServer) -> None:  # noqa: F811
+async def test_a_dead_nodes_leases_expire(redis: RedisServer) -> None:
     alive = redis_state(redis, "node-a")
     await alive.start(on_revocation=lambda revocation: None, local_tunnels=lambda: ())
     # A node that claims and then never renews its lease: a crashed process.
@@ -146,7 +146,7 @@ async def test_a_dead_nodes_leases_expire(redis: RedisServer) -> None:  # noqa: 
 
 
 async def test_revocations_are_pushed_and_missed_ones_resynced(
-    redis: RedisServer,  # noqa: F811
+    redis: RedisServer,
 ) -> None:
     seen_b: list[Revocation] = []
     a, b = redis_state(redis, "node-a"), redis_state(redis, "node-b")
@@ -173,7 +173,7 @@ async def test_revocations_are_pushed_and_missed_ones_resynced(
         await b.aclose()
 
 
-async def test_redis_down_then_restarted_loses_nothing(redis: RedisServer) -> None:  # noqa: F811
+async def test_redis_down_then_restarted_loses_nothing(redis: RedisServer) -> None:
     held: list[TunnelRecord] = []
     seen_b: list[Revocation] = []
     a = redis_state(redis, "node-a", lease_ttl=15 * UNIT)
@@ -206,7 +206,7 @@ async def test_redis_down_then_restarted_loses_nothing(redis: RedisServer) -> No
         await b.aclose()
 
 
-async def test_a_clean_exit_frees_its_slots_at_once(redis: RedisServer) -> None:  # noqa: F811
+async def test_a_clean_exit_frees_its_slots_at_once(redis: RedisServer) -> None:
     held: list[TunnelRecord] = []
     a, b = redis_state(redis, "node-a"), redis_state(redis, "node-b")
     await a.start(on_revocation=lambda revocation: None, local_tunnels=lambda: held)
