@@ -1,0 +1,1 @@
+"""Checks of deploy/: container image, Kubernetes manifests, HAProxy, systemd and compose."""
