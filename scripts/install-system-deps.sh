@@ -12,6 +12,8 @@ command -v socat >/dev/null 2>&1 || need+=(socat)
 [ -x /usr/bin/chromium ] || need+=(chromium)
 # Scale-out tests run three relays sharing state in a real Redis.
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+# deploy/haproxy/haproxy.cfg is checked (`haproxy -c`) and run in front of two relays.
+{ command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ]; } || need+=(haproxy)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

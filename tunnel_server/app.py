@@ -121,6 +121,7 @@ def build_link(config: ServerConfig) -> ClusterLink:
     )
     if config.cluster is not None:
         link.secret = config.cluster.secret_bytes()
+        link.server_name = config.cluster.server_name
         if config.cluster.advertise_url.startswith("wss:"):
             cafile = str(config.cluster.ca_file) if config.cluster.ca_file else None
             link.ssl_context = ssl.create_default_context(cafile=cafile)

@@ -40,6 +40,7 @@ class ClusterLink:
 
     secret: bytes | None = None
     ssl_context: ssl.SSLContext | None = None
+    server_name: str | None = None  # checked against other nodes' certificates
     fail_open: bool = False
     open_timeout: float = 5.0
     max_size: int = 1 << 20
@@ -123,6 +124,7 @@ class ClusterMixin:
                     self.link.secret, self.node, source_ip or "", request.path, time.time()
                 ),
                 ssl_context=self.link.ssl_context,
+                server_name=self.link.server_name,
                 open_timeout=self.link.open_timeout,
                 max_size=self.link.max_size,
             )

@@ -292,6 +292,10 @@ class ClusterConfig(_Model):
     secret_file: Path | None = None
     # CA bundle to verify other nodes' certificates (wss advertise URLs); default: system CAs.
     ca_file: Path | None = None
+    # The name other nodes' certificates are checked against, when the advertise URL names the
+    # node by address (a pod IP) and every node serves the certificate of the public name.
+    # Default: the advertise URL's host.
+    server_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9.*-]{1,253}$")
 
     @model_validator(mode="after")
     def _secret(self) -> ClusterConfig:

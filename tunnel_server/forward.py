@@ -14,6 +14,7 @@ import hmac
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.connection import Connection
@@ -101,23 +102,29 @@ async def open_forward(
     subprotocols: list[Subprotocol],
     extra: Headers,
     ssl_context: ssl.SSLContext | None,
+    server_name: str | None = None,
     open_timeout: float,
     max_size: int,
 ) -> ClientConnection:
     """Open the WebSocket to the owner; OwnerUnreachable when it does not accept."""
     headers = Headers(extra)
     headers["Authorization"] = authorization
+    secure = owner_url.startswith("wss:")
+    extra_options: dict[str, Any] = {}
+    if secure and server_name:
+        extra_options["server_hostname"] = server_name  # connect by address, verify the name
     try:
         return await connect(
             owner_url.rstrip("/") + path,
             additional_headers=headers,
             subprotocols=subprotocols,
-            ssl=ssl_context if owner_url.startswith("wss:") else None,
+            ssl=ssl_context if secure else None,
             open_timeout=open_timeout,
             compression=None,
             ping_interval=None,  # the tunnel's own keepalives pass through
             max_size=max_size,
             user_agent_header=None,
+            **extra_options,
         )
     except InvalidStatus as exc:
         raise OwnerUnreachable(

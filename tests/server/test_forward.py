@@ -3,20 +3,27 @@ path and time) and what a relay does with a forwarding claim it cannot verify.""
 
 from __future__ import annotations
 
+import ssl
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+import trustme
 from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import InvalidStatus
+from websockets.typing import Subprotocol
 
 from tunnel_server.config import ConfigError, parse_config
 from tunnel_server.forward import (
     MAX_SKEW,
     SIGNATURE_HEADER,
     ForwardRefused,
+    OwnerUnreachable,
     forward_headers,
+    open_forward,
     verify_forward,
 )
 
@@ -130,3 +137,36 @@ def test_environment_supplies_secrets_and_per_node_values() -> None:
     plain = parse_config({"oidc": data["oidc"]}, env=env)
     assert plain.cluster is None
     assert plain.state.backend == "memory"
+
+
+async def test_nodes_reached_by_address_verify_the_shared_name() -> None:
+    """Pods are reached by IP but all serve the public name's certificate: ``server_name``
+    verifies that name; without it the check against the IP fails (no silent downgrade)."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("relay.internal")  # not valid for 127.0.0.1
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.send(b"owner")
+
+    async with serve(
+        handler, "127.0.0.1", 0, ssl=server_ctx, subprotocols=[Subprotocol("x")]
+    ) as server:
+        port = server.sockets[0].getsockname()[1]
+        options: dict[str, Any] = {
+            "authorization": "Bearer x",
+            "subprotocols": [Subprotocol("x")],
+            "extra": Headers(),
+            "ssl_context": client_ctx,
+            "open_timeout": 5,
+            "max_size": 1 << 16,
+        }
+        url = f"wss://127.0.0.1:{port}"
+        owner = await open_forward(url, "/", server_name="relay.internal", **options)
+        assert await owner.recv() == b"owner"
+        await owner.close()
+        with pytest.raises(OwnerUnreachable, match="owner unreachable"):
+            await open_forward(url, "/", **options)
