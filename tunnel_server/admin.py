@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from .identity import Authenticator, AuthError, Identity, IssuerUnavailable
+from .listeners import serve_app
 from .relay import Relay
 from .state import Revocation
 
@@ -149,11 +150,5 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
 @asynccontextmanager
 async def serving(app: web.Application, host: str, port: int) -> AsyncIterator[int]:
     """Run the admin app on host:port; yields the bound port."""
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    try:
-        yield int(runner.addresses[0][1])
-    finally:
-        await runner.cleanup()
+    async with serve_app(app, host, port) as bound:
+        yield bound

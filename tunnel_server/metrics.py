@@ -27,6 +27,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from .listeners import serve_app
+
 __all__ = [
     "AUTH_FAILURE_REASONS",
     "DECISION_BUCKETS",
@@ -363,11 +365,5 @@ def metrics_app(metrics: Metrics) -> web.Application:
 @asynccontextmanager
 async def serving(metrics: Metrics, host: str, port: int) -> AsyncIterator[int]:
     """Serve ``metrics_app(metrics)`` on host:port (0: any free port); yields the bound port."""
-    runner = web.AppRunner(metrics_app(metrics), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    try:
-        yield int(runner.addresses[0][1])
-    finally:
-        await runner.cleanup()
+    async with serve_app(metrics_app(metrics), host, port) as bound:
+        yield bound
