@@ -25,7 +25,14 @@ from tests.oidc_fixture import (
     sign_compact,
     tamper_payload,
 )
-from tunnel_server.identity import AuthError, Identity, IssuerUnavailable, OidcVerifier
+from tunnel_server.identity import (
+    AuthError,
+    Identity,
+    IssuerUnavailable,
+    OidcVerifier,
+    jwt_verifier,
+)
+from tunnel_server.identity.jwt_verifier import TOKEN_CACHE_TTL
 
 T0 = 1_700_000_000.0
 
@@ -900,3 +907,61 @@ async def test_es256_signature_of_other_curve_length_refused(
         "RS256",
     )
     assert await refused(verifier, forged) == "bad signature"
+
+
+# -- the verified-token cache -------------------------------------------------------------------
+
+
+def count_checks(verifier: OidcVerifier, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record every full verification (signature included) the verifier performs."""
+    checks: list[str] = []
+    full = verifier._verify
+
+    async def counted(token: str) -> Identity:
+        checks.append(token)
+        return await full(token)
+
+    monkeypatch.setattr(verifier, "_verify", counted)
+    return checks
+
+
+async def test_a_verified_token_is_reused_within_the_cache_ttl(
+    issuer: TestIssuer, verifier: OidcVerifier, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checks = count_checks(verifier, monkeypatch)
+    token = issuer.mint(lifetime=600)
+    first = await verifier.verify(token)
+    assert await verifier.verify(token) is first
+    assert len(checks) == 1
+    clock.advance(TOKEN_CACHE_TTL)  # trusted for TOKEN_CACHE_TTL at most: checked again
+    assert (await verifier.verify(token)).principal == first.principal
+    assert len(checks) == 2
+    clock.advance(-10)  # a clock that went back: never trust an entry "from the future"
+    await verifier.verify(token)
+    assert len(checks) == 3
+
+
+async def test_cached_tokens_still_expire_and_follow_key_changes(
+    issuer: TestIssuer, verifier: OidcVerifier, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checks = count_checks(verifier, monkeypatch)
+    short = issuer.mint(lifetime=10)
+    await verifier.verify(short)
+    clock.advance(10 + 30)  # exp + leeway: refused, cache or not
+    assert await refused(verifier, short) == "expired"
+    old = issuer.mint(lifetime=600)
+    await verifier.verify(old)
+    issuer.rotate(drop_old=True)
+    await verifier.verify(issuer.mint())  # unknown kid: the key set is fetched again
+    assert await refused(verifier, old) == "unknown key"  # not served from the cache
+    assert checks.count(old) == 2
+
+
+async def test_the_cache_is_bounded(
+    issuer: TestIssuer, verifier: OidcVerifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(jwt_verifier, "TOKEN_CACHE_SIZE", 3)
+    tokens = [issuer.mint(sub=f"user{n}", email=f"user{n}@example.com") for n in range(5)]
+    for token in tokens:
+        await verifier.verify(token)
+    assert list(verifier._verified) == tokens[-3:]

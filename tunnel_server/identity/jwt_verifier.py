@@ -11,6 +11,7 @@ import json
 import math
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -84,6 +85,12 @@ _PYJWT_REASONS: Final[tuple[tuple[type[jwt.PyJWTError], str], ...]] = (
     (jwt.InvalidKeyError, "bad key"),
     (jwt.PyJWTError, "malformed"),
 )
+
+
+# Verified tokens kept for reuse (OidcVerifier.verify): entries, and seconds each is trusted
+# without a new signature check (also bounded by the token's expiry and the key set).
+TOKEN_CACHE_SIZE = 4096
+TOKEN_CACHE_TTL = 60.0
 
 
 class AuthError(Exception):
@@ -354,6 +361,7 @@ class OidcVerifier:
         # OIDC Discovery §4: drop a terminating "/" before appending the well-known path.
         self._discovery_url = issuer.rstrip("/") + "/.well-known/openid-configuration"
         self._keys: _KeySet | None = None
+        self._verified: OrderedDict[str, tuple[Identity, float, _KeySet]] = OrderedDict()
         self._inflight: asyncio.Task[_KeySet] | None = None
         self._kid_refetch_at: float | None = None
         self._failed_at: float | None = None
@@ -381,6 +389,32 @@ class OidcVerifier:
             self._session = None
 
     async def verify(self, token: str) -> Identity:
+        """The identity a token proves; AuthError (IssuerUnavailable) when it proves none.
+
+        A token verified before is answered from a small cache (its signature check is most of
+        a tunnel's handshake CPU, and clients present the same token for every tunnel until
+        they refresh it): for at most TOKEN_CACHE_TTL seconds, never past its expiry plus
+        leeway, and only while the key set it was verified against is current. Revocations are
+        checked by the caller on every use, cached or not."""
+        hit = self._verified.get(token)
+        if hit is not None:
+            identity, verified_at, keys = hit
+            now = self._clock()
+            if (
+                keys is self._keys
+                and verified_at <= now < identity.valid_until
+                and now - verified_at < TOKEN_CACHE_TTL
+            ):
+                return identity
+            del self._verified[token]
+        identity = await self._verify(token)
+        if self._keys is not None:
+            self._verified[token] = (identity, self._clock(), self._keys)
+            if len(self._verified) > TOKEN_CACHE_SIZE:
+                self._verified.popitem(last=False)  # the oldest
+        return identity
+
+    async def _verify(self, token: str) -> Identity:
         header, unverified = self._precheck(token)
         # Foreign tokens are refused before they can cause any JWKS traffic.
         if unverified.get("iss") != self.issuer:
