@@ -34,6 +34,7 @@ TUNNELS = 100
 OFFER = 1024 * MiB  # each target offers this much
 READ_RATE = 1_000_000  # bytes per second, each reader
 READ_TIME = 5.0  # seconds of slow reading (a real duration: the point is the rate)
+MIN_READ = 16 * 1024
 RESUME_BUFFER = 1 * MiB
 # Per tunnel on the relay: the resume buffer, the target-side read buffer (256 KiB high water),
 # the WebSocket and TLS buffers, and the session's objects.
@@ -100,9 +101,14 @@ class SlowReader:
             until = start + self.duration
             while (now := time.monotonic()) < until:
                 allowed = int((now - start) * READ_RATE) + 1 - self.read
-                if allowed <= 0:
+                # Read in pieces of at least MIN_READ: a reader that caught up with its budget
+                # and read whatever crumb it allowed (a few hundred bytes) spent a loop turn per
+                # crumb, and with 100 readers on a busy machine fell far behind its rate.
+                if allowed < MIN_READ and now + 0.05 < until:
                     await asyncio.sleep(0.05)
                     continue
+                if allowed <= 0:
+                    break
                 try:
                     async with asyncio.timeout(until - now):
                         data = await reader.read(min(allowed, 64 * 1024))
@@ -183,13 +189,8 @@ async def test_relay_memory_bounded_and_target_window_closes(
     assert len(written) == TUNNELS
     assert per_tunnel < RSS_PER_TUNNEL_LIMIT
     assert max(written) < WRITTEN_LIMIT
-    # The readers were slow, not stalled: most read at close to the offered rate and every one
-    # kept receiving after the start. (Not "every reader at >= 10% of the rate": with the relay,
-    # the client and 100 readers sharing 2 busy cores, one reader's loop turn can starve for
-    # seconds; CI saw one at 0.04 MB/s while the median was 0.95.)
-    assert rates[len(rates) // 2] > READ_RATE / 1e6 / 2
-    assert sum(rate > READ_RATE / 1e6 / 10 for rate in rates) >= TUNNELS * 9 // 10
-    assert all(r.read > 64 * 1024 for r in readers)
+    # The readers were slow, not stalled: each got data throughout.
+    assert rates[0] > READ_RATE / 1e6 / 10
 
 
 def go_now() -> asyncio.Event:

@@ -398,27 +398,35 @@ async def test_health_endpoints(relay: RunningServer, tmp_path: Path) -> None:
 
 
 def test_relay_and_client_on_uvloop(tmp_path: Path) -> None:
-    """The same echo through relay and client with both on uvloop (the default when installed):
-    uvloop's transports are not asyncio.Transport subclasses, which once broke TcpStream."""
+    """An 8 MiB echo through relay and client with both on uvloop (the default when installed):
+    uvloop's transports are not asyncio.Transport subclasses (which once broke TcpStream), and
+    the acks of a longer transfer run its timers."""
     uvloop = pytest.importorskip("uvloop")
+    payload = bytes(range(256)) * (8 * 4096)
 
     async def scenario() -> bytes:
-        async with asyncio.timeout(200 * UNIT), TestIssuer() as issuer:
+        async with asyncio.timeout(400 * UNIT), TestIssuer() as issuer:
             echo = await TcpTarget("echo").start()
             try:
                 async with start_relay(relay_config_data(issuer, tmp_path)) as relay:
                     opts = options(relay, tmp_path, issuer.mint(), echo.port)
                     async with listening(opts) as listener:
                         reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
-                        writer.write(b"on uvloop")
-                        writer.write_eof()
+
+                        async def send() -> None:
+                            writer.write(payload)
+                            await writer.drain()
+                            writer.write_eof()
+
+                        sending = asyncio.create_task(send())
                         data = await reader.read()
+                        await sending
                         writer.close()
                         return data
             finally:
                 await echo.stop()
 
-    assert uvloop.run(scenario()) == b"on uvloop"
+    assert uvloop.run(scenario()) == payload
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.1", "2130706433", "::ffff:127.0.0.1"])

@@ -91,7 +91,10 @@ class Pump:
         self._capacity = asyncio.Event()
         self._timer_wake = asyncio.Event()
         self._timer_idle = False
-        self._close_request: asyncio.Future[tuple[int, str]] | None = None
+        # Created here, not in run: a close requested between attach and run must not be lost.
+        self._close_request: asyncio.Future[tuple[int, str]] = (
+            asyncio.get_running_loop().create_future()
+        )
         self.stream_eof = False
         # Loop time of the last DATA or EOF in either direction (ACKs, pings and REAUTH are not
         # activity). A tunnel that resumes passes its previous value on.
@@ -100,14 +103,13 @@ class Pump:
         self.last_activity = last_activity
 
     def close(self, code: int, reason: str) -> None:
-        """End this attachment with a typed close (safe to call from any task, any time)."""
+        """End this attachment with a typed close (safe to call from any task, any time; the
+        first call wins, and one made before ``run`` takes effect when it starts)."""
         fut = self._close_request
-        if fut is not None and not fut.done():
+        if not fut.done():
             fut.set_result((code, reason))
 
     async def run(self) -> Outcome:
-        loop = asyncio.get_running_loop()
-        self._close_request = loop.create_future()
         try:
             await self._flush()  # SID / RECONNECT_ACK / replay queued by attach
             async with asyncio.TaskGroup() as tg:
@@ -301,6 +303,5 @@ class Pump:
                 raise _Stop(Outcome(End.LOST, None, "keepalive timeout")) from None
 
     async def _watch_close(self) -> None:
-        assert self._close_request is not None
         code, reason = await self._close_request
         raise _Stop(Outcome(End.CLOSED, code, reason))
