@@ -67,7 +67,10 @@ work was running; `python -m bench.profile [--tls] [--rtt]` repeats the profile)
   relay's growth per idle tunnel went from 105 to 38.5 KiB (ws) and from 130 to 64 KiB (wss on
   uvloop), three runs each. The rest over the bare chain (~20 KiB ws) is the tunnel's
   bookkeeping: five tasks per attachment plus the relay's own, asyncio Events and locks, the
-  handshake headers websockets keeps. asyncio's own TLS keeps a 256 KiB buffer per connection
+  handshake headers websockets keeps. Turning three of the pump's tasks (ack timer, keepalive,
+  close watcher) into timer callbacks was tried and measured: 59.0 → 58.7 KiB per idle wss
+  tunnel and no change in tunnels/s (within noise, two and four interleaved runs), so it was
+  not kept. asyncio's own TLS keeps a 256 KiB buffer per connection
   (~316-380 KiB per wss tunnel): uvloop (~25 KiB of TLS state) is the choice for wss.
 - **New tunnels per second.** The relay spends ~2 ms of CPU per ws tunnel against ~0.5 ms for
   the bare relay, almost all of it in Python (perf: 83% user time). The largest items: the
@@ -76,7 +79,9 @@ work was running; `python -m bench.profile [--tls] [--rtt]` repeats the profile)
   passes no socket type), against 0.10 ms with `loop.create_connection(TcpStream, str(address),
   port, family=..., proto=IPPROTO_TCP, flags=AI_NUMERICHOST)` (still no name lookup possible);
   the token check, 0.13 ms per handshake (ECDSA P-256 verify 0.07 ms, the rest PyJWT, which
-  also re-validates the base64 alphabet character by character); the handshake itself
+  also re-validates the base64 alphabet character by character), now paid once per token and
+  minute: verified tokens are cached (`OidcVerifier.verify`, docs/identity.md; 11% of the
+  relay's samples under churn before, none after); the handshake itself
   (`process_request`, URL and header parsing); the policy decision; two audit records per
   tunnel (JSON, logging, the secret-redaction regex); five tasks and a TaskGroup per
   attachment; the close handshake. wss adds the server's TLS handshake (~0.5 ms or more here).
