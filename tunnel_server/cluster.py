@@ -4,13 +4,11 @@ applying revocations decided anywhere in the cluster."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Coroutine
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.server import ServerConnection
@@ -44,7 +42,6 @@ class ClusterLink:
     fail_open: bool = False
     open_timeout: float = 5.0
     max_size: int = 1 << 20
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 class ClusterMixin:
@@ -66,11 +63,6 @@ class ClusterMixin:
     def node(self) -> str:
         return self.state.node
 
-    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self.link.tasks.add(task)
-        task.add_done_callback(self.link.tasks.discard)
-
     async def _claim(self, sid: str, identity: Identity, subprotocol: str) -> str | None:
         """Register a new tunnel in the shared state under the cluster-wide per-principal cap.
         Returns the refusal (cap reached, or the state is down and we fail closed)."""
@@ -85,8 +77,7 @@ class ClusterMixin:
         self._release_sid(session.sid, session.identity, session.tunnel.dialect.subprotocol)
 
     def _release_sid(self, sid: str, identity: Identity, subprotocol: str) -> None:
-        record = TunnelRecord(sid, identity.principal, subprotocol, 0.0)
-        self._background(self.state.release(record))
+        self.state.release_soon(TunnelRecord(sid, identity.principal, subprotocol, 0.0))
 
     def local_tunnels(self) -> list[TunnelRecord]:
         """This node's tunnels, for re-registration after the store lost them."""

@@ -181,13 +181,17 @@ async def test_redis_down_then_restarted_loses_nothing(redis: RedisServer) -> No
     await a.start(on_revocation=lambda revocation: None, local_tunnels=lambda: held)
     await b.start(on_revocation=seen_b.append, local_tunnels=lambda: ())
     try:
-        tunnel = record(a)
-        assert await a.claim(tunnel, 1) is None
+        tunnel, ended = record(a), record(a)
+        assert await a.claim(tunnel, 2) is None
+        assert await a.claim(ended, 2) is None
         held.append(tunnel)
         await redis.stop()
         with pytest.raises(StateUnavailable):
-            await a.claim(record(a), 1)
+            await a.claim(record(a), 2)
         assert not a.available
+        a.release_soon(ended)  # a tunnel that ends while Redis is away
+        with pytest.raises(StateUnavailable):
+            await a.release(ended)
         # Revoked while Redis is down: kept, and pushed once it is back.
         revoked_at = time.time()
         await a.revoke(Revocation("user", "user:y@example.com", revoked_at, None, "node-a"))
@@ -200,10 +204,30 @@ async def test_redis_down_then_restarted_loses_nothing(redis: RedisServer) -> No
             return await b.owner(tunnel.sid) is not None
 
         await poll(registered)
-        assert await b.claim(record(b), 1) is not None
+        assert await b.owner(ended.sid) is None
+        # The open tunnel still counts; the one that ended does not.
+        assert await b.claim(record(b), 2) is None
+        assert await b.claim(record(b), 2) is not None
     finally:
         await a.aclose()
         await b.aclose()
+
+
+async def test_releases_are_batched(redis: RedisServer) -> None:
+    a = redis_state(redis, "node-a")
+    await a.start(on_revocation=lambda revocation: None, local_tunnels=lambda: ())
+    try:
+        tunnels = [record(a) for _ in range(50)]
+        for tunnel in tunnels:
+            assert await a.claim(tunnel, 100) is None
+        for tunnel in tunnels:
+            a.release_soon(tunnel)  # no round trip each: queued for one pipeline
+        await a.release(record(a))  # waits for the batch
+        for tunnel in tunnels:
+            assert await a.owner(tunnel.sid) is None
+        assert await a.claim(record(a), 1) is None  # every slot is free again
+    finally:
+        await a.aclose()
 
 
 async def test_a_clean_exit_frees_its_slots_at_once(redis: RedisServer) -> None:

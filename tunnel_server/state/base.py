@@ -100,7 +100,11 @@ class StateStore(Protocol):
         ``per_principal`` tunnels across the cluster; returns the refusal, or None."""
 
     async def release(self, record: TunnelRecord) -> None:
-        """Forget an ended tunnel of this node."""
+        """Forget an ended tunnel of this node (done when this returns)."""
+
+    def release_soon(self, record: TunnelRecord) -> None:
+        """Forget an ended tunnel of this node without waiting: releases are batched (one
+        round trip for all the tunnels that ended meanwhile), and retried after an outage."""
 
     async def owner(self, sid: str) -> Owner | None:
         """The node that holds ``sid`` (this node included), or None when no live node does."""

@@ -42,6 +42,9 @@ class MemoryState:
         return None
 
     async def release(self, record: TunnelRecord) -> None:
+        self.release_soon(record)
+
+    def release_soon(self, record: TunnelRecord) -> None:
         if self._tunnels.pop(record.sid, None) is None:
             return
         self._counts[record.principal] -= 1

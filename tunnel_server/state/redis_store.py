@@ -39,6 +39,8 @@ from .base import (
 
 log = logging.getLogger("tunnel.state")
 
+# Releases kept while Redis is unreachable (each ~100 bytes).
+MAX_PENDING_RELEASES = 100_000
 # A revocation message or record larger than this is not ours: ignored.
 _MAX_MESSAGE = 4096
 _KINDS: tuple[RevocationKind, ...] = ("user", "session")
@@ -161,6 +163,12 @@ class RedisState:
         self._local_tunnels: Callable[[], Iterable[TunnelRecord]] = lambda: ()
         self._tasks: list[asyncio.Task[None]] = []
         self._resync_now = asyncio.Event()
+        self._releases: list[TunnelRecord] = []
+        self._releasing: asyncio.Task[None] | None = None
+        # Tunnels this store claimed and has not released: with ``local_tunnels`` (which also
+        # lists tunnels opened while Redis was away), what a re-registration writes. A tunnel
+        # is claimed before its dial, so the relay's own list does not have it yet.
+        self._mine: dict[str, TunnelRecord] = {}
 
     # -- keys -------------------------------------------------------------------------------------
 
@@ -202,6 +210,8 @@ class RedisState:
             self._tasks.append(loop.create_task(coro))
 
     async def aclose(self) -> None:
+        if self._releasing is not None:
+            self._tasks.append(self._releasing)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -212,7 +222,7 @@ class RedisState:
             # A clean exit frees this node's cap slots and registry entries at once.
             with contextlib.suppress(RedisError, OSError):
                 async with self._redis.pipeline(transaction=False) as pipe:
-                    for record in self._local_tunnels():
+                    for record in self._tunnels_now():
                         pipe.zrem(self._caps_key(record.principal), f"{self.tag}|{record.sid}")
                     pipe.delete(self._node_key(self.tag), self._tunnels_key(self.tag))
                     await pipe.execute()
@@ -223,13 +233,14 @@ class RedisState:
         if self._available:
             log.warning("state store unavailable: %s", exc)
         self._available = False
+        self._registered = False  # write everything again once Redis answers
 
     # -- heartbeat and re-registration --------------------------------------------------------
 
     async def heartbeat(self) -> None:
         """Renew this node's lease; after Redis lost it (a restart, or a partition longer than
         the lease), register this node's tunnels and re-push every known revocation."""
-        tunnels = list(self._local_tunnels())
+        tunnels = self._tunnels_now()
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.exists(self._node_key(self.tag))
@@ -248,10 +259,21 @@ class RedisState:
             log.info("state store available")
             self._available = True
             self._resync_now.set()
+        if self._releases and self._releasing is None:
+            self._releasing = asyncio.get_running_loop().create_task(self._write_releases())
+
+    def _tunnels_now(self) -> list[TunnelRecord]:
+        tunnels = {record.sid: record for record in self._local_tunnels()}
+        tunnels.update(self._mine)
+        for record in self._releases:
+            tunnels.pop(record.sid, None)
+        return list(tunnels.values())
 
     async def _register(self, tunnels: list[TunnelRecord]) -> None:
         now = self._clock()
         async with self._redis.pipeline(transaction=False) as pipe:
+            # Rewritten, not merged: entries of tunnels that ended while Redis was away go.
+            pipe.delete(self._tunnels_key(self.tag))
             for record in tunnels:
                 pipe.hset(self._tunnels_key(self.tag), record.sid, _encode(record))
                 pipe.zadd(self._caps_key(record.principal), {f"{self.tag}|{record.sid}": now})
@@ -299,6 +321,8 @@ class RedisState:
             self._lost(exc)
             raise StateUnavailable(str(exc)) from None
         result = int(result)
+        if result < 0:
+            self._mine[record.sid] = record
         if result == -2:
             # Our lease was gone (Redis restarted): register our other tunnels again now.
             self._registered = False
@@ -308,15 +332,42 @@ class RedisState:
         return None
 
     async def release(self, record: TunnelRecord) -> None:
+        self.release_soon(record)
+        while self._releasing is not None:
+            await asyncio.shield(self._releasing)
+        if self._releases:
+            raise StateUnavailable("release not written")
+
+    def release_soon(self, record: TunnelRecord) -> None:
+        self._mine.pop(record.sid, None)
+        if len(self._releases) >= MAX_PENDING_RELEASES:
+            # Redis has been away for long: the oldest entries are left to the registry rewrite
+            # at re-registration and, for cap slots, to the count (which then errs high).
+            del self._releases[: MAX_PENDING_RELEASES // 10]
+        self._releases.append(record)
+        if self._releasing is None and self._available:
+            self._releasing = asyncio.get_running_loop().create_task(self._write_releases())
+
+    async def _write_releases(self) -> None:
+        """Write queued releases, one pipeline per batch, until none is left or Redis fails
+        (then they wait for the next successful heartbeat)."""
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.zrem(self._caps_key(record.principal), f"{self.tag}|{record.sid}")
-                pipe.hdel(self._tunnels_key(self.tag), record.sid)
-                await pipe.execute()
-        except (RedisError, OSError) as exc:
-            # The entries go when this node re-registers (only live tunnels) or its lease ends.
-            self._lost(exc)
-            self._registered = False
+            while self._releases:
+                batch = self._releases
+                self._releases = []
+                try:
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        for record in batch:
+                            member = f"{self.tag}|{record.sid}"
+                            pipe.zrem(self._caps_key(record.principal), member)
+                            pipe.hdel(self._tunnels_key(self.tag), record.sid)
+                        await pipe.execute()
+                except (RedisError, OSError) as exc:
+                    self._releases[:0] = batch
+                    self._lost(exc)
+                    return
+        finally:
+            self._releasing = None
 
     async def owner(self, sid: str) -> Owner | None:
         tag = sid_tag(sid)
