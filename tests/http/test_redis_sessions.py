@@ -33,6 +33,7 @@ from tunnel_server.http_proxy import (
 from tunnel_server.http_proxy.redis_sessions import identity_from_dict, identity_to_dict
 from tunnel_server.http_proxy.sessions import PendingLogin, SessionTooLarge
 from tunnel_server.identity import Identity
+from tunnel_upstream import verify_assertion
 
 from ..helpers import UNIT
 from ..oidc_fixture import TestIssuer
@@ -501,3 +502,31 @@ async def test_redis_down_is_503_not_a_sign_in_loop(issuer: TestIssuer, redis: R
         assert {r["event"] for r in denied} == {"http", "http_login", "http_logout"}
         assert all(r["reason"].startswith("session store unavailable") for r in denied)
         assert all(sid not in line for line in a.audit)
+
+
+async def test_every_node_serves_every_nodes_signing_keys(
+    issuer: TestIssuer, redis: RedisServer
+) -> None:
+    """Upstreams fetch the JWKS through the load balancer, from whichever node: an assertion
+    signed on node B verifies against node A's JWKS, also after B rotates its key."""
+    async with TokenEndpoint(issuer) as idp, two_nodes(issuer, redis, idp) as (a, b):
+        signer = b.proxy.signer
+        assertion = signer.sign(
+            audience="app-b", subject="alice", email="alice@example.com", groups=(),
+            principal=ALICE,
+        )  # fmt: skip
+        jwks = await a.proxy.keys.jwks()
+        claims = verify_assertion(assertion, audience="app-b", issuer=signer.issuer, jwks=jwks)
+        assert claims["email"] == "alice@example.com"
+        assert {k["kid"] for k in jwks["keys"]} >= {
+            a.proxy.signer.current.kid,
+            signer.current.kid,
+        }
+        # B rotates: the new key reaches A's JWKS (after A's short cache), the old stays.
+        old = signer.current.kid
+        signer.rotate()
+        b.proxy.keys.ensure_published()
+        await b.proxy.idle()
+        a.proxy.keys._cached = None  # skip the 5 s cache instead of waiting for it
+        kids = {k["kid"] for k in (await a.proxy.keys.jwks())["keys"]}
+        assert {old, signer.current.kid} <= kids

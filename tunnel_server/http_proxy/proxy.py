@@ -53,6 +53,7 @@ from .headers import (
     response_headers,
     upstream_headers,
 )
+from .keyshare import SharedKeys
 from .login import MAX_ID, SESSION_COOKIE, BrowserLogin
 from .paths import BadRequest, normalize_host, normalize_path
 from .responses import (
@@ -161,6 +162,7 @@ class HttpProxy:
         self._recheck: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()  # background store calls, kept until done
+        self.keys = SharedKeys(self.signer, self.store, spawn=self._spawn, clock=clock)
         # Set once the store's ended-session notifications reach this node.
         self.listening = asyncio.Event()
         self.login = BrowserLogin(
@@ -199,6 +201,7 @@ class HttpProxy:
             connector=aiohttp.TCPConnector(limit=0, use_dns_cache=True),
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
         )
+        await self.keys.publish_now()
         self._recheck = asyncio.create_task(self._recheck_loop())
         self._listener = asyncio.create_task(self.store.listen(self.end_sessions, self._missed))
         self._listener.add_done_callback(self._log_failure)
@@ -229,6 +232,7 @@ class HttpProxy:
             await asyncio.sleep(self.config.recheck_interval)
             try:
                 self.signer.maybe_rotate()
+                self.keys.ensure_published()
                 self.redecide_all()
                 await self.recheck_sessions()
             except Exception:  # the next round must still come
@@ -373,7 +377,7 @@ class HttpProxy:
             return web.Response(status=400, text=f"Bad request: {exc}\n")
         if path.decoded == JWKS_PATH:
             return json_response(
-                self.signer.jwks(), headers={"Cache-Control": "public, max-age=300"}
+                await self.keys.jwks(), headers={"Cache-Control": "public, max-age=300"}
             )
         route = self._route(host, path.decoded)
         if route is None:
@@ -436,6 +440,7 @@ class HttpProxy:
             EMAIL_HEADER: caller.identity.email or "",
             ID_HEADER: f"{caller.identity.issuer}#{caller.identity.subject}",
         }
+        self.keys.ensure_published()  # signing may have rotated the key
         headers = upstream_headers(
             request.headers,
             consumed_authorization=caller.consumed_authorization,

@@ -267,6 +267,37 @@ class RedisSessionStore:
     def _web(self, key: str) -> str:
         return f"{self._prefix}web:{key}"
 
+    # -- assertion keys ----------------------------------------------------------------------
+
+    async def publish_key(self, jwk: dict[str, Any], expires: float) -> None:
+        kid = str(jwk["kid"])
+        async with self._guard("publish key"):
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.hset(f"{self._prefix}jwks", kid, json.dumps(jwk, separators=(",", ":")))
+                pipe.zadd(f"{self._prefix}jwks:expires", {kid: expires})
+                await pipe.execute()
+
+    async def published_keys(self) -> list[dict[str, Any]]:
+        keys_key, expires_key = f"{self._prefix}jwks", f"{self._prefix}jwks:expires"
+        now = self._clock()
+        async with self._guard("published keys"):
+            expired = await self._client.zrangebyscore(expires_key, "-inf", now)
+            if expired:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    pipe.hdel(keys_key, *expired)
+                    pipe.zrem(expires_key, *expired)
+                    await pipe.execute()
+            raw = await _awaited(self._client.hgetall(keys_key))
+        keys = []
+        for value in raw.values():
+            try:
+                jwk = json.loads(value)
+            except ValueError:
+                continue
+            if isinstance(jwk, dict) and jwk.get("kty") == "EC" and isinstance(jwk.get("kid"), str):
+                keys.append(jwk)
+        return keys
+
     def _principal(self, principal: str) -> str:
         return f"{self._prefix}webp:{principal}"
 

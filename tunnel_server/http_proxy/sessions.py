@@ -22,7 +22,7 @@ import secrets
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..identity import Identity
 
@@ -105,6 +105,16 @@ class SessionStore(Protocol):
         """Release what the store itself opened (``HttpProxy.aclose`` calls it)."""
         ...
 
+    async def publish_key(self, jwk: dict[str, Any], expires: float) -> None:
+        """Publish one of this node's assertion-signing public keys until ``expires``, so that
+        the JWKS any node serves lists every node's keys (upstreams fetch it through the load
+        balancer). Private keys never leave their node."""
+        ...
+
+    async def published_keys(self) -> list[dict[str, Any]]:
+        """Every node's published public keys that have not expired."""
+        ...
+
 
 class MemorySessionStore:
     """One process's sessions. Expired entries are dropped on access and on every put."""
@@ -115,6 +125,7 @@ class MemorySessionStore:
         self._clock = clock
         self._max_pending = max_pending
         self._listeners: list[EndedCallback] = []
+        self._keys: dict[str, tuple[dict[str, Any], float]] = {}
 
     async def get(self, sid: str) -> WebSession | None:
         session = self._sessions.get(sid)
@@ -162,6 +173,13 @@ class MemorySessionStore:
 
     async def aclose(self) -> None:
         return None
+
+    async def publish_key(self, jwk: dict[str, Any], expires: float) -> None:
+        self._keys[str(jwk["kid"])] = (dict(jwk), expires)
+
+    async def published_keys(self) -> list[dict[str, Any]]:
+        now = self._clock()
+        return [dict(jwk) for jwk, expires in self._keys.values() if expires > now]
 
     def sessions(self) -> list[WebSession]:
         return list(self._sessions.values())
