@@ -154,6 +154,7 @@ def build_relay(
         state=build_state(config, node),
         link=build_link(config),
     )
+    relay.trusted_proxies = tuple(config.trusted_proxies)
     return relay, authenticator
 
 

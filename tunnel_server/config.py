@@ -338,6 +338,12 @@ class ServerConfig(_Model):
     log_format: Literal["json", "text"] = "json"
     # HTTP mode (identity-aware reverse proxy for web apps): docs/http-mode.md.
     http: HttpModeConfig | None = None
+    # Peers whose X-Forwarded-For the relay listener believes (a TLS-terminating load balancer
+    # in front): the client address policy and audit records see is then the first untrusted
+    # hop from the right. Empty (default): the TCP peer's address, whatever the headers say.
+    trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
+        default_factory=list
+    )
     # Shared state and clustering (docs/scale-out.md); metrics (docs/operations.md).
     state: StateConfig = Field(default_factory=StateConfig)
     cluster: ClusterConfig | None = None

@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
+from ipaddress import IPv4Network, IPv6Network
 from typing import TYPE_CHECKING, NoReturn
 from urllib.parse import urlsplit
 
@@ -33,6 +34,7 @@ from .cluster import STATE_DOWN, ClusterLink
 from .config import LoginConfig
 from .device import Device, peer_device
 from .forward import Forwarded, ForwardRefused, OwnerUnreachable, verify_forward
+from .http_proxy.headers import client_address
 from .identity import Authenticator, AuthError, Identity, IssuerUnavailable
 from .limits import TunnelCaps
 from .state import StateStore, StateUnavailable
@@ -90,6 +92,7 @@ class HandshakeMixin:
     login: LoginConfig | None
     _revoked: Callable[[Identity], bool]
     _handshakes: weakref.WeakKeyDictionary[ServerConnection, Handshake]
+    trusted_proxies: Sequence[IPv4Network | IPv6Network]
 
     if TYPE_CHECKING:
 
@@ -117,7 +120,14 @@ class HandshakeMixin:
 
     async def _admit(self, connection: ServerConnection, request: Request, path: str) -> Handshake:
         forwarded = self._forwarded(connection, request, path)
-        source_ip = forwarded.client_ip or None if forwarded else peer_ip(connection)
+        if forwarded is not None:
+            source_ip = forwarded.client_ip or None
+        else:
+            source_ip, _ = client_address(
+                peer_ip(connection),
+                request.headers.get_all("X-Forwarded-For"),
+                self.trusted_proxies,
+            )
         try:
             parsed = parse_request_path(request.path)
         except UrlError as exc:

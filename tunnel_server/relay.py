@@ -8,8 +8,9 @@ import contextlib
 import logging
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
+from ipaddress import IPv4Network, IPv6Network
 
 from websockets.asyncio.server import ServerConnection
 
@@ -69,6 +70,7 @@ class Relay(HandshakeMixin, ContinuousAuthorization, LimitsMixin, ClusterMixin):
         self.state = state or MemoryState(audit.node)
         self.metrics: Metrics | None = None  # set by the composition root when configured
         self.link = link or ClusterLink()
+        self.trusted_proxies: Sequence[IPv4Network | IPv6Network] = ()
         self.verifier = verifier
         self.login = login
         self._revoked = revoked

@@ -170,3 +170,31 @@ async def test_nodes_reached_by_address_verify_the_shared_name() -> None:
         await owner.close()
         with pytest.raises(OwnerUnreachable, match="owner unreachable"):
             await open_forward(url, "/", **options)
+
+
+@pytest.mark.parametrize(
+    ("trusted", "xff", "seen"),
+    [
+        ([], "203.0.113.9", "127.0.0.1"),  # no trusted proxies: the header is ignored
+        (["127.0.0.0/8"], "203.0.113.9", "203.0.113.9"),  # the balancer vouches for it
+        (["127.0.0.0/8"], "198.51.100.1, 203.0.113.9", "203.0.113.9"),  # right-most hop
+        (["10.0.0.0/8"], "203.0.113.9", "127.0.0.1"),  # the peer is not a trusted proxy
+    ],
+)
+async def test_x_forwarded_for_only_from_trusted_proxies(
+    issuer: TestIssuer, tmp_path: Path, trusted: list[str], xff: str, seen: str
+) -> None:
+    """Behind a TLS-terminating balancer the client's address comes from X-Forwarded-For, but
+    only when the TCP peer is a configured trusted proxy (policy's source.ip and the audit
+    records use it)."""
+    data = relay_config_data(issuer, tmp_path, tls=False)
+    data["trusted_proxies"] = trusted
+    async with start_relay(data) as server:
+        audit = capture_audit(server)
+        with pytest.raises(InvalidStatus):
+            await connect(
+                f"{server.url}/v4/connect?project=p&zone=z&instance=vm1&interface=nic0&port=22",
+                additional_headers={"Authorization": "Bearer x", "X-Forwarded-For": xff},
+            )
+        assert audit[-1]["status"] == 401
+        assert audit[-1]["source_ip"] == seen
