@@ -4,7 +4,7 @@ tunnels and web apps, its listener registered as an own endpoint (never a tunnel
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +12,13 @@ import aiohttp
 import yaml
 from aiohttp import web
 
+from tunnel_server.app import running
 from tunnel_server.config import parse_config
+from tunnel_upstream import verify_assertion
 
 from ..helpers import relay_config_data, start_relay
 from ..oidc_fixture import TestIssuer
+from ..redis_fixture import RedisServer
 from .harness import APP_AUDIENCE
 
 
@@ -94,3 +97,45 @@ async def test_http_mode_from_the_relay_config(issuer: TestIssuer, tmp_path: Pat
                         assert body == {"assertion": True, "email": "alice@example.com"}
             # The relay never tunnels to its own HTTP listener.
             assert relay.relay.destinations.check("127.0.0.1", relay.http_port) is not None
+
+
+async def test_two_relays_sharing_redis_share_assertion_keys(
+    issuer: TestIssuer, tmp_path: Path, redis: RedisServer
+) -> None:
+    """The relay's own wiring (`state.backend: redis`): HTTP mode's sessions and signing keys
+    go to the shared store, so node A's JWKS lists node B's key and verifies B's assertions."""
+    async with plain_upstream() as upstream_port, AsyncExitStack() as stack:
+        relays = []
+        for index in range(2):
+            data: dict[str, Any] = relay_config_data(issuer, tmp_path, tls=False)
+            data["http"] = {
+                "listen": {"host": "127.0.0.1", "port": 0},
+                "issuer_url": "http://127.0.0.1:1",
+                "external_scheme": "http",
+                "routes": [
+                    {
+                        "name": "demo",
+                        "host": "demo.localhost",
+                        "upstream": f"http://127.0.0.1:{upstream_port}",
+                        "audiences": [APP_AUDIENCE],
+                    }
+                ],
+            }
+            data["state"] = {"backend": "redis", "redis_url": redis.url}
+            data["cluster"] = {"advertise_url": "ws://127.0.0.1:1", "secret": "s" * 32}
+            config = parse_config(data, env={})
+            relays.append(await stack.enter_async_context(running(config, node=f"relay-{index}")))
+        a, b = relays
+        assert a.http is not None
+        assert b.http is not None
+        url = f"http://127.0.0.1:{a.http_port}/.well-known/tunnel/jwks.json"
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
+            jwks = await response.json()
+        assertion = b.http.signer.sign(
+            audience=APP_AUDIENCE, subject="alice", email="alice@example.com", groups=(),
+            principal="user:alice@example.com",
+        )  # fmt: skip
+        claims = verify_assertion(
+            assertion, audience=APP_AUDIENCE, issuer=b.http.signer.issuer, jwks=jwks
+        )
+        assert claims["email"] == "alice@example.com"
