@@ -20,7 +20,6 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.connection import Connection
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
-from websockets.protocol import State
 from websockets.typing import Subprotocol
 
 NODE_HEADER = "X-Tunnel-Forwarded-By"
@@ -156,14 +155,18 @@ async def bridge(client: Connection, owner: Connection, on_close: Callable[[], N
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        # Pass a close on with its code and reason; a side that vanished without one is
-        # mirrored by dropping the other's connection (so the owner parks the tunnel for
-        # resume, and the client reconnects), never by a close that would end the tunnel.
+        # A close that the far end started on purpose (the owner's typed close, the client's
+        # normal end) is passed on with its code and reason. Anything else (a connection that
+        # vanished, or this node closing its side as it shuts down) drops both connections,
+        # so the owner parks the tunnel for resume and the client reconnects: never a close
+        # that would end the tunnel.
         for gone, other in ((owner, client), (client, owner)):
             frame = gone.protocol.close_rcvd
-            if frame is not None:
+            if frame is not None and gone.protocol.close_rcvd_then_sent is True:
                 with contextlib.suppress(Exception):
                     await other.close(frame.code, frame.reason)
-            elif gone.state is State.CLOSED:
-                other.transport.abort()
+                break
+        else:
+            for side in (client, owner):
+                side.transport.abort()
         on_close()
