@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import signal
 import statistics
 import sys
 import time
@@ -27,7 +28,14 @@ from ..helpers import UNIT, TcpTarget, deterministic_chunks, relay_config_data
 from ..oidc_fixture import TestIssuer
 from ..processes import Process, started
 from ..redis_fixture import RedisServer, free_port
-from ..reliability.common import MiB, client_options, finished, listening, only_session
+from ..reliability.common import (
+    MiB,
+    client_options,
+    eventually,
+    finished,
+    listening,
+    only_session,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -205,6 +213,10 @@ async def closed_code(ws: ClientConnection) -> int | None:
     return ws.close_code
 
 
+def forwarding(node: Node) -> bool:
+    return any(r["decision"] == "forward" for r in tunnel_lines(node, "resume"))
+
+
 async def until_ready(cluster: Cluster, node: int, status: int) -> None:
     """Poll a node's /readyz until it answers ``status``."""
     async with asyncio.timeout(200 * UNIT):
@@ -343,3 +355,48 @@ async def test_a_killed_nodes_cap_slots_expire(cluster: Cluster, echo: TcpTarget
     assert freed >= LEASE_TTL / 2
     for ws in (held[0], held[2], again):
         await ws.close()
+
+
+async def test_a_forwarding_node_going_away_does_not_end_the_tunnel(
+    cluster: Cluster, sink: TcpTarget
+) -> None:
+    """relay-1 forwards a resumed tunnel of relay-0 and then stops (SIGINT: its connections
+    close at once). The tunnel must survive: relay-0 parks it, the client resumes through
+    relay-2, and no byte is lost."""
+    total = 16 * MiB
+
+    def cut(link: Link) -> None:
+        if link.number == 1:
+            link.drop_after(2 * MiB, "up")
+
+    cluster.lb.on_connect = cut
+    cluster.route.extend([0, 1, 2])
+    token = cluster.issuer.mint(lifetime=600)
+    opts = client_options(cluster.url, None, token, sink.port)
+    stopped = False
+    async with listening(opts) as listener, asyncio.timeout(600 * UNIT):
+        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        session = await only_session(listener)
+        sent = hashlib.sha256()
+        for n, chunk in enumerate(deterministic_chunks(total)):
+            if not stopped and session.resumes == 1 and n * len(chunk) > 6 * MiB:
+                # (resumes counts interruptions: wait until relay-1 really forwards.)
+                await eventually(lambda: forwarding(cluster.nodes[1]))
+                node = cluster.nodes[1].process
+                assert node is not None
+                node.process.send_signal(signal.SIGINT)
+                stopped = True
+                await eventually(lambda: session.resumes == 2)  # through relay-2, to relay-0
+            sent.update(chunk)
+            writer.write(chunk)
+            await writer.drain()
+        writer.write_eof()
+        answer = await reader.read()
+        writer.close()
+        await finished(listener)
+    assert stopped
+    assert answer.decode() == sent.hexdigest()
+    assert sink.received == total
+    assert session.resumes == 2
+    closed = tunnel_lines(cluster.nodes[0], "tunnel_closed")
+    assert [r["close_code"] for r in closed] == [1000]
