@@ -124,7 +124,10 @@ def build_link(config: ServerConfig) -> ClusterLink:
         link.server_name = config.cluster.server_name
         if config.cluster.advertise_url.startswith("wss:"):
             cafile = str(config.cluster.ca_file) if config.cluster.ca_file else None
-            link.ssl_context = ssl.create_default_context(cafile=cafile)
+            try:
+                link.ssl_context = ssl.create_default_context(cafile=cafile)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"cluster.ca_file: cannot load {cafile}: {exc}") from None
     return link
 
 

@@ -16,7 +16,7 @@ import click
 
 from tunnel_protocol.aio.runtime import run
 
-from .app import build_policy, serve_forever, setup_logging
+from .app import build_link, build_policy, serve_forever, setup_logging
 from .config import ConfigError, ServerConfig, load_config
 from .device import device_attributes, device_from_certificate
 from .policy import TUNNEL_USER, AccessRequest, explain
@@ -46,7 +46,11 @@ def serve(config_path: Path) -> None:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     setup_logging(config.log_format)
-    run(serve_forever(config, config_path))
+    try:
+        run(serve_forever(config, config_path))
+    except ConfigError as exc:  # found while starting (a secret or CA file the config names)
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
 
 
 @main.command("check-config")
@@ -54,7 +58,9 @@ def serve(config_path: Path) -> None:
 def check_config(config_path: Path) -> None:
     """Validate a configuration file and the policy file it names (exit 0 valid, 2 invalid)."""
     try:
-        build_policy(load_config(config_path))
+        config = load_config(config_path)
+        build_policy(config)
+        build_link(config)  # the cluster secret and CA files are readable and valid
     except ConfigError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -164,3 +166,28 @@ def test_shipped_example_config_is_valid() -> None:
     assert config.inventory.instances
     policy = build_policy(config)  # the example policy file loads and compiles too
     assert policy.source.endswith("policy.example.yaml")
+
+
+def test_check_config_and_serve_report_unreadable_cluster_files(tmp_path: Path) -> None:
+    """A cluster secret or CA file that cannot be read is a configuration error (exit 2, one
+    line naming the key), both for check-config and at serve's start, never a traceback."""
+    data = {
+        **VALID,
+        "state": {"backend": "redis", "redis_url": "redis://127.0.0.1:1"},
+        "cluster": {"advertise_url": "ws://10.0.0.1:8443", "secret_file": "missing-secret"},
+    }
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(main, ["check-config", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "cluster.secret_file: cannot read" in result.output
+    # serve in its own process: it sets up logging for the whole process.
+    served = subprocess.run(
+        [sys.executable, "-m", "tunnel_server", "serve", "--config", str(path)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert served.returncode == 2, served.stderr
+    assert (
+        served.stderr.strip()
+        == "error: cluster.secret_file: cannot read: No such file or directory"
+    )
