@@ -320,6 +320,9 @@ async def test_redis_killed_and_restarted_loses_nothing(
         sent = hashlib.sha256()
         for n, chunk in enumerate(deterministic_chunks(total)):
             if n == 16:
+                # The tunnel is open (claimed in Redis) once bytes reach the target; killing
+                # Redis before that would refuse the tunnel itself (1013), as it should.
+                await eventually(lambda: sink.received > 0)
                 await cluster.redis.stop()  # mid-transfer
                 # New tunnels fail closed: 503 at the handshake once the node noticed, 1013
                 # right after it before.
