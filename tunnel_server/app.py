@@ -156,8 +156,8 @@ def build_relay(
         destinations=DestinationPolicy(),
         state=build_state(config, node),
         link=build_link(config),
+        trusted_proxies=config.trusted_proxies,
     )
-    relay.trusted_proxies = tuple(config.trusted_proxies)
     return relay, authenticator
 
 

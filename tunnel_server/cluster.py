@@ -135,7 +135,7 @@ class ClusterMixin:
         self.audit.record(
             "resume", decision="forward", principal=principal, tunnel_id=sid, node=self.node
         )
-        await bridge(ws, upstream, lambda: None)
+        await bridge(ws, upstream)
 
     def apply_revocation(self, revocation: Revocation) -> int:
         """Apply a revocation decided on another node (or missed while disconnected)."""

@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import hmac
 import ssl
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,7 +132,7 @@ async def open_forward(
         raise OwnerUnreachable(f"owner unreachable: {exc}") from None
 
 
-async def bridge(client: Connection, owner: Connection, on_close: Callable[[], None]) -> None:
+async def bridge(client: Connection, owner: Connection) -> None:
     """Relay messages both ways until either side closes, then close the other with the same
     code and reason (so the client sees the owner's typed close, and the owner sees the client
     go away). Backpressure: each direction sends one message at a time."""
@@ -169,4 +168,3 @@ async def bridge(client: Connection, owner: Connection, on_close: Callable[[], N
         else:
             for side in (client, owner):
                 side.transport.abort()
-        on_close()

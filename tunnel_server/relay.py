@@ -65,12 +65,13 @@ class Relay(HandshakeMixin, ContinuousAuthorization, LimitsMixin, ClusterMixin):
         destinations: DestinationPolicy | None = None,
         state: StateStore | None = None,
         link: ClusterLink | None = None,
+        trusted_proxies: Sequence[IPv4Network | IPv6Network] = (),
     ) -> None:
         self.destinations = destinations or DestinationPolicy()
         self.state = state or MemoryState(audit.node)
         self.metrics: Metrics | None = None  # set by the composition root when configured
         self.link = link or ClusterLink()
-        self.trusted_proxies: Sequence[IPv4Network | IPv6Network] = ()
+        self.trusted_proxies = tuple(trusted_proxies)
         self.verifier = verifier
         self.login = login
         self._revoked = revoked

@@ -13,7 +13,7 @@ import signal
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,8 @@ import aiohttp
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tunnel_client.session import TunnelSession
 
 from ..faults import FaultProxy, Link
 from ..helpers import UNIT, TcpTarget, deterministic_chunks, relay_config_data
@@ -234,6 +236,38 @@ def tunnel_lines(node: Node, event: str) -> list[dict[str, Any]]:
     return records
 
 
+@dataclass
+class Upload:
+    session: TunnelSession
+    answer: str  # what the sink target answered: the sha256 of what it received
+    sent: str  # the sha256 of what was written
+
+
+OnChunk = Callable[[int, TunnelSession], Awaitable[None]]
+
+
+async def upload(cluster: Cluster, sink: TcpTarget, total: int, on_chunk: OnChunk | None = None
+                 ) -> Upload:  # fmt: skip
+    """``total`` bytes through a native tunnel (via the balancer) to ``sink``; ``on_chunk(n,
+    session)`` runs before chunk ``n`` is written (faults mid-transfer)."""
+    opts = client_options(cluster.url, None, cluster.issuer.mint(lifetime=600), sink.port)
+    async with listening(opts) as listener, asyncio.timeout(600 * UNIT):
+        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        session = await only_session(listener)
+        sent = hashlib.sha256()
+        for n, chunk in enumerate(deterministic_chunks(total)):
+            if on_chunk is not None:
+                await on_chunk(n, session)
+            sent.update(chunk)
+            writer.write(chunk)
+            await writer.drain()
+        writer.write_eof()
+        answer = await reader.read()
+        writer.close()
+        await finished(listener)
+    return Upload(session, answer.decode(), sent.hexdigest())
+
+
 async def test_resume_on_another_node_loses_no_byte(
     cluster: Cluster, sink: TcpTarget, tmp_path: Path
 ) -> None:
@@ -247,23 +281,10 @@ async def test_resume_on_another_node_loses_no_byte(
 
     cluster.lb.on_connect = cut
     cluster.route.extend([0, 1])
-    token = cluster.issuer.mint(lifetime=600)
-    opts = client_options(cluster.url, None, token, sink.port)
-    async with listening(opts) as listener, asyncio.timeout(600 * UNIT):
-        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
-        session = await only_session(listener)
-        sent = hashlib.sha256()
-        for chunk in deterministic_chunks(total):
-            sent.update(chunk)
-            writer.write(chunk)
-            await writer.drain()
-        writer.write_eof()
-        answer = await reader.read()
-        writer.close()
-        await finished(listener)
-    assert answer.decode() == sent.hexdigest()
+    done = await upload(cluster, sink, total)
+    assert done.answer == done.sent
     assert sink.received == total
-    assert session.resumes == 1
+    assert done.session.resumes == 1
     assert cluster.lb.resets == 1
     forwarded = [r for r in tunnel_lines(cluster.nodes[1], "resume") if r["decision"] == "forward"]
     assert len(forwarded) == 1, cluster.nodes[1].log()
@@ -311,32 +332,23 @@ async def test_redis_killed_and_restarted_loses_nothing(
 ) -> None:
     # A tunnel on relay-2 of a user who will be revoked on relay-0 while Redis is down.
     doomed = await cluster.tunnel(echo.port, "outage", node=2)
-    token = cluster.issuer.mint(lifetime=600)
-    opts = client_options(cluster.url, None, token, sink.port)
     total = 8 * MiB
-    async with listening(opts) as listener, asyncio.timeout(600 * UNIT):
-        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
-        await only_session(listener)
-        sent = hashlib.sha256()
-        for n, chunk in enumerate(deterministic_chunks(total)):
-            if n == 16:
-                # The tunnel is open (claimed in Redis) once bytes reach the target; killing
-                # Redis before that would refuse the tunnel itself (1013), as it should.
-                await eventually(lambda: sink.received > 0)
-                await cluster.redis.stop()  # mid-transfer
-                # New tunnels fail closed: 503 at the handshake once the node noticed, 1013
-                # right after it before.
-                assert await cluster.attempt(echo.port, "newcomer") in (503, 1013)
-                await until_ready(cluster, 0, 503)
-                assert (await cluster.revoke(0, "outage"))["closed"] == 0
-            sent.update(chunk)
-            writer.write(chunk)
-            await writer.drain()
-        writer.write_eof()
-        answer = await reader.read()
-        writer.close()
-        await finished(listener)
-    assert answer.decode() == sent.hexdigest()  # the open tunnel never noticed
+
+    async def kill_redis(n: int, session: TunnelSession) -> None:
+        if n != 16:
+            return
+        # The tunnel is open (claimed in Redis) once bytes reach the target; killing Redis
+        # before that would refuse the tunnel itself (1013), as it should.
+        await eventually(lambda: sink.received > 0)
+        await cluster.redis.stop()  # mid-transfer
+        # New tunnels fail closed: 503 at the handshake once the node noticed, 1013 right
+        # after it before.
+        assert await cluster.attempt(echo.port, "newcomer") in (503, 1013)
+        await until_ready(cluster, 0, 503)
+        assert (await cluster.revoke(0, "outage"))["closed"] == 0
+
+    done = await upload(cluster, sink, total, kill_redis)
+    assert done.answer == done.sent  # the open tunnel never noticed
     assert sink.received == total
     await cluster.redis.start()  # empty: no persistence
     async with asyncio.timeout(200 * UNIT):
@@ -374,32 +386,24 @@ async def test_a_forwarding_node_going_away_does_not_end_the_tunnel(
 
     cluster.lb.on_connect = cut
     cluster.route.extend([0, 1, 2])
-    token = cluster.issuer.mint(lifetime=600)
-    opts = client_options(cluster.url, None, token, sink.port)
     stopped = False
-    async with listening(opts) as listener, asyncio.timeout(600 * UNIT):
-        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
-        session = await only_session(listener)
-        sent = hashlib.sha256()
-        for n, chunk in enumerate(deterministic_chunks(total)):
-            if not stopped and session.resumes == 1 and n * len(chunk) > 6 * MiB:
-                # (resumes counts interruptions: wait until relay-1 really forwards.)
-                await eventually(lambda: forwarding(cluster.nodes[1]))
-                node = cluster.nodes[1].process
-                assert node is not None
-                node.process.send_signal(signal.SIGINT)
-                stopped = True
-                await eventually(lambda: session.resumes == 2)  # through relay-2, to relay-0
-            sent.update(chunk)
-            writer.write(chunk)
-            await writer.drain()
-        writer.write_eof()
-        answer = await reader.read()
-        writer.close()
-        await finished(listener)
+
+    async def stop_forwarder(n: int, session: TunnelSession) -> None:
+        nonlocal stopped
+        if stopped or session.resumes != 1 or n * 64 * 1024 <= 6 * MiB:
+            return
+        # (resumes counts interruptions: wait until relay-1 really forwards.)
+        await eventually(lambda: forwarding(cluster.nodes[1]))
+        node = cluster.nodes[1].process
+        assert node is not None
+        node.process.send_signal(signal.SIGINT)
+        stopped = True
+        await eventually(lambda: session.resumes == 2)  # through relay-2, to relay-0
+
+    done = await upload(cluster, sink, total, stop_forwarder)
     assert stopped
-    assert answer.decode() == sent.hexdigest()
+    assert done.answer == done.sent
     assert sink.received == total
-    assert session.resumes == 2
+    assert done.session.resumes == 2
     closed = tunnel_lines(cluster.nodes[0], "tunnel_closed")
     assert [r["close_code"] for r in closed] == [1000]

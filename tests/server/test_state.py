@@ -24,6 +24,7 @@ from tunnel_server.state import (
 
 from ..helpers import UNIT
 from ..redis_fixture import RedisServer
+from ..reliability.common import eventually
 
 SUBPROTOCOL = "v1.native.tunnel.identity-tunnel"
 
@@ -43,16 +44,8 @@ def redis_state(server: RedisServer, node: str, lease_ttl: float = 40 * UNIT) ->
     )
 
 
-async def wait_for(predicate: Callable[[], bool], limit: float = 100 * UNIT) -> None:
-    """Poll a condition that another connection (Redis, pub/sub) makes true: no event of ours
-    can announce it."""
-    async with asyncio.timeout(limit):
-        while not predicate():  # noqa: ASYNC110
-            await asyncio.sleep(UNIT / 5)
-
-
 async def poll(check: Callable[[], Awaitable[bool]], limit: float = 100 * UNIT) -> None:
-    """``wait_for`` for a condition that needs a Redis round trip to check."""
+    """``eventually`` for a condition that needs a Redis round trip to check."""
     async with asyncio.timeout(limit):
         while not await check():  # noqa: ASYNC110
             await asyncio.sleep(UNIT)
@@ -155,7 +148,7 @@ async def test_revocations_are_pushed_and_missed_ones_resynced(
     try:
         pushed = Revocation("user", "user:x@example.com", time.time(), "user:admin", "node-a")
         await a.revoke(pushed)
-        await wait_for(lambda: len(seen_b) == 1)
+        await eventually(lambda: len(seen_b) == 1)
         assert seen_b[0].subject == "user:x@example.com"
         # A node that starts later (it missed the push) converges from the stored set.
         seen_c: list[Revocation] = []
@@ -166,7 +159,7 @@ async def test_revocations_are_pushed_and_missed_ones_resynced(
         # The same revocation again is not applied twice.
         await a.revoke(pushed)
         await a.revoke(Revocation("session", new_sid(a.tag), time.time(), None, "node-a"))
-        await wait_for(lambda: len(seen_b) == 2)
+        await eventually(lambda: len(seen_b) == 2)
         assert seen_b[1].kind == "session"
     finally:
         await a.aclose()
@@ -196,8 +189,8 @@ async def test_redis_down_then_restarted_loses_nothing(redis: RedisServer) -> No
         revoked_at = time.time()
         await a.revoke(Revocation("user", "user:y@example.com", revoked_at, None, "node-a"))
         await redis.start()  # empty: no persistence
-        await wait_for(lambda: a.available and b.available)
-        await wait_for(lambda: [r.subject for r in seen_b] == ["user:y@example.com"])
+        await eventually(lambda: a.available and b.available)
+        await eventually(lambda: [r.subject for r in seen_b] == ["user:y@example.com"])
         # a registered its open tunnel again: the registry finds it, the cap still holds.
 
         async def registered() -> bool:
