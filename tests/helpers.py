@@ -34,6 +34,8 @@ class TcpTarget(LoopbackServer):
         self.connections = 0
         self.received = 0
         self.digests: list[str] = []
+        # Sink: (bytes, sha256 hex) of each connection, once the peer half-closed it.
+        self.completed: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -45,10 +47,13 @@ class TcpTarget(LoopbackServer):
                     await writer.drain()
             elif self.mode == "sink":
                 digest = hashlib.sha256()
+                count = 0
                 while data := await reader.read(65536):
                     self.received += len(data)
+                    count += len(data)
                     digest.update(data)
                 self.digests.append(digest.hexdigest())
+                self.completed.put_nowait((count, digest.hexdigest()))
                 writer.write(digest.hexdigest().encode())
                 await writer.drain()
             else:

@@ -19,6 +19,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.connection import Connection
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.protocol import State
 from websockets.typing import Subprotocol
 
 NODE_HEADER = "X-Tunnel-Forwarded-By"
@@ -138,9 +139,19 @@ async def bridge(client: Connection, owner: Connection) -> None:
     go away). Backpressure: each direction sends one message at a time."""
 
     async def pump(source: Connection, sink: Connection) -> None:
+        # Only the source ending ends a direction: a send that fails because the sink is
+        # closing must not stop the reading, or the far end's last messages before its close
+        # would be dropped instead of passed on (the bridge ends on the first source to end).
+        sink_open = True
         with contextlib.suppress(ConnectionClosed):
             async for message in source:
-                await sink.send(message)
+                if sink_open and sink.state is State.OPEN:
+                    try:
+                        await sink.send(message)
+                    except ConnectionClosed:
+                        sink_open = False
+                else:
+                    sink_open = False
 
     tasks = [
         asyncio.create_task(pump(client, owner)),

@@ -392,6 +392,12 @@ class Relay(HandshakeMixin, ContinuousAuthorization, LimitsMixin, ClusterMixin):
 
     def _finish(self, session: Session, outcome: Outcome) -> None:
         if outcome.end is End.FINISHED:
+            short = session.tunnel.received_total - session.stream.bytes_written
+            if short:
+                # Never a clean finish for a stream the target did not get whole.
+                reason = f"{short} bytes received from the client were not delivered"
+                self._end(session, CloseCode.DESTINATION_WRITE_FAILED, reason)
+                return
             # Everything the client sent was written; let the target read it, then close.
             session.stream.close()
             self._end(session, CloseCode.NORMAL, "finished", close_stream=False)
@@ -409,6 +415,10 @@ class Relay(HandshakeMixin, ContinuousAuthorization, LimitsMixin, ClusterMixin):
             session.expiry.cancel()
         if session.limits is not None:
             session.limits.cancel()
+        # Bytes delivered to the target: written to its socket, less what an abort discards.
+        delivered = session.stream.bytes_written
+        if close_stream and code != CloseCode.NORMAL:
+            delivered -= session.stream.unsent
         if close_stream and code == CloseCode.NORMAL:
             session.stream.close()
         elif close_stream:
@@ -421,8 +431,9 @@ class Relay(HandshakeMixin, ContinuousAuthorization, LimitsMixin, ClusterMixin):
             address=session.address,
             port=session.port,
             source_ip=session.source_ip,
-            bytes_from_client=session.tunnel.received_total,
+            bytes_from_client=delivered,
             bytes_to_client=session.tunnel.sent_total,
+            bytes_acked_by_client=session.tunnel.peer_acked,
             resumes=session.resumes,
             duration=round(time.monotonic() - session.created, 3),
             close_code=code,

@@ -24,11 +24,13 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tunnel_client.session import TunnelSession
+from tunnel_protocol import IAP_SUBPROTOCOL
 
 from ..faults import FaultProxy, Link
 from ..helpers import UNIT, TcpTarget, deterministic_chunks, relay_config_data
 from ..oidc_fixture import TestIssuer
 from ..processes import Process, started
+from ..rawclient import RawTunnelClient
 from ..redis_fixture import RedisServer, free_port
 from ..reliability.common import (
     MiB,
@@ -407,3 +409,30 @@ async def test_a_forwarding_node_going_away_does_not_end_the_tunnel(
     assert done.session.resumes == 2
     closed = tunnel_lines(cluster.nodes[0], "tunnel_closed")
     assert [r["close_code"] for r in closed] == [1000]
+
+
+@pytest.mark.parametrize("subprotocol", [IAP_SUBPROTOCOL, NATIVE])
+async def test_close_burst_through_a_forwarded_resume_loses_nothing(
+    cluster: Cluster, sink: TcpTarget, subprotocol: str
+) -> None:
+    """A raw client opens on relay-0, sends half, vanishes, resumes through relay-1 (which
+    forwards to relay-0), then writes the rest and its close in one TCP write: the target gets
+    every byte, then EOF, every time (issue 10, forwarded)."""
+    path = f"/v4/connect?project=p&zone=z&instance=vm1&interface=nic0&port={sink.port}"
+    for size in (64 * 1024 + 7, 1 * MiB, 8 * MiB):
+        data = b"".join(deterministic_chunks(size))
+        half = size // 2
+        for _ in range(10):
+            token = cluster.issuer.mint(lifetime=600)
+            client = RawTunnelClient(cluster.url, path, token, subprotocol)
+            async with asyncio.timeout(400 * UNIT):
+                cluster.route.append(0)
+                await client.open()
+                client.send(data[:half])
+                await client.drop()
+                cluster.route.append(1)
+                await client.resume()  # relay-1 forwards to the owner, relay-0
+                await client.burst(data[half:])
+                got = await sink.completed.get()
+            assert got == (size, hashlib.sha256(data).hexdigest())
+    assert forwarding(cluster.nodes[1])

@@ -3,6 +3,10 @@
 The pump is the same on both sides. It ends with an ``Outcome`` saying whether the stream is
 complete, the WebSocket was lost (resume may follow), the peer closed it with a code, or we closed
 it (protocol error, local stream failure, or an external ``close`` such as a revocation).
+
+Only receiving decides that the peer is gone: a send (ACK, keepalive, data) that fails because
+the peer's close already arrived is not the end of the stream. Every DATA frame received before
+the peer's close frame is written to the local stream before the pump reports its outcome.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dataclasses import dataclass
 
 from websockets.asyncio.connection import Connection
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from ..codes import CloseCode
 from ..errors import TunnelError
@@ -96,6 +101,9 @@ class Pump:
             asyncio.get_running_loop().create_future()
         )
         self.stream_eof = False
+        # Set once a send failed because the WebSocket is closing: nothing more can go out, but
+        # the reader still drains every message that arrived before the peer's close.
+        self.send_closed = False
         # Loop time of the last DATA or EOF in either direction (ACKs, pings and REAUTH are not
         # activity). A tunnel that resumes passes its previous value on.
         if last_activity is None:
@@ -132,7 +140,12 @@ class Pump:
         finally:
             self.tunnel.detach()
         if outcome.end in (End.CLOSED, End.FINISHED):
-            await self._close_ws(outcome.code or CloseCode.NORMAL, outcome.reason)
+            answered = await self._close_ws(outcome.code or CloseCode.NORMAL, outcome.reason)
+            if outcome.end is End.FINISHED and not answered and self.tunnel.buffered:
+                # We ended the stream (IAP: the local side's EOF) with bytes the peer never
+                # acknowledged, and it never answered the close: it may lack them. Keep the
+                # tunnel resumable instead of calling it finished.
+                outcome = Outcome(End.LOST, None, "close not answered")
         return outcome
 
     @staticmethod
@@ -148,7 +161,8 @@ class Pump:
             return Outcome(End.FINISHED, rcvd.code, rcvd.reason)
         return Outcome(End.PEER_CLOSED, rcvd.code, rcvd.reason)
 
-    async def _close_ws(self, code: int, reason: str) -> None:
+    async def _close_ws(self, code: int, reason: str) -> bool:
+        """Close with ``code``; True when the peer's close frame arrived (before or now)."""
         # Keep reading (and discarding) until the peer's close frame: it may still be sending
         # DATA and ACKs (gcloud acks every 32 KiB), and unread messages pause reading after
         # websockets' max_queue, so the close reply would never be read (stall to the timeout).
@@ -169,6 +183,7 @@ class Pump:
         finally:
             discard.cancel()
             await asyncio.gather(discard, return_exceptions=True)
+        return self.ws.protocol.close_rcvd is not None
 
     async def _discard_incoming(self) -> None:
         try:
@@ -179,15 +194,25 @@ class Pump:
 
     async def flush(self) -> None:
         """Send what the tunnel has queued (for control frames queued from outside the pump)."""
-        try:
-            await self._flush()
-        except ConnectionClosed:
-            pass  # the pump's own tasks see the close and end the attachment
+        await self._flush()
 
     async def _flush(self) -> None:
+        """Send what the tunnel has queued. A closing WebSocket drops it (replayable data stays
+        in the tunnel's buffer; ACKs are implied by the next attach) and sets ``send_closed``:
+        the reader, not a sender, reports how the connection ended."""
         async with self._send_lock:
-            for message in self.tunnel.data_to_send():
-                await self.ws.send(message)
+            messages = self.tunnel.data_to_send()
+            try:
+                for message in messages:
+                    # websockets' send() on a closing connection waits for the TCP close (up
+                    # to its close timeout) before it raises, and the reader would wait with
+                    # it while the peer's last DATA frames sit unread: check first.
+                    if self.send_closed or self.ws.state is not State.OPEN:
+                        self.send_closed = True
+                        return
+                    await self.ws.send(message)
+            except ConnectionClosed:
+                self.send_closed = True
 
     async def _ws_to_stream(self) -> None:
         tunnel, stream, ws = self.tunnel, self.stream, self.ws
@@ -261,6 +286,10 @@ class Pump:
             if tunnel.finished:
                 raise _Stop(Outcome(End.FINISHED, CloseCode.NORMAL, ""))
             await asyncio.Future()  # the reader ends the pump when the peer finishes too
+        if self.send_closed:
+            # Not everything reached the peer: the reader reports how the WebSocket ended (a
+            # lost one is resumed and the rest replayed).
+            await asyncio.Future()
         # IAP has no half-close: everything is sent, so the tunnel ends with a normal close.
         raise _Stop(Outcome(End.FINISHED, CloseCode.NORMAL, ""))
 
@@ -292,12 +321,19 @@ class Pump:
         is dead; the attachment ends as LOST so the tunnel can be resumed."""
         while True:
             await asyncio.sleep(interval)
+            if self.send_closed or self.ws.state is not State.OPEN:
+                self.send_closed = True
+                return
             try:
                 # ping() itself waits while the write buffer is full (a stuck bulk transfer to
                 # a dead peer), so the deadline covers sending the ping too.
                 async with asyncio.timeout(pong_timeout):
                     pong = await self.ws.ping()
                     await pong
+            except ConnectionClosed:
+                # Closing: the reader drains what is left and reports the end.
+                self.send_closed = True
+                return
             except TimeoutError:
                 self.ws.transport.abort()
                 raise _Stop(Outcome(End.LOST, None, "keepalive timeout")) from None

@@ -173,6 +173,11 @@ class TcpStream(asyncio.BufferedProtocol):
         if self._closed is not None:
             await self._closed
 
+    @property
+    def unsent(self) -> int:
+        """Bytes written but still in the transport's buffer (lost if it is aborted now)."""
+        return 0 if self.transport is None else self.transport.get_write_buffer_size()
+
 
 async def open_tcp(host: str, port: int) -> TcpStream:
     """Dial ``host:port``; callers bound it with ``asyncio.timeout``."""
