@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: all venv system-deps lint test check e2e demo demo-check bench clean
+.PHONY: all venv system-deps lint test test-stress check e2e demo demo-check bench clean
 
 all: test
 
@@ -43,6 +43,11 @@ check: venv lint
 
 e2e: venv system-deps
 	$(BIN)/pytest -q -p no:cacheprovider -m e2e $(PYTEST_ARGS)
+
+# The timing-sensitive suites under load on purpose: one busy loop pinned to each core, then the
+# known-sensitive tests STRESS_REPEAT (default 3) more times (scripts/stress.sh).
+test-stress: venv system-deps
+	@bash scripts/stress.sh
 
 BENCH_STAMP := $(VENV)/.bench-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
