@@ -19,7 +19,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
-from tunnel_protocol.aio.runtime import run
+from tunnel_runtime.loop import run
 
 READ = 64 * 1024
 

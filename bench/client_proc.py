@@ -18,8 +18,8 @@ from pathlib import Path
 from tunnel_client.listener import LocalListener
 from tunnel_client.session import ConnectOptions
 from tunnel_client.tokens import token_provider
-from tunnel_protocol.aio.runtime import run
 from tunnel_protocol.urls import InstanceTarget
+from tunnel_runtime.loop import run
 
 PROJECT, ZONE, INSTANCE = "p", "z", "vm"
 

@@ -10,7 +10,7 @@ import asyncio
 import sys
 from typing import cast
 
-from tunnel_protocol.aio.runtime import run
+from tunnel_runtime.loop import run
 
 
 class Echo(asyncio.Protocol):

@@ -33,8 +33,8 @@ from websockets.typing import Subprotocol
 
 from tunnel_client.session import ConnectOptions, TunnelSession
 from tunnel_protocol import NATIVE, frames
-from tunnel_protocol.aio.runtime import run
 from tunnel_protocol.urls import InstanceTarget, connect_query
+from tunnel_runtime.loop import run
 
 PROJECT, ZONE, INSTANCE = "p", "z", "vm"
 

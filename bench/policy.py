@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tunnel_server.policy import AccessRequest, Policy, evaluate, explain, parse_policy
+from tunnel_server.access.policy import AccessRequest, Policy, evaluate, explain, parse_policy
 
 BINDINGS = 1000
 GROUPS = 200

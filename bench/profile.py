@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tunnel_server.tls import write_self_signed
+from tunnel_server.ops.tls import write_self_signed
 
 from .handshake import Issuer
 from .paths import Files, Relay

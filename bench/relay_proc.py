@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tunnel_protocol.aio.runtime import run
+from tunnel_runtime.loop import run
 from tunnel_server.app import serve_forever, setup_logging
-from tunnel_server.config import load_config
+from tunnel_server.config.models import load_config
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ from typing import Any
 
 import jwt
 
-from tunnel_server.tls import write_self_signed
+from tunnel_server.ops.tls import write_self_signed
 
 from . import analysis, report
 from .handshake import Issuer

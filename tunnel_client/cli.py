@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 
 import click
 
-from tunnel_protocol.aio.runtime import run
 from tunnel_protocol.urls import HostTarget, InstanceTarget, Target
+from tunnel_runtime.loop import run
 
 from . import cli_auth, http_proxy, launchers
 from .listener import LocalListener, PortUnavailable, run_stdio

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import click
 
-from tunnel_protocol.aio.runtime import run
+from tunnel_runtime.loop import run
 
 from .credentials import CredentialManager
 from .login import ServiceAccount, canonical_server, fetch_login_config, login, use_device_flow

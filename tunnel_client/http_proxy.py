@@ -17,8 +17,8 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from tunnel_protocol.aio.runtime import run
-from tunnel_protocol.aio.wsbridge import forward_messages
+from tunnel_runtime.loop import run
+from tunnel_runtime.wsbridge import forward_messages
 
 from .credentials import CredentialManager
 from .login import ServiceAccount, canonical_server

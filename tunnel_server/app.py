@@ -23,23 +23,23 @@ from websockets.typing import Subprotocol
 
 from tunnel_protocol import IAP, NATIVE, CloseCode
 
-from .admin import Revocations, admin_app
-from .admin import serving as admin_serving
+from .access.addresses import DestinationPolicy
+from .access.identity import DEFAULT_ALGORITHMS, Authenticator, Identity, Introspector, OidcVerifier
+from .access.inventory import Inventory
+from .access.policy import ADMIN, AccessRequest, Policy, evaluate, load_policy
 from .audit import AuditLog
-from .cluster import ClusterLink
-from .config import ConfigError, ServerConfig, load_config
-from .destinations import DestinationPolicy
-from .http_proxy import HttpProxy, build_session_store
-from .http_proxy import serving as http_serving
-from .identity import DEFAULT_ALGORITHMS, Authenticator, Identity, Introspector, OidcVerifier
-from .inventory import Inventory
-from .limits import guarded_connection
-from .metrics import Metrics
-from .metrics import serving as metrics_serving
-from .policy import ADMIN, AccessRequest, Policy, evaluate, load_policy
-from .relay import Relay
+from .config.models import ConfigError, ServerConfig, load_config
+from .ops.admin import Revocations, admin_app
+from .ops.admin import serving as admin_serving
+from .ops.metrics import Metrics
+from .ops.metrics import serving as metrics_serving
+from .ops.tls import server_context
+from .relay.cluster import ClusterLink
+from .relay.endpoint import Relay
+from .relay.limits import guarded_connection
 from .state import Revocation, build_state
-from .tls import server_context
+from .web import HttpProxy, build_session_store
+from .web import serving as http_serving
 
 log = logging.getLogger("tunnel.server")
 

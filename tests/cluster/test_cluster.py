@@ -316,8 +316,9 @@ async def test_revoke_on_one_node_closes_a_tunnel_on_another_within_1s(
     assert max(latencies) < 1.0
     wanted = {f"user:revoked{i}@example.com" for i in range(5)}
     await eventually(
-        lambda: {r["subject"] for r in tunnel_lines(cluster.nodes[2], "revocation_received")}
-        >= wanted
+        lambda: (
+            {r["subject"] for r in tunnel_lines(cluster.nodes[2], "revocation_received")} >= wanted
+        )
     )
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tunnel_server.identity import OidcVerifier
+from tunnel_server.access.identity import OidcVerifier
 
 from ..idp import (
     ALICE,

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tunnel_server.app import RunningServer
-from tunnel_server.session import Session
+from tunnel_server.relay.session import Session
 
 from ..helpers import TcpTarget, capture_audit, relay_config_data, start_relay
 from ..oidc_fixture import TestIssuer

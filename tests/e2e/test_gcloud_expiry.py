@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from tunnel_server.app import RunningServer
-from tunnel_server.session import Session
+from tunnel_server.relay.session import Session
 
 from ..helpers import capture_audit, relay_config_data, start_relay
 from ..idp import ALICE, AUDIENCE, CLI_CLIENT_ID, DevIdp, TokenError, missing_tools

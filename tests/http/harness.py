@@ -14,10 +14,10 @@ from urllib.parse import parse_qs, urlsplit
 from aiohttp import web
 
 from scripts.demo_web import make_app
+from tunnel_server.access.policy import Policy, parse_policy
 from tunnel_server.audit import AuditLog
-from tunnel_server.config import OidcConfig
-from tunnel_server.http_proxy import HttpModeConfig, HttpProxy, SessionStore, serving
-from tunnel_server.policy import Policy, parse_policy
+from tunnel_server.config.models import OidcConfig
+from tunnel_server.web import HttpModeConfig, HttpProxy, SessionStore, serving
 
 from ..helpers import LOG_LINES
 from ..oidc_fixture import TestIssuer

@@ -12,7 +12,7 @@ import pytest
 from yarl import URL
 
 from scripts.demo_web import expected_download_digest
-from tunnel_server.policy import parse_policy
+from tunnel_server.access.policy import parse_policy
 from tunnel_upstream import AssertionError_, verify_assertion
 
 from ..oidc_fixture import TestIssuer

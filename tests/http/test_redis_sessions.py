@@ -21,8 +21,9 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from tunnel_server.config import StateConfig
-from tunnel_server.http_proxy import (
+from tunnel_server.access.identity import Identity
+from tunnel_server.config.models import StateConfig
+from tunnel_server.web import (
     MemorySessionStore,
     RedisSessionStore,
     SessionStoreUnavailable,
@@ -30,9 +31,8 @@ from tunnel_server.http_proxy import (
     build_session_store,
     session_key,
 )
-from tunnel_server.http_proxy.redis_sessions import identity_from_dict, identity_to_dict
-from tunnel_server.http_proxy.sessions import PendingLogin, SessionTooLarge
-from tunnel_server.identity import Identity
+from tunnel_server.web.redis_sessions import identity_from_dict, identity_to_dict
+from tunnel_server.web.sessions import PendingLogin, SessionTooLarge
 from tunnel_upstream import verify_assertion
 
 from ..helpers import UNIT

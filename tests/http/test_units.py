@@ -9,21 +9,21 @@ import aiohttp
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from tunnel_server.http_proxy.assertion import AssertionSigner
-from tunnel_server.http_proxy.headers import (
+from tunnel_server.access.identity import Identity
+from tunnel_server.web.assertion import AssertionSigner
+from tunnel_server.web.headers import (
     client_address,
     is_identity_header,
     response_headers,
     upstream_headers,
 )
-from tunnel_server.http_proxy.paths import (
+from tunnel_server.web.paths import (
     BadRequest,
     normalize_host,
     normalize_path,
     safe_return_path,
 )
-from tunnel_server.http_proxy.sessions import WebSession
-from tunnel_server.identity import Identity
+from tunnel_server.web.sessions import WebSession
 from tunnel_upstream import AssertionError_, verify_assertion
 
 from ..oidc_fixture import TestIssuer

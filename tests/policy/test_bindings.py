@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tunnel_server.config import AllowRule, InventoryConfig
-from tunnel_server.policy import (
+from tunnel_server.access.policy import (
     ADMIN,
     NO_GRANT,
     WEB_USER,
@@ -15,6 +14,7 @@ from tunnel_server.policy import (
     evaluate,
     parse_policy,
 )
+from tunnel_server.config.models import AllowRule, InventoryConfig
 
 from .util import FRIDAY, policy, req
 

@@ -7,7 +7,7 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tunnel_server.policy import WEB_USER, Explanation, evaluate, explain
+from tunnel_server.access.policy import WEB_USER, Explanation, evaluate, explain
 
 from .util import FRIDAY, at, policy, req
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tunnel_server.policy import evaluate, next_change
+from tunnel_server.access.policy import evaluate, next_change
 
 from .util import FRIDAY, at, policy, req
 

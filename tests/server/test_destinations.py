@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tunnel_protocol.aio.stream import TcpStream
-from tunnel_server.destinations import (
+from tunnel_server.access.addresses import (
     DestinationDenied,
     DestinationPolicy,
     DialFailed,

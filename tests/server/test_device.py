@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tunnel_server.device import (
+from tunnel_server.access.device import (
     Device,
     DeviceCertificateError,
     device_attributes,

@@ -25,14 +25,14 @@ from tests.oidc_fixture import (
     sign_compact,
     tamper_payload,
 )
-from tunnel_server.identity import (
+from tunnel_server.access.identity import (
     AuthError,
     Identity,
     IssuerUnavailable,
     OidcVerifier,
     jwt_verifier,
 )
-from tunnel_server.identity.jwt_verifier import TOKEN_CACHE_TTL
+from tunnel_server.access.identity.jwt_verifier import TOKEN_CACHE_TTL
 
 T0 = 1_700_000_000.0
 

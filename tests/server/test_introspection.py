@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tunnel_server.identity import (
+from tunnel_server.access.identity import (
     Authenticator,
     AuthError,
     Introspector,

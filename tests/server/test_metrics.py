@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tunnel_protocol import NATIVE, Tunnel
 from tunnel_server.audit import AuditLog
-from tunnel_server.metrics import (
+from tunnel_server.ops.metrics import (
     AUTH_FAILURE_REASONS,
     OPEN_RESULTS,
     RESUME_RESULTS,
@@ -25,7 +25,7 @@ from tunnel_server.metrics import (
     SessionSource,
     serving,
 )
-from tunnel_server.relay import Relay
+from tunnel_server.relay.endpoint import Relay
 
 from ..protocol.helpers import TunnelPair
 
@@ -380,7 +380,7 @@ def test_state_store_check_that_raises_reads_as_down(caplog: pytest.LogCaptureFi
         raise ConnectionError("redis gone")
 
     metrics = Metrics(FakeRelay(), state_available=check)
-    with caplog.at_level(logging.ERROR, logger="tunnel_server.metrics"):
+    with caplog.at_level(logging.ERROR, logger="tunnel_server.ops.metrics"):
         assert value(metrics, "tunnel_state_store_up") == 0
     assert "redis gone" in caplog.text
 

@@ -3,7 +3,7 @@ Redis store (a cluster). See docs/scale-out.md."""
 
 from __future__ import annotations
 
-from ..config import ServerConfig
+from ..config.models import ServerConfig
 from .base import (
     Owner,
     Revocation,

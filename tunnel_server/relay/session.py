@@ -11,8 +11,8 @@ from tunnel_protocol import Tunnel
 from tunnel_protocol.aio.pump import Pump
 from tunnel_protocol.aio.stream import TcpStream
 
-from .device import Device
-from .identity import Identity
+from ..access.device import Device
+from ..access.identity import Identity
 
 if TYPE_CHECKING:
     from .limits import SessionLimits

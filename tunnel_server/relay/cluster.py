@@ -17,13 +17,13 @@ from websockets.typing import Subprotocol
 
 from tunnel_protocol import DIALECTS
 
-from .audit import AuditLog
-from .config import TunnelSettings
-from .forward import OwnerUnreachable, bridge, forward_headers, open_forward
-from .identity import Identity
-from .metrics import Metrics
+from ..access.identity import Identity
+from ..audit import AuditLog
+from ..config.models import TunnelSettings
+from ..ops.metrics import Metrics
+from ..state import MemoryState, Revocation, StateStore, StateUnavailable, TunnelRecord
+from .forwarding import OwnerUnreachable, bridge, forward_headers, open_forward
 from .session import Session
-from .state import MemoryState, Revocation, StateStore, StateUnavailable, TunnelRecord
 
 log = logging.getLogger("tunnel.cluster")
 

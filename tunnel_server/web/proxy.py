@@ -29,11 +29,9 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from tunnel_protocol.aio.wsbridge import forward_messages
+from tunnel_runtime.wsbridge import forward_messages
 
-from ..audit import AuditLog
-from ..config import OidcConfig
-from ..identity import (
+from ..access.identity import (
     DEFAULT_ALGORITHMS,
     Authenticator,
     AuthError,
@@ -41,10 +39,12 @@ from ..identity import (
     IssuerUnavailable,
     OidcVerifier,
 )
-from ..policy import WEB_USER, AccessRequest, Policy, access_levels_met, evaluate
+from ..access.policy import WEB_USER, AccessRequest, Policy, access_levels_met, evaluate
+from ..audit import AuditLog
+from ..config.http import HttpModeConfig, RouteConfig
+from ..config.models import OidcConfig
 from . import pages
 from .assertion import AssertionSigner
-from .config import HttpModeConfig, RouteConfig
 from .headers import (
     ASSERTION_HEADER,
     EMAIL_HEADER,

@@ -23,11 +23,7 @@ from tunnel_protocol.urls import (
     ReconnectRequest,
 )
 
-from .audit import AuditLog
-from .cluster import STATE_DOWN, ClusterLink, ClusterMixin
-from .config import LoginConfig, TunnelSettings
-from .control import ContinuousAuthorization, access_request
-from .destinations import (
+from ..access.addresses import (
     DestinationDenied,
     DestinationPolicy,
     DialFailed,
@@ -35,14 +31,18 @@ from .destinations import (
     resolve_and_dial,
     within,
 )
+from ..access.identity import Authenticator, Identity
+from ..access.inventory import Inventory, LookupFailed
+from ..access.policy import Policy, evaluate
+from ..audit import AuditLog
+from ..config.models import LoginConfig, TunnelSettings
+from ..ops.metrics import Metrics
+from ..state import MemoryState, StateStore, new_sid
+from .cluster import STATE_DOWN, ClusterLink, ClusterMixin
+from .continuous import ContinuousAuthorization, access_request
 from .handshake import Handshake, HandshakeMixin
-from .identity import Authenticator, Identity
-from .inventory import Inventory, LookupFailed
 from .limits import LimitsMixin, TunnelCaps
-from .metrics import Metrics
-from .policy import Policy, evaluate
 from .session import Session
-from .state import MemoryState, StateStore, new_sid
 
 log = logging.getLogger("tunnel.relay")
 

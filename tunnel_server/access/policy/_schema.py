@@ -11,7 +11,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..config import (
+from ...config.models import (
     _MEMBER,
     AllowRule,
     ConfigError,
@@ -20,7 +20,7 @@ from ..config import (
     _format_loc,
     read_yaml,
 )
-from ..config import _parse_ports as parse_ports
+from ...config.models import _parse_ports as parse_ports
 from ._cel import CelError, Condition, compile_condition
 from ._levels import AccessLevel, DevicePolicy, LevelCondition, check_graph
 from ._model import Binding, Policy, ResourceSelector, labels_from_inventory, normalize_member

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 from tunnel_protocol import CloseCode
 from tunnel_protocol.aio.pump import Pump
 
-from .audit import AuditLog
-from .device import Device, device_attributes
-from .identity import Authenticator, AuthError, Identity
-from .policy import TUNNEL_USER, AccessRequest, Decision, Policy, evaluate, next_change
+from ..access.device import Device, device_attributes
+from ..access.identity import Authenticator, AuthError, Identity
+from ..access.policy import TUNNEL_USER, AccessRequest, Decision, Policy, evaluate, next_change
+from ..audit import AuditLog
 from .session import Session, wait_event
 
 # Native tunnels are asked for a fresh token this long before theirs expires (or halfway

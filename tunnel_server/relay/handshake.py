@@ -29,15 +29,15 @@ from tunnel_protocol.urls import (
     parse_request_path,
 )
 
-from .audit import AuditLog
+from ..access.device import Device, peer_device
+from ..access.identity import Authenticator, AuthError, Identity, IssuerUnavailable
+from ..audit import AuditLog
+from ..config.models import LoginConfig
+from ..state import StateStore, StateUnavailable
+from ..web.headers import client_address
 from .cluster import STATE_DOWN, ClusterLink
-from .config import LoginConfig
-from .device import Device, peer_device
-from .forward import Forwarded, ForwardRefused, OwnerUnreachable, verify_forward
-from .http_proxy.headers import client_address
-from .identity import Authenticator, AuthError, Identity, IssuerUnavailable
+from .forwarding import Forwarded, ForwardRefused, OwnerUnreachable, verify_forward
 from .limits import TunnelCaps
-from .state import StateStore, StateUnavailable
 
 # websockets refuses header lines over 8 KiB (431) before we see them; same bound here.
 MAX_AUTHORIZATION = 8 * 1024

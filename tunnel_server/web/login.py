@@ -18,10 +18,10 @@ import aiohttp
 import jwt
 from aiohttp import web
 
+from ..access.identity import AuthError, Identity, IssuerUnavailable, OidcVerifier
 from ..audit import AuditLog
-from ..identity import AuthError, Identity, IssuerUnavailable, OidcVerifier
+from ..config.http import HttpModeConfig
 from . import pages
-from .config import HttpModeConfig
 from .paths import safe_return_path
 from .responses import html_response, json_response, redirect, store_unavailable
 from .sessions import (

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .config import HttpModeConfig, RouteConfig, SessionConfig, WebLoginConfig
+from ..config.http import HttpModeConfig, RouteConfig, SessionConfig, WebLoginConfig
 
 if TYPE_CHECKING:
     from .assertion import AssertionSigner

@@ -6,7 +6,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ..config import AllowRule, InventoryConfig
+from ...config.models import AllowRule, InventoryConfig
 from ._cel import Condition, TimeUse
 from ._levels import AccessLevel, check_graph, time_dependent
 from ._types import ALL_AUTHENTICATED, TUNNEL_USER

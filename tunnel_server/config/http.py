@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
-from ..config import ListenConfig, TlsConfig, _Model
+from .models import ListenConfig, TlsConfig, _Model
 
 _APP_NAME = r"^[a-z0-9][a-z0-9-]{0,62}$"
 _LABEL = r"[a-z0-9]([a-z0-9-]*[a-z0-9])?"

@@ -24,12 +24,12 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..identity import Identity
+from ..access.identity import Identity
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-    from ..config import StateConfig
+    from ..config.models import StateConfig
 
 # Called with the keys (session_key) of sessions that ended, on this node or another.
 EndedCallback = Callable[[Collection[str]], object]

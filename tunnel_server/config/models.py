@@ -384,7 +384,7 @@ class ServerConfig(_Model):
 
 
 # After the models it builds on (ListenConfig, TlsConfig, _Model): it imports them from here.
-from .http_proxy.config import HttpModeConfig  # noqa: E402
+from .http import HttpModeConfig  # noqa: E402
 
 ServerConfig.model_rebuild()
 

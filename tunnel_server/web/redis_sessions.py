@@ -30,7 +30,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from ..identity import Identity
+from ..access.identity import Identity
 from .sessions import (
     EndedCallback,
     GapCallback,

@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from .config import TlsConfig
-from .device import require_device_certificates
+from ..access.device import require_device_certificates
+from ..config.models import TlsConfig
 
 
 def write_self_signed(cert_file: Path, key_file: Path, *, days: int = 30) -> None:

@@ -11,10 +11,10 @@ from typing import Any
 
 from aiohttp import web
 
-from .identity import Authenticator, AuthError, Identity, IssuerUnavailable
+from ..access.identity import Authenticator, AuthError, Identity, IssuerUnavailable
+from ..relay.endpoint import Relay
+from ..state import Revocation
 from .listeners import serve_app
-from .relay import Relay
-from .state import Revocation
 
 IsAdmin = Callable[[Identity], bool]
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 from tunnel_protocol.urls import HostTarget, InstanceTarget, Target
 
-from .config import DestinationGroupConfig, InventoryConfig
-from .destinations import InvalidAddress, IPAddress, IPNetwork, canonical_ip, within
+from ..config.models import DestinationGroupConfig, InventoryConfig
+from .addresses import InvalidAddress, IPAddress, IPNetwork, canonical_ip, within
 
 
 class LookupFailed(Exception):
