@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from tunnel_client.session import ConnectOptions, check_connection
 from tunnel_protocol.urls import InstanceTarget
 from tunnel_server.app import running
-from tunnel_server.config.models import parse_config
+from tunnel_server.config import parse_config
 
 
 class Issuer:

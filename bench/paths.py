@@ -11,7 +11,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunnel_server.config.models import TunnelSettings
+from tunnel_server.config import TunnelSettings
 
 from .procs import CLIENT_CPU, SERVER_CPU, Proc, free_port, python_argv, spawn, wait_listening
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tunnel_runtime.loop import run
 from tunnel_server.app import serve_forever, setup_logging
-from tunnel_server.config.models import load_config
+from tunnel_server.config import load_config
 
 
 def main() -> None:

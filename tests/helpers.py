@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tunnel_server.app import RunningServer, running
-from tunnel_server.config.models import ServerConfig, parse_config
+from tunnel_server.config import ServerConfig, parse_config
 
 from .faults import FaultProxy as FaultProxy  # re-exported: the proxy lives in tests/faults.py
 from .loopback import LoopbackServer

@@ -28,7 +28,7 @@ from .access.identity import DEFAULT_ALGORITHMS, Authenticator, Identity, Intros
 from .access.inventory import Inventory
 from .access.policy import ADMIN, AccessRequest, Policy, evaluate, load_policy
 from .audit import AuditLog
-from .config.models import ConfigError, ServerConfig, load_config
+from .config import ConfigError, ServerConfig, load_config
 from .ops.admin import Revocations, admin_app
 from .ops.admin import serving as admin_serving
 from .ops.metrics import Metrics
@@ -37,7 +37,7 @@ from .ops.tls import server_context
 from .relay.cluster import ClusterLink
 from .relay.endpoint import Relay
 from .relay.limits import guarded_connection
-from .state import Revocation, build_state
+from .state import MemoryState, RedisState, Revocation, StateStore
 from .web import HttpProxy, build_session_store
 from .web import serving as http_serving
 
@@ -159,6 +159,25 @@ def build_relay(
         trusted_proxies=config.trusted_proxies,
     )
     return relay, authenticator
+
+
+def build_state(config: ServerConfig, node: str) -> StateStore:
+    """The store the config names (not started yet)."""
+    if config.state.backend == "memory":
+        return MemoryState(node)
+    state, cluster = config.state, config.cluster
+    assert state.redis_url is not None  # validated with the config
+    assert cluster is not None
+    return RedisState(
+        state.redis_url,
+        node=node,
+        advertise_url=cluster.advertise_url,
+        prefix=state.key_prefix,
+        lease_ttl=state.lease_ttl,
+        resync_interval=state.resync_interval,
+        retention=state.revocation_retention,
+        timeout=state.timeout,
+    )
 
 
 @asynccontextmanager

@@ -19,7 +19,7 @@ from tunnel_runtime.loop import run
 from .access.device import device_attributes, device_from_certificate
 from .access.policy import TUNNEL_USER, AccessRequest, explain
 from .app import build_link, build_policy, serve_forever, setup_logging
-from .config.models import ConfigError, ServerConfig, load_config
+from .config import ConfigError, ServerConfig, load_config
 
 F = TypeVar("F", bound=Callable[..., Any])
 

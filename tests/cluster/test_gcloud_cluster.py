@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tunnel_server.app import RunningServer, running
-from tunnel_server.config.models import parse_config
+from tunnel_server.config import parse_config
 from tunnel_server.ops.tls import write_self_signed
 
 from ..e2e.gcloud import STEP_TIMEOUT, GatedSource, Progress, gcloud_tunnel, payload, read_all

@@ -17,7 +17,7 @@ import yaml
 from cryptography import x509
 
 from tunnel_server.app import build_policy
-from tunnel_server.config.models import ServerConfig, parse_config, read_yaml
+from tunnel_server.config import ServerConfig, parse_config, read_yaml
 
 from .files import (
     COMPOSE,

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from tunnel_server.app import build_policy
-from tunnel_server.config.models import ConfigError, ServerConfig, parse_config, read_yaml
+from tunnel_server.config import ConfigError, ServerConfig, parse_config, read_yaml
 
 from .files import (
     DOCKERFILE,

@@ -16,7 +16,7 @@ from aiohttp import web
 from scripts.demo_web import make_app
 from tunnel_server.access.policy import Policy, parse_policy
 from tunnel_server.audit import AuditLog
-from tunnel_server.config.models import OidcConfig
+from tunnel_server.config import OidcConfig
 from tunnel_server.web import HttpModeConfig, HttpProxy, SessionStore, serving
 
 from ..helpers import LOG_LINES

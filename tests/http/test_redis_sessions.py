@@ -22,7 +22,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from tunnel_server.access.identity import Identity
-from tunnel_server.config.models import StateConfig
+from tunnel_server.config import StateConfig
 from tunnel_server.web import (
     MemorySessionStore,
     RedisSessionStore,

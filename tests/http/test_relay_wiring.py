@@ -13,7 +13,7 @@ import yaml
 from aiohttp import web
 
 from tunnel_server.app import running
-from tunnel_server.config.models import parse_config
+from tunnel_server.config import parse_config
 from tunnel_upstream import verify_assertion
 
 from ..helpers import relay_config_data, start_relay

@@ -14,7 +14,7 @@ from tunnel_server.access.policy import (
     evaluate,
     parse_policy,
 )
-from tunnel_server.config.models import AllowRule, InventoryConfig
+from tunnel_server.config import AllowRule, InventoryConfig
 
 from .util import FRIDAY, policy, req
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tunnel_server.access.policy import VARIABLES, WEB_USER, CelError, compile_condition, evaluate
-from tunnel_server.config.models import ConfigError
+from tunnel_server.config import ConfigError
 
 from .util import FRIDAY, policy, req
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from tunnel_server.access.policy import AccessRequest, Policy, evaluate, explain
-from tunnel_server.config.models import ConfigError
+from tunnel_server.config import ConfigError
 
 from .util import FRIDAY, at, policy, req
 

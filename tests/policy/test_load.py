@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tunnel_server.access.policy import evaluate, load_policy
-from tunnel_server.config.models import ConfigError, InventoryConfig
+from tunnel_server.config import ConfigError, InventoryConfig
 
 from .util import at, policy, req
 

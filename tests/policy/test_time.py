@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from tunnel_server.access.policy import TimeWindow
-from tunnel_server.config.models import ConfigError
+from tunnel_server.config import ConfigError
 
 from .util import at, policy
 

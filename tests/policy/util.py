@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 
 from tunnel_server.access.policy import AccessRequest, Policy, parse_policy
-from tunnel_server.config.models import InventoryConfig
+from tunnel_server.config import InventoryConfig
 
 # 2024-03-29 was a Friday; 17:30 UTC is 18:30 in Paris (CET, UTC+1).
 FRIDAY = dt.datetime(2024, 3, 29, 17, 30, tzinfo=dt.UTC).timestamp()

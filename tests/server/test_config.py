@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from tunnel_server.app import build_policy
 from tunnel_server.cli import main
-from tunnel_server.config.models import ConfigError, load_config, parse_config
+from tunnel_server.config import ConfigError, load_config, parse_config
 
 VALID: dict[str, Any] = {
     "listen": {"host": "127.0.0.1", "port": 8443},

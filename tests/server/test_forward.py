@@ -16,7 +16,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import InvalidStatus
 from websockets.typing import Subprotocol
 
-from tunnel_server.config.models import ConfigError, parse_config
+from tunnel_server.config import ConfigError, parse_config
 from tunnel_server.relay.forwarding import (
     MAX_SKEW,
     SIGNATURE_HEADER,

@@ -7,7 +7,7 @@ import pytest
 from tunnel_protocol.urls import HostTarget, InstanceTarget
 from tunnel_server.access.inventory import Inventory, LookupFailed
 from tunnel_server.access.policy import AccessRequest, Policy, evaluate
-from tunnel_server.config.models import AllowRule, InventoryConfig
+from tunnel_server.config import AllowRule, InventoryConfig
 
 INVENTORY = InventoryConfig.model_validate(
     {

@@ -1,15 +1,79 @@
-"""Targets: map a connect request (instance, or host in a destination group) to the address
-to dial; unknown instances and hosts outside every group are lookup failures (4047)."""
+"""The inventory: instances and destination groups as configured (``inventory:`` in the
+relay's YAML), and the lookup from a connect request (instance, or host in a destination group)
+to the address to dial; unknown instances and hosts outside every group are lookup failures
+(4047)."""
 
 from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import Field, model_validator
 
 from tunnel_protocol.urls import HostTarget, InstanceTarget, Target
 
-from ..config.models import DestinationGroupConfig, InventoryConfig
+from ..schema import Name, StrictModel
 from .addresses import InvalidAddress, IPAddress, IPNetwork, canonical_ip, within
+
+
+class InstanceConfig(StrictModel):
+    """An instance of the inventory: ``interfaces`` maps nic0.. to a private address."""
+
+    project: Name
+    zone: Name
+    name: Name
+    interfaces: dict[Name, str] = Field(min_length=1)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _address_shorthand(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "address" in data:
+            data = dict(data)
+            if "interfaces" in data:
+                raise ValueError("give 'address' or 'interfaces', not both")
+            data["interfaces"] = {"nic0": data.pop("address")}
+        return data
+
+    @property
+    def key(self) -> str:
+        return f"{self.project}/{self.zone}/{self.name}"
+
+
+class DestinationGroupConfig(StrictModel):
+    """A destination group: CIDRs and FQDNs reachable in one region/network."""
+
+    project: Name
+    region: Name
+    network: Name = "default"
+    name: Name
+    cidrs: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(default_factory=list)
+    fqdns: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9.-]{1,253}$")]] = Field(
+        default_factory=list
+    )
+
+    @property
+    def key(self) -> str:
+        return f"{self.project}/{self.region}/{self.network}/{self.name}"
+
+
+class InventoryConfig(StrictModel):
+    instances: list[InstanceConfig] = Field(default_factory=list)
+    destination_groups: list[DestinationGroupConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique(self) -> InventoryConfig:
+        for what, keys in (
+            ("instance", [i.key for i in self.instances]),
+            ("destination group", [g.key for g in self.destination_groups]),
+        ):
+            seen: set[str] = set()
+            for key in keys:
+                if key in seen:
+                    raise ValueError(f"duplicate {what} {key!r}")
+                seen.add(key)
+        return self
 
 
 class LookupFailed(Exception):

@@ -9,14 +9,15 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
-from .models import ListenConfig, TlsConfig, _Model
+from ..schema import StrictModel
+from .base import ListenConfig, TlsConfig
 
 _APP_NAME = r"^[a-z0-9][a-z0-9-]{0,62}$"
 _LABEL = r"[a-z0-9]([a-z0-9-]*[a-z0-9])?"
 _HOST = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
 
 
-class RouteConfig(_Model):
+class RouteConfig(StrictModel):
     """One protected app: requests for ``host`` (and ``path_prefix``) go to ``upstream``. The
     route is the policy resource ``app:NAME`` (role ``webUser``)."""
 
@@ -60,7 +61,7 @@ class RouteConfig(_Model):
         return self.assertion_audience or f"app:{self.name}"
 
 
-class WebLoginConfig(_Model):
+class WebLoginConfig(StrictModel):
     """The confidential OIDC client used for browser sign-in (authorization code + PKCE)."""
 
     issuer: str = Field(pattern=r"^https?://\S+$")
@@ -69,7 +70,7 @@ class WebLoginConfig(_Model):
     scopes: list[str] = Field(default_factory=lambda: ["openid", "email", "profile", "groups"])
 
 
-class SessionConfig(_Model):
+class SessionConfig(StrictModel):
     max_age: float = Field(default=8 * 3600, gt=0, allow_inf_nan=False)
     # Seconds since the user last authenticated at the IdP after which a new login is required
     # (prompt=login); None = max_age alone.
@@ -77,7 +78,7 @@ class SessionConfig(_Model):
     login_timeout: float = Field(default=600, gt=0, le=3600)
 
 
-class HttpModeConfig(_Model):
+class HttpModeConfig(StrictModel):
     listen: ListenConfig = Field(default_factory=lambda: ListenConfig(port=8445))
     tls: TlsConfig | None = None
     # The scheme browsers use to reach the apps (a TLS-terminating proxy in front: "https").

@@ -1,64 +1,24 @@
-"""The relay's YAML configuration: pydantic schema, loading, precise errors (file, key, reason)."""
+"""The relay's configuration schema (pydantic): every section of the YAML file. The parts own
+their input types where they have them (the inventory, the inline allow-list, HTTP mode) and
+this module assembles them into ``ServerConfig``."""
 
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, field_validator, model_validator
 
-_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$"
-_MEMBER = re.compile(r"^(user|group|serviceAccount|domain|subject):\S+$|^allAuthenticatedUsers$")
-
-Name = Annotated[str, Field(pattern=_NAME)]
-Port = Annotated[int, Field(ge=1, le=65535)]
+from ..access.inventory import InventoryConfig
+from ..access.policy import AllowRule
+from ..schema import NAME_PATTERN, ConfigError, StrictModel, check_members
+from .base import ListenConfig, TlsConfig
+from .http import HttpModeConfig
 
 
-class ConfigError(Exception):
-    """A configuration file is unreadable or invalid; the message names file, key and reason."""
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ListenConfig(_Model):
-    host: str = "127.0.0.1"
-    port: int = Field(default=8443, ge=0, le=65535)
-
-
-class TlsConfig(_Model):
-    """TLS for the relay listener. ``self_signed`` (development only) writes a new self-signed
-    certificate for localhost/127.0.0.1/::1 to ``cert_file``/``key_file`` when they are missing."""
-
-    cert_file: Path
-    key_file: Path
-    self_signed: bool = False
-    # Optional mTLS: client (device) certificates verified against this CA become device.*
-    # attributes for policy; with require_device_cert a client without one is refused.
-    device_ca: Path | None = None
-    require_device_cert: bool = False
-
-    @model_validator(mode="after")
-    def _device(self) -> TlsConfig:
-        if self.require_device_cert and self.device_ca is None:
-            raise ValueError("require_device_cert needs device_ca")
-        return self
-
-
-class IntrospectionConfig(_Model):
+class IntrospectionConfig(StrictModel):
     """RFC 7662 introspection for opaque access tokens (the relay's own client credentials)."""
 
     client_id: str = Field(min_length=1)
@@ -67,7 +27,7 @@ class IntrospectionConfig(_Model):
     cache_ttl: float = Field(default=30.0, ge=0, le=300)
 
 
-class OidcConfig(_Model):
+class OidcConfig(StrictModel):
     issuer: str = Field(pattern=r"^https?://\S+$")
     audiences: list[str] = Field(min_length=1)
     algorithms: list[str] | None = None
@@ -78,7 +38,7 @@ class OidcConfig(_Model):
     introspection: IntrospectionConfig | None = None
 
 
-class LoginConfig(_Model):
+class LoginConfig(StrictModel):
     """Published unauthenticated at /.well-known/tunnel-client so that
     ``tunnel-client login --server URL`` needs nothing else."""
 
@@ -90,125 +50,7 @@ class LoginConfig(_Model):
     resource: str | None = None
 
 
-class InstanceConfig(_Model):
-    """An instance of the inventory: ``interfaces`` maps nic0.. to a private address."""
-
-    project: Name
-    zone: Name
-    name: Name
-    interfaces: dict[Name, str] = Field(min_length=1)
-    labels: dict[str, str] = Field(default_factory=dict)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _address_shorthand(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "address" in data:
-            data = dict(data)
-            if "interfaces" in data:
-                raise ValueError("give 'address' or 'interfaces', not both")
-            data["interfaces"] = {"nic0": data.pop("address")}
-        return data
-
-    @property
-    def key(self) -> str:
-        return f"{self.project}/{self.zone}/{self.name}"
-
-
-class DestinationGroupConfig(_Model):
-    """A destination group: CIDRs and FQDNs reachable in one region/network."""
-
-    project: Name
-    region: Name
-    network: Name = "default"
-    name: Name
-    cidrs: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(default_factory=list)
-    fqdns: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9.-]{1,253}$")]] = Field(
-        default_factory=list
-    )
-
-    @property
-    def key(self) -> str:
-        return f"{self.project}/{self.region}/{self.network}/{self.name}"
-
-
-class InventoryConfig(_Model):
-    instances: list[InstanceConfig] = Field(default_factory=list)
-    destination_groups: list[DestinationGroupConfig] = Field(default_factory=list)
-
-    @model_validator(mode="after")
-    def _unique(self) -> InventoryConfig:
-        for what, keys in (
-            ("instance", [i.key for i in self.instances]),
-            ("destination group", [g.key for g in self.destination_groups]),
-        ):
-            seen: set[str] = set()
-            for key in keys:
-                if key in seen:
-                    raise ValueError(f"duplicate {what} {key!r}")
-                seen.add(key)
-        return self
-
-
-class PortRange(_Model):
-    first: Port
-    last: Port
-
-    def __contains__(self, port: int) -> bool:
-        return self.first <= port <= self.last
-
-
-def _parse_ports(value: Any) -> Any:
-    if not isinstance(value, list):
-        return value
-    out: list[Any] = []
-    for item in value:
-        if isinstance(item, str) and re.fullmatch(r"[0-9]{1,5}-[0-9]{1,5}", item):
-            first, last = (int(p) for p in item.split("-"))
-            if first > last:
-                raise ValueError(f"port range {item!r} is reversed")
-            out.append({"first": first, "last": last})
-        elif isinstance(item, int) and not isinstance(item, bool):
-            out.append({"first": item, "last": item})
-        elif isinstance(item, str) and re.fullmatch(r"[0-9]{1,5}", item):
-            out.append({"first": int(item), "last": int(item)})
-        else:
-            raise ValueError(f"port {item!r} must be an integer or a range like '8000-8080'")
-    return out
-
-
-class AllowRule(_Model):
-    """Grant ``members`` access to ``ports`` on the listed instances and destination groups.
-
-    ``instances``: ``project/zone/name`` keys, or ``*``. ``destination_groups``:
-    ``project/region/network/name`` keys, or ``*``. Unknown keys are errors (typos fail loudly).
-    """
-
-    members: list[str] = Field(min_length=1)
-    instances: list[str] = Field(default_factory=list)
-    destination_groups: list[str] = Field(default_factory=list)
-    ports: list[PortRange] = Field(min_length=1)
-
-    _check_ports = field_validator("ports", mode="before")(_parse_ports)
-
-    @field_validator("members")
-    @classmethod
-    def _members(cls, members: list[str]) -> list[str]:
-        for member in members:
-            if not _MEMBER.match(member):
-                raise ValueError(
-                    f"member {member!r} must look like user:EMAIL, group:NAME, "
-                    "serviceAccount:ID, domain:NAME or allAuthenticatedUsers"
-                )
-        return members
-
-    @model_validator(mode="after")
-    def _some_resource(self) -> AllowRule:
-        if not self.instances and not self.destination_groups:
-            raise ValueError("a rule needs 'instances' or 'destination_groups'")
-        return self
-
-
-class TunnelSettings(_Model):
+class TunnelSettings(StrictModel):
     resume_window: float = Field(default=60.0, ge=0, description="seconds a dropped tunnel waits")
     resume_buffer: int = Field(default=8 * 1024 * 1024, ge=1024 * 1024, le=1024 * 1024 * 1024)
     dial_timeout: float = Field(default=10.0, gt=0)
@@ -231,7 +73,7 @@ class TunnelSettings(_Model):
     drain_grace: float = Field(default=30.0, ge=0, allow_inf_nan=False)
 
 
-class AdminConfig(_Model):
+class AdminConfig(StrictModel):
     """The admin listener (sessions list / revoke). Plain HTTP: keep it on a private address."""
 
     listen: ListenConfig = Field(default_factory=lambda: ListenConfig(port=8444))
@@ -240,13 +82,11 @@ class AdminConfig(_Model):
     @field_validator("members")
     @classmethod
     def _members(cls, members: list[str]) -> list[str]:
-        for member in members:
-            if not _MEMBER.match(member):
-                raise ValueError(f"member {member!r} must look like user:EMAIL, group:NAME, ...")
+        check_members(members, hint="user:EMAIL, group:NAME, ...")
         return members
 
 
-class StateConfig(_Model):
+class StateConfig(StrictModel):
     """Where the state shared between relay nodes lives (docs/scale-out.md): ``memory`` (one
     node, the default) or ``redis`` (several nodes behind a load balancer)."""
 
@@ -279,11 +119,11 @@ class StateConfig(_Model):
         return self
 
 
-class ClusterConfig(_Model):
+class ClusterConfig(StrictModel):
     """This node among several: how the others reach it to forward a resume it owns."""
 
     # Unique per node; the default is the host name (a pod's name on Kubernetes).
-    node_id: str | None = Field(default=None, pattern=_NAME)
+    node_id: str | None = Field(default=None, pattern=NAME_PATTERN)
     # The relay listener's URL as other nodes reach it (ws:// or wss://, e.g. the pod IP).
     advertise_url: str = Field(pattern=r"^wss?://[^/?#\s]+$")
     # Shared key authenticating node-to-node forwards (at least 32 bytes); the environment
@@ -317,13 +157,13 @@ class ClusterConfig(_Model):
         return data
 
 
-class MetricsConfig(_Model):
+class MetricsConfig(StrictModel):
     """Prometheus metrics (text exposition at /metrics) on their own listener."""
 
     listen: ListenConfig = Field(default_factory=lambda: ListenConfig(port=9464))
 
 
-class ServerConfig(_Model):
+class ServerConfig(StrictModel):
     listen: ListenConfig = Field(default_factory=ListenConfig)
     tls: TlsConfig | None = None
     issuers: list[OidcConfig] = Field(min_length=1)
@@ -381,109 +221,3 @@ class ServerConfig(_Model):
                 if key != "*" and key not in groups:
                     raise ValueError(f"access[{n}]: unknown destination group {key!r}")
         return self
-
-
-# After the models it builds on (ListenConfig, TlsConfig, _Model): it imports them from here.
-from .http import HttpModeConfig  # noqa: E402
-
-ServerConfig.model_rebuild()
-
-
-def _format_loc(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part in ("function-after", "function-before") or "[" in part:
-            continue
-        else:
-            out += f".{part}" if out else part
-    return out or "(top level)"
-
-
-# Values that may come from the environment instead of the file (secrets from a Kubernetes
-# Secret or a systemd credential; per-node values): variable -> (section, key). A variable only
-# completes a section the file has.
-ENV_OVERRIDES = {
-    "TUNNEL_REDIS_URL": ("state", "redis_url"),
-    "TUNNEL_CLUSTER_SECRET": ("cluster", "secret"),
-    # Per-node values on a shared config (a Kubernetes Deployment: the pod name and IP).
-    "TUNNEL_NODE_ID": ("cluster", "node_id"),
-    "TUNNEL_ADVERTISE_URL": ("cluster", "advertise_url"),
-}
-
-
-def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
-    data = dict(data)
-    for variable, (section, key) in ENV_OVERRIDES.items():
-        value = env.get(variable)
-        part = data.get(section)
-        if not value or not isinstance(part, dict):  # only completes a section the file has
-            continue
-        part = dict(part)
-        part[key] = value
-        if key == "secret":
-            part.pop("secret_file", None)  # the environment wins over the file
-        data[section] = part
-    return data
-
-
-def parse_config(
-    data: Any,
-    *,
-    source: str = "<config>",
-    base_dir: Path | None = None,
-    env: Mapping[str, str] | None = None,
-) -> ServerConfig:
-    """Validate already-parsed YAML. Raises ConfigError listing every problem. ``env``
-    (default: the process environment) supplies ENV_OVERRIDES."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping")
-    data = _apply_env(data, os.environ if env is None else env)
-    try:
-        config = ServerConfig.model_validate(data)
-    except ValidationError as exc:
-        lines = [f"{source}: {_format_loc(err['loc'])}: {err['msg']}" for err in exc.errors()]
-        raise ConfigError("\n".join(lines)) from None
-    if config.policy_file is not None and base_dir is not None:
-        config = config.model_copy(update={"policy_file": base_dir / config.policy_file})
-    if config.tls is not None and base_dir is not None:
-        tls = config.tls.model_copy(
-            update={
-                "cert_file": base_dir / config.tls.cert_file,
-                "key_file": base_dir / config.tls.key_file,
-                "device_ca": base_dir / config.tls.device_ca if config.tls.device_ca else None,
-            }
-        )
-        config = config.model_copy(update={"tls": tls})
-    if config.cluster is not None and base_dir is not None:
-        cluster = config.cluster.model_copy(
-            update={
-                "secret_file": base_dir / config.cluster.secret_file
-                if config.cluster.secret_file
-                else None,
-                "ca_file": base_dir / config.cluster.ca_file if config.cluster.ca_file else None,
-            }
-        )
-        config = config.model_copy(update={"cluster": cluster})
-    return config
-
-
-def read_yaml(path: Path) -> Any:
-    """Parse a YAML file (safe loader); ConfigError names the file, line and column."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{path}: {where}invalid YAML: {problem}") from None
-
-
-def load_config(path: Path) -> ServerConfig:
-    """Read and validate a YAML file; relative paths are relative to the file."""
-    return parse_config(read_yaml(path), source=str(path), base_dir=path.parent)

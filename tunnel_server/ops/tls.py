@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from ..access.device import require_device_certificates
-from ..config.models import TlsConfig
+from ..config import TlsConfig
 
 
 def write_self_signed(cert_file: Path, key_file: Path, *, days: int = 30) -> None:

@@ -19,7 +19,7 @@ from tunnel_protocol import DIALECTS
 
 from ..access.identity import Identity
 from ..audit import AuditLog
-from ..config.models import TunnelSettings
+from ..config import TunnelSettings
 from ..ops.metrics import Metrics
 from ..state import MemoryState, Revocation, StateStore, StateUnavailable, TunnelRecord
 from .forwarding import OwnerUnreachable, bridge, forward_headers, open_forward

@@ -35,7 +35,7 @@ from ..access.identity import Authenticator, Identity
 from ..access.inventory import Inventory, LookupFailed
 from ..access.policy import Policy, evaluate
 from ..audit import AuditLog
-from ..config.models import LoginConfig, TunnelSettings
+from ..config import LoginConfig, TunnelSettings
 from ..ops.metrics import Metrics
 from ..state import MemoryState, StateStore, new_sid
 from .cluster import STATE_DOWN, ClusterLink, ClusterMixin

@@ -32,7 +32,7 @@ from tunnel_protocol.urls import (
 from ..access.device import Device, peer_device
 from ..access.identity import Authenticator, AuthError, Identity, IssuerUnavailable
 from ..audit import AuditLog
-from ..config.models import LoginConfig
+from ..config import LoginConfig
 from ..state import StateStore, StateUnavailable
 from ..web.headers import client_address
 from .cluster import STATE_DOWN, ClusterLink

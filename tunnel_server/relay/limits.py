@@ -16,7 +16,7 @@ from websockets.asyncio.server import ServerConnection
 from tunnel_protocol import CloseCode
 
 from ..audit import AuditLog
-from ..config.models import TunnelSettings
+from ..config import TunnelSettings
 from .session import Session
 
 # Timers may fire up to the loop's clock resolution early (uvloop: 1 ms): a deadline this close

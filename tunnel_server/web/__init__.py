@@ -1,49 +1,21 @@
-"""HTTP mode: identity-aware reverse proxy for web apps (docs/http-mode.md).
-
-Only the config models load eagerly (``tunnel_server.config`` imports them); the proxy itself
-loads on first use, so that importing the config never imports aiohttp, policy or identity."""
+"""HTTP mode: an identity-aware reverse proxy for web apps on its own listener
+(docs/http-mode.md): browser sign-in and server-side sessions, bearer tokens for programs, a
+decision per request, and signed identity assertions to the upstream."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
-from ..config.http import HttpModeConfig, RouteConfig, SessionConfig, WebLoginConfig
-
-if TYPE_CHECKING:
-    from .assertion import AssertionSigner
-    from .proxy import HttpProxy, serving
-    from .redis_sessions import RedisSessionStore
-    from .sessions import (
-        MemorySessionStore,
-        SessionStore,
-        SessionStoreUnavailable,
-        WebSession,
-        build_session_store,
-        session_key,
-    )
-
-_LAZY = {
-    "AssertionSigner": ".assertion",
-    "HttpProxy": ".proxy",
-    "serving": ".proxy",
-    "MemorySessionStore": ".sessions",
-    "RedisSessionStore": ".redis_sessions",
-    "SessionStore": ".sessions",
-    "SessionStoreUnavailable": ".sessions",
-    "WebSession": ".sessions",
-    "build_session_store": ".sessions",
-    "session_key": ".sessions",
-}
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(name)
-    import importlib
-
-    return getattr(importlib.import_module(module, __name__), name)
-
+from ..config import HttpModeConfig, RouteConfig, SessionConfig, WebLoginConfig
+from .assertion import AssertionSigner
+from .proxy import HttpProxy, serving
+from .redis_sessions import RedisSessionStore
+from .sessions import (
+    MemorySessionStore,
+    SessionStore,
+    SessionStoreUnavailable,
+    WebSession,
+    session_key,
+)
+from .stores import build_session_store
 
 __all__ = [
     "AssertionSigner",

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from ..access.identity import AuthError, Identity, IssuerUnavailable, OidcVerifier
 from ..audit import AuditLog
-from ..config.http import HttpModeConfig
+from ..config import HttpModeConfig
 from . import pages
 from .paths import safe_return_path
 from .responses import html_response, json_response, redirect, store_unavailable

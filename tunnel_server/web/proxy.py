@@ -41,8 +41,7 @@ from ..access.identity import (
 )
 from ..access.policy import WEB_USER, AccessRequest, Policy, access_levels_met, evaluate
 from ..audit import AuditLog
-from ..config.http import HttpModeConfig, RouteConfig
-from ..config.models import OidcConfig
+from ..config import HttpModeConfig, OidcConfig, RouteConfig
 from . import pages
 from .assertion import AssertionSigner
 from .headers import (

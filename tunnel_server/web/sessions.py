@@ -1,7 +1,7 @@
 """Server-side browser sessions. The cookie holds only a random id; everything else lives in a
 ``SessionStore``: ``MemorySessionStore`` (one node) or ``RedisSessionStore`` (several nodes share
 sessions; a sign-out or a revocation on any node ends the session on all of them,
-``redis_sessions.py``). ``build_session_store`` picks one from the relay's ``state:`` config.
+``redis_sessions.py``). ``stores.build_session_store`` picks one from the relay's ``state:`` config.
 
 Every store method is a coroutine. Errors::
 
@@ -27,9 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..access.identity import Identity
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
-
-    from ..config.models import StateConfig
+    pass
 
 # Called with the keys (session_key) of sessions that ended, on this node or another.
 EndedCallback = Callable[[Collection[str]], object]
@@ -194,24 +192,3 @@ class MemorySessionStore:
             del self._sessions[sid]
         for state in [s for s, v in self._pending.items() if v.expires <= now]:
             del self._pending[state]
-
-
-def build_session_store(
-    state: StateConfig, redis: Redis | None = None, *, clock: Callable[[], float] = time.time
-) -> SessionStore:
-    """The session store for the relay's ``state:`` config: in memory for ``backend: memory``;
-    for ``backend: redis``, sessions in Redis at ``state.redis_url`` under ``state.key_prefix``,
-    every command bounded by ``state.timeout``. With ``redis`` given, that client is used (and
-    left open: its owner closes it); otherwise the store makes its own and closes it in
-    ``aclose`` (which ``HttpProxy.aclose`` calls)."""
-    if state.backend == "memory":
-        return MemorySessionStore(clock)
-    from .redis_sessions import RedisSessionStore
-
-    if redis is not None:
-        return RedisSessionStore(redis, state.key_prefix, timeout=state.timeout, clock=clock)
-    if not state.redis_url:
-        raise ValueError("state.backend 'redis' needs redis_url for the session store")
-    return RedisSessionStore.from_url(
-        state.redis_url, state.key_prefix, timeout=state.timeout, clock=clock
-    )

@@ -6,13 +6,14 @@ troubleshooter and continuous authorization. Language reference: ``docs/policy.m
 
 Errors::
 
-    ConfigError (tunnel_server.config)   policy file unreadable or invalid: file, key, reason
+    ConfigError (tunnel_server.schema)   policy file unreadable or invalid: file, key, reason
     ValueError                           a Policy built in code names unknown or cyclic levels
     CelError(ValueError)                 compile_condition: expression invalid (load time only)
 
 ``evaluate`` never raises: evaluation errors deny with a reason.
 """
 
+from ._allow import AllowRule, PortRange, parse_ports
 from ._cel import VARIABLES, CelError, Condition, compile_condition
 from ._engine import NO_GRANT, access_levels_met, evaluate, next_change
 from ._explain import Check, Explanation, LevelState, explain
@@ -40,6 +41,7 @@ __all__ = [
     "VARIABLES",
     "WEB_USER",
     "AccessLevel",
+    "AllowRule",
     "AccessRequest",
     "Binding",
     "CelError",
@@ -51,6 +53,7 @@ __all__ = [
     "LevelCondition",
     "LevelState",
     "Policy",
+    "PortRange",
     "ResourceSelector",
     "TimeWindow",
     "compile_condition",
@@ -60,4 +63,5 @@ __all__ = [
     "load_policy",
     "next_change",
     "parse_policy",
+    "parse_ports",
 ]

@@ -6,7 +6,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ...config.models import AllowRule, InventoryConfig
+from ..inventory import InventoryConfig
+from ._allow import AllowRule
 from ._cel import Condition, TimeUse
 from ._levels import AccessLevel, check_graph, time_dependent
 from ._types import ALL_AUTHENTICATED, TUNNEL_USER

@@ -9,18 +9,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from ...config.models import (
-    _MEMBER,
-    AllowRule,
-    ConfigError,
-    InventoryConfig,
-    PortRange,
-    _format_loc,
-    read_yaml,
-)
-from ...config.models import _parse_ports as parse_ports
+from ...schema import ConfigError, StrictModel, check_members, format_location, read_yaml
+from ..inventory import InventoryConfig
+from ._allow import AllowRule, PortRange, parse_ports
 from ._cel import CelError, Condition, compile_condition
 from ._levels import AccessLevel, DevicePolicy, LevelCondition, check_graph
 from ._model import Binding, Policy, ResourceSelector, labels_from_inventory, normalize_member
@@ -41,17 +34,14 @@ _SHAPES = {
 }
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+_Model = StrictModel
 
 
 def _members(members: list[str]) -> list[str]:
-    for member in members:
-        if not _MEMBER.match(member):
-            raise ValueError(
-                f"member {member!r} must look like user:EMAIL, group:NAME, "
-                "serviceAccount:ID, domain:NAME or allAuthenticatedUsers"
-            )
+    check_members(
+        members,
+        hint="user:EMAIL, group:NAME, serviceAccount:ID, domain:NAME or allAuthenticatedUsers",
+    )
     return [normalize_member(m) for m in members]
 
 
@@ -348,7 +338,7 @@ def _validation_errors(exc: ValidationError, source: str) -> str:
     lines = []
     for err in exc.errors():
         message = re.sub(r"^(Value|Assertion) error, ", "", err["msg"])
-        lines.append(f"{source}: {_format_loc(err['loc'])}: {message}")
+        lines.append(f"{source}: {format_location(err['loc'])}: {message}")
     return "\n".join(lines)
 
 
