@@ -10,9 +10,9 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from tunnel_server.access.identity import Identity
+from tunnel_server.access.source import client_address
 from tunnel_server.web.assertion import AssertionSigner
 from tunnel_server.web.headers import (
-    client_address,
     is_identity_header,
     response_headers,
     upstream_headers,

@@ -33,14 +33,16 @@ from tunnel_server.access.addresses import (
     Resolution,
     ResolutionFailed,
     canonical_ip,
-    dial_ip,
-    dial_resolution,
     embedded_ipv4,
     parse_port,
+    within,
+)
+from tunnel_server.relay.dialer import (
+    dial_ip,
+    dial_resolution,
     resolve_and_dial,
     resolve_destination,
     system_resolver,
-    within,
 )
 
 from ..dns_fixture import DnsResolver, ScriptedDnsServer

@@ -1,13 +1,8 @@
-"""SSRF-safe destinations: decide on the IP that will be dialed, then dial exactly that IP.
-
-``resolve_and_dial`` resolves a host **once**, canonicalizes every answer, keeps the answers that
-pass both the :class:`DestinationPolicy` (forbidden address classes) and the caller's ``allowed``
-predicate (the destination group's CIDRs, or the instance's address), and connects a socket to
-the numeric sockaddr of the first one that answers. The name is never handed to the OS again, so
-a DNS answer that changes between the check and the connect (rebinding) cannot be dialed.
-When a decision needs the address first (a policy condition on ``destination.ip``), use the two
-halves: ``resolve_destination`` returns a ``Resolution`` (vetted addresses plus the skipped
-answers and why, for the audit), ``dial_resolution`` dials it.
+"""SSRF-safe destinations, the pure half: canonical address forms, forbidden address classes,
+and the decision on each address a name resolves to (``vet``). The dialer
+(``tunnel_server.relay.dialer``) resolves a host once, asks ``vet`` which answers may be
+dialed, and connects to exactly those numeric addresses, so that a DNS answer that changes
+between the check and the connect (rebinding) cannot be dialed.
 
 Canonical form (``canonical_ip``)
     * ``::ffff:a.b.c.d`` (IPv4-mapped) *is* the IPv4 address for a socket: it becomes IPv4.
@@ -48,67 +43,38 @@ is tested by binding a UDP socket to the address (local iff the bind succeeds; n
 
 Ports are ``int`` (not ``bool``) in 1..65535; ``parse_port`` parses text strictly.
 
-Exceptions::
+Exceptions (each carries its close code as ``code``)::
 
     DestinationError
     ├── DestinationDenied      refused by policy, nothing dialed      -> close 4033 + audit
     └── DialFailed             allowed, but no connection             -> close 4003
         └── ResolutionFailed   the name has no usable DNS answer
+    InvalidAddress (ValueError) not an IP address in a form we accept
 """
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import re
 import socket
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
 
-from tunnel_protocol.aio.stream import TcpStream
+from tunnel_protocol import CloseCode
 
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
-# (host, port) -> address strings, in preference order. One call per resolve_and_dial.
-Resolver: TypeAlias = Callable[[str, int], Awaitable[Sequence[str]]]
-# Connect a TCP stream to exactly this address; tests inject one to record attempts.
-Connector: TypeAlias = Callable[[IPAddress, int], Awaitable[TcpStream]]
-
-__all__ = [
-    "FORBIDDEN",
-    "METADATA_NAMES",
-    "NAT64_WELL_KNOWN",
-    "Connector",
-    "DestinationDenied",
-    "DestinationError",
-    "DestinationPolicy",
-    "DialFailed",
-    "IPAddress",
-    "IPNetwork",
-    "InvalidAddress",
-    "Resolution",
-    "ResolutionFailed",
-    "Resolver",
-    "canonical_ip",
-    "canonical_network",
-    "dial_ip",
-    "dial_resolution",
-    "embedded_ipv4",
-    "parse_port",
-    "resolve_and_dial",
-    "resolve_destination",
-    "system_resolver",
-    "valid_port",
-    "within",
-]
 
 
 # -- errors ----------------------------------------------------------------------------------
 
 
 class DestinationError(Exception):
-    """Base class; ``reason`` is safe to audit (no secrets, addresses in canonical form)."""
+    """Base class; ``reason`` is safe to audit (no secrets, addresses in canonical form);
+    ``code`` is the close code the relay answers with."""
+
+    code: int = CloseCode.NOT_AUTHORIZED
 
     def __init__(self, reason: str, address: IPAddress | None = None) -> None:
         super().__init__(reason)
@@ -122,6 +88,8 @@ class DestinationDenied(DestinationError):
 
 class DialFailed(DestinationError):
     """The destination is allowed but no connection could be made. Close code 4003."""
+
+    code = CloseCode.FAILED_TO_CONNECT_TO_BACKEND
 
 
 class ResolutionFailed(DialFailed):
@@ -254,6 +222,25 @@ def canonical_ip(value: str | IPAddress) -> IPAddress:
     address = _inet_aton(text)
     if address is None:
         raise InvalidAddress("not an IPv4 address" if _looks_numeric(text) else "not an address")
+    return address
+
+
+def request_ip(text: str) -> IPAddress | None:
+    """An address as a request carries it (a socket peer, a forwarded-for hop, the address a
+    tunnel dialed), for policy and audit: strict syntax only (``127.1`` or ``0x7f000001`` is
+    not an address here, never guessed), IPv4-mapped IPv6 becomes IPv4, and a zone id is
+    dropped (the interface a peer came in on does not change who it is). None when ``text`` is
+    not an address. Unlike ``canonical_ip`` (what a socket would connect to), it never
+    raises."""
+    try:
+        address = ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.scope_id is not None:
+            address = ipaddress.IPv6Address(str(address).partition("%")[0])
+        if address.ipv4_mapped is not None:
+            return address.ipv4_mapped
     return address
 
 
@@ -467,44 +454,7 @@ class DestinationPolicy:
         return "destination is cloud metadata"
 
 
-# -- resolving and dialing ---------------------------------------------------------------------
-
-
-async def system_resolver(host: str, port: int) -> list[str]:
-    """``getaddrinfo`` answers, in order. An IPv6 answer with a scope id keeps it as a zone
-    (``addr%N``) so that ``canonical_ip`` refuses it instead of dropping it silently."""
-    loop = asyncio.get_running_loop()
-    try:
-        infos = await loop.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-        )
-    except (OSError, UnicodeError) as exc:  # gaierror; the idna codec raises UnicodeError
-        raise ResolutionFailed(f"cannot resolve host: {exc}") from None
-    answers: list[str] = []
-    for family, _, _, _, sockaddr in infos:
-        if family == socket.AF_INET6 and len(sockaddr) == 4 and sockaddr[3]:
-            answers.append(f"{sockaddr[0]}%{sockaddr[3]}")
-        elif family in (socket.AF_INET, socket.AF_INET6):
-            answers.append(str(sockaddr[0]))
-    return answers
-
-
-async def dial_ip(address: IPAddress, port: int) -> TcpStream:
-    """Connect to exactly ``address:port``: the socket is made here and connected to the
-    numeric sockaddr, so no name lookup can happen on the way."""
-    loop = asyncio.get_running_loop()
-    family = socket.AF_INET if address.version == 4 else socket.AF_INET6
-    # AI_NUMERICHOST: the literal is parsed, never looked up (and uvloop skips its thread-pool
-    # getaddrinfo: 240 -> 103 us of CPU per dial, measured).
-    _, protocol = await loop.create_connection(
-        TcpStream,
-        str(address),
-        port,
-        family=family,
-        proto=socket.IPPROTO_TCP,
-        flags=socket.AI_NUMERICHOST,
-    )
-    return protocol
+# -- vetting a resolution ------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -520,13 +470,9 @@ class Resolution:
     skipped: tuple[tuple[str, str], ...] = ()  # (answer, reason)
 
 
-async def _resolve(
-    host: str,
-    port: int,
-    policy: DestinationPolicy,
-    allowed: Callable[[IPAddress], bool],
-    resolver: Resolver,
-) -> Resolution:
+def parse_target(host: str, port: int, policy: DestinationPolicy) -> IPAddress | str:
+    """The host to resolve (a lower-cased name) or the literal address; DestinationDenied for
+    an invalid port or host, or a metadata name, before any DNS query."""
     if not valid_port(port):
         raise DestinationDenied("invalid port")
     target = _parse_host(host)
@@ -534,17 +480,21 @@ async def _resolve(
         reason = policy.check_name(target)
         if reason is not None:
             raise DestinationDenied(reason)
-        try:
-            answers: Sequence[str | IPAddress] = await resolver(target, port)
-        except OSError as exc:
-            raise ResolutionFailed(f"cannot resolve host: {exc}") from None
-        if not answers:
-            raise ResolutionFailed("host has no address")
-    else:
-        answers = [target]
+    return target
+
+
+def vet(
+    host: str,
+    port: int,
+    answers: Sequence[str | IPAddress],
+    policy: DestinationPolicy,
+    allowed: Callable[[IPAddress], bool],
+) -> Resolution:
+    """Keep, in order, the canonical ``answers`` that both ``policy`` and ``allowed`` accept.
+    Forbidden answers are skipped, never fallen through to; DestinationDenied when none is left
+    (the forbidden class is the more useful reason than "outside the allowed addresses")."""
     usable: list[IPAddress] = []
     skipped: list[tuple[str, str]] = []
-    # A forbidden class is the more useful audit reason than "outside the group".
     class_denial: DestinationDenied | None = None
     scope_denial: DestinationDenied | None = None
     for answer in answers:
@@ -565,80 +515,7 @@ async def _resolve(
             usable.append(address)
     if not usable:
         denial = class_denial or scope_denial
-        assert denial is not None
+        if denial is None:  # no answers at all: callers refuse an empty answer list first
+            raise DestinationDenied("no address to dial")
         raise denial
     return Resolution(host, port, tuple(usable), tuple(skipped))
-
-
-async def _dial(resolution: Resolution, connect: Connector) -> tuple[TcpStream, IPAddress]:
-    if not resolution.addresses:
-        raise DestinationDenied("no address left to dial")
-    failures: list[str] = []
-    for address in resolution.addresses:
-        try:
-            return await connect(address, resolution.port), address
-        except OSError as exc:
-            failures.append(f"{address}: {exc.strerror or exc}")
-    raise DialFailed("dial failed: " + "; ".join(failures), resolution.addresses[0])
-
-
-# The timeouts are parameters (not left to the caller's asyncio.timeout) so that running out
-# of time maps to a typed ResolutionFailed / DialFailed.
-
-
-async def resolve_destination(
-    host: str,
-    port: int,
-    *,
-    policy: DestinationPolicy,
-    allowed: Callable[[IPAddress], bool],
-    resolver: Resolver | None = None,
-    timeout: float,  # noqa: ASYNC109
-) -> Resolution:
-    """Resolve ``host`` once (IP literals are not resolved) and keep, in resolver order, the
-    canonical answers that both ``policy`` and ``allowed`` accept. Forbidden answers are
-    skipped, never fallen through to. DestinationDenied when none is left."""
-    try:
-        async with asyncio.timeout(timeout):
-            return await _resolve(host, port, policy, allowed, resolver or system_resolver)
-    except TimeoutError:
-        raise ResolutionFailed("resolution timeout") from None
-
-
-async def dial_resolution(
-    resolution: Resolution,
-    *,
-    timeout: float,  # noqa: ASYNC109
-    connect: Connector | None = None,
-) -> tuple[TcpStream, IPAddress]:
-    """Connect to the first of ``resolution.addresses`` that answers, by numeric sockaddr
-    (no second lookup). Returns the stream and the address dialed; DialFailed otherwise."""
-    try:
-        async with asyncio.timeout(timeout):
-            return await _dial(resolution, connect or dial_ip)
-    except TimeoutError:
-        raise DialFailed("dial timeout") from None
-
-
-async def resolve_and_dial(
-    host: str,
-    port: int,
-    *,
-    policy: DestinationPolicy,
-    allowed: Callable[[IPAddress], bool],
-    resolver: Resolver | None = None,
-    timeout: float,  # noqa: ASYNC109
-    connect: Connector | None = None,
-) -> tuple[TcpStream, IPAddress]:
-    """``resolve_destination`` then ``dial_resolution`` within one ``timeout``.
-
-    Raises DestinationDenied (nothing dialed) or DialFailed / ResolutionFailed."""
-    resolution: Resolution | None = None
-    try:
-        async with asyncio.timeout(timeout):
-            resolution = await _resolve(host, port, policy, allowed, resolver or system_resolver)
-            return await _dial(resolution, connect or dial_ip)
-    except TimeoutError:
-        if resolution is None:
-            raise ResolutionFailed("resolution timeout") from None
-        raise DialFailed("dial timeout") from None

@@ -28,7 +28,6 @@ from ..access.addresses import (
     DestinationPolicy,
     DialFailed,
     IPAddress,
-    resolve_and_dial,
     within,
 )
 from ..access.identity import Authenticator, Identity
@@ -40,6 +39,7 @@ from ..ops.metrics import Metrics
 from ..state import MemoryState, StateStore, new_sid
 from .cluster import STATE_DOWN, ClusterLink, ClusterMixin
 from .continuous import ContinuousAuthorization, access_request
+from .dialer import resolve_and_dial
 from .handshake import Handshake, HandshakeMixin
 from .limits import LimitsMixin, TunnelCaps
 from .session import Session

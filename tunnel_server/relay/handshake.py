@@ -31,10 +31,10 @@ from tunnel_protocol.urls import (
 
 from ..access.device import Device, peer_device
 from ..access.identity import Authenticator, AuthError, Identity, IssuerUnavailable
+from ..access.source import client_address
 from ..audit import AuditLog
 from ..config import LoginConfig
 from ..state import StateStore, StateUnavailable
-from ..web.headers import client_address
 from .cluster import STATE_DOWN, ClusterLink
 from .forwarding import Forwarded, ForwardRefused, OwnerUnreachable, verify_forward
 from .limits import TunnelCaps

@@ -3,7 +3,6 @@ client-sent identity header are removed before the proxy adds its own."""
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -30,8 +29,6 @@ IDENTITY_HEADERS = frozenset({"forwarded", "x-real-ip", "x-client-ip", "x-remote
 ASSERTION_HEADER = "X-Tunnel-Jwt-Assertion"
 EMAIL_HEADER = "X-Tunnel-Authenticated-User-Email"
 ID_HEADER = "X-Tunnel-Authenticated-User-Id"
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def _canonical(name: str) -> str:
@@ -98,39 +95,6 @@ def _split_cookies(values: Sequence[str]) -> list[str]:
 
 def _is_proxy_cookie(cookie: str) -> bool:
     return cookie.split("=", 1)[0].strip().startswith("__Host-tunnel_")
-
-
-def client_address(
-    peer: str | None, xff: Sequence[str], trusted: Sequence[Network]
-) -> tuple[str | None, str]:
-    """(the client's address, the X-Forwarded-For value for the upstream). A client-sent
-    X-Forwarded-For is believed only when the peer is a trusted proxy, and then only up to the
-    first untrusted hop (right to left)."""
-    if peer is None:
-        return None, "unknown"
-
-    def is_trusted(address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address.strip().split("%")[0])
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in net for net in trusted)
-
-    if not trusted or not is_trusted(peer):
-        return peer, peer
-    chain = [h.strip() for v in xff for h in v.split(",") if h.strip()]
-    client = peer
-    for hop in reversed(chain):
-        try:
-            ipaddress.ip_address(hop)
-        except ValueError:
-            break
-        client = hop
-        if not is_trusted(hop):
-            break
-    return client, ", ".join([*chain, peer])
 
 
 def response_headers(headers: CIMultiDictProxy[str], *, authenticated: bool) -> CIMultiDict[str]:

@@ -40,6 +40,7 @@ from ..access.identity import (
     OidcVerifier,
 )
 from ..access.policy import WEB_USER, AccessRequest, Policy, access_levels_met, evaluate
+from ..access.source import client_address
 from ..audit import AuditLog
 from ..config import HttpModeConfig, OidcConfig, RouteConfig
 from . import pages
@@ -48,7 +49,6 @@ from .headers import (
     ASSERTION_HEADER,
     EMAIL_HEADER,
     ID_HEADER,
-    client_address,
     response_headers,
     upstream_headers,
 )

@@ -19,7 +19,8 @@ from typing import Any
 from cel_expr_python import cel as _cel
 from cel_expr_python.ext import ext_strings as _ext_strings
 
-from ._types import Tri, Unknown, canonical_ip
+from ..addresses import request_ip
+from ._types import Tri, Unknown
 
 LEVELS_VARIABLE = "request.auth.access_levels"
 MAX_REASON = 200  # error texts end up in audit records: keep them short
@@ -71,7 +72,7 @@ def _network(cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 
 def in_ip_range(ip: str, cidr: str) -> bool:
     """CEL ``inIpRange(ip, cidr)``: canonical comparison (IPv4-mapped IPv6 counts as IPv4)."""
-    address = canonical_ip(ip)
+    address = request_ip(ip)
     if address is None:
         raise ValueError(f"inIpRange: {ip[:64]!r} is not an IP address")
     return address in _network(cidr)

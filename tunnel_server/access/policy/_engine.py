@@ -11,11 +11,12 @@ import datetime as dt
 from enum import Enum
 from typing import Any, NamedTuple
 
+from ..addresses import request_ip
 from . import _levels
 from ._cel import LEVELS_VARIABLE, make_activation, run
 from ._levels import LevelEvaluator
 from ._model import Binding, Policy
-from ._types import ALL_AUTHENTICATED, AccessRequest, Decision, Unknown, canonical_ip
+from ._types import ALL_AUTHENTICATED, AccessRequest, Decision, Unknown
 
 NO_GRANT = "no binding grants this member access to this resource and port"
 MAX_REASONS = 6
@@ -120,7 +121,7 @@ class Context:
 def _canonical(ip: str | None) -> str | None:
     if ip is None:
         return None
-    address = canonical_ip(ip)
+    address = request_ip(ip)
     return ip if address is None else str(address)
 
 

@@ -8,9 +8,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ..addresses import IPAddress, IPNetwork, request_ip
 from ._cel import Condition, TimeUse, run
 from ._timewindow import TimeWindow
-from ._types import IPAddress, IPNetwork, Tri, Unknown, canonical_ip, tri_and, tri_not, tri_or
+from ._types import Tri, Unknown, tri_and, tri_not, tri_or
 
 Combine = Literal["AND", "OR"]
 
@@ -183,7 +184,7 @@ class LevelEvaluator:
     def _source(self) -> tuple[IPAddress, str] | Unknown:
         """The canonical source address and its text, parsed once per request."""
         if self._address is None:
-            address = None if self._source_ip is None else canonical_ip(self._source_ip)
+            address = None if self._source_ip is None else request_ip(self._source_ip)
             if address is not None:
                 self._address = (address, str(address))
             else:

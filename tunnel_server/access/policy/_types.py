@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -11,9 +10,6 @@ TUNNEL_USER = "tunnelUser"
 WEB_USER = "webUser"
 ADMIN = "admin"
 ROLES = frozenset({TUNNEL_USER, WEB_USER, ADMIN})
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,20 +98,3 @@ def tri_or(parts: list[tuple[Tri, str]]) -> tuple[Tri, str]:
 
 def tri_not(value: Tri) -> Tri:
     return value if isinstance(value, Unknown) else not value
-
-
-def canonical_ip(text: str) -> IPAddress | None:
-    """Parse an address strictly; IPv4-mapped IPv6 becomes IPv4 and zone ids are dropped.
-
-    Non-canonical IPv4 forms (``127.1``, ``0x7f000001``) are refused (``None``), never guessed.
-    """
-    try:
-        address = ipaddress.ip_address(text.strip("[]"))
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.scope_id is not None:
-            address = ipaddress.IPv6Address(str(address).partition("%")[0])
-        if address.ipv4_mapped is not None:
-            return address.ipv4_mapped
-    return address
