@@ -1,4 +1,5 @@
-"""Composition root: build the relay from a config, serve it, shut down cleanly on signals."""
+"""Composition root: build the relay's parts, HTTP mode, the admin API and the metrics from a
+config, serve them, and close everything on the way out (``running``)."""
 
 from __future__ import annotations
 
@@ -24,19 +25,28 @@ from websockets.typing import Subprotocol
 from tunnel_protocol import IAP, NATIVE, CloseCode
 
 from .access.addresses import DestinationPolicy
+from .access.current import CurrentPolicy
 from .access.identity import DEFAULT_ALGORITHMS, Authenticator, Identity, Introspector, OidcVerifier
 from .access.inventory import Inventory
 from .access.policy import ADMIN, AccessRequest, Policy, evaluate, load_policy
+from .access.revocations import Revocations
 from .audit import AuditLog
 from .config import ConfigError, ServerConfig, load_config
-from .ops.admin import Revocations, admin_app
+from .ops.admin import admin_app
 from .ops.admin import serving as admin_serving
 from .ops.metrics import Metrics
 from .ops.metrics import serving as metrics_serving
 from .ops.tls import server_context
-from .relay.cluster import ClusterLink
-from .relay.endpoint import Relay
-from .relay.limits import guarded_connection
+from .relay import Relay
+from .relay.admission import Admission
+from .relay.cluster import Cluster, ClusterLink
+from .relay.connection import connection_class
+from .relay.continuous import Reauthorizer
+from .relay.events import RelayEvents
+from .relay.handshake import Handshake
+from .relay.limits import TunnelCaps
+from .relay.registry import Registry
+from .relay.tunnels import Tunnels
 from .state import MemoryState, RedisState, Revocation, StateStore
 from .web import HttpProxy, build_session_store
 from .web import serving as http_serving
@@ -142,21 +152,68 @@ def node_name(config: ServerConfig, node: str | None = None) -> str:
 def build_relay(
     config: ServerConfig, *, node: str | None = None, revocations: Revocations | None = None
 ) -> tuple[Relay, Authenticator]:
+    """The relay's parts, each given what it needs, and the ``Relay`` that holds them."""
     authenticator = build_authenticator(config)
     revocations = revocations or Revocations()
     node = node_name(config, node)
-    relay = Relay(
-        verifier=authenticator,
-        inventory=Inventory(config.inventory),
-        policy=build_policy(config),
-        settings=config.tunnel,
-        audit=AuditLog(node),
-        login=config.login,
+    audit = AuditLog(node)
+    events = RelayEvents()
+    policies = CurrentPolicy(build_policy(config))
+    settings = config.tunnel
+    cluster = Cluster(
+        build_state(config, node), build_link(config), audit, settings.max_tunnels_per_principal
+    )
+    registry = Registry(
+        settings=settings,
+        caps=TunnelCaps(settings.max_tunnels_per_principal, settings.max_tunnels),
+        cluster=cluster,
+        audit=audit,
+        events=events,
+    )
+    admission = Admission(
+        authenticator=authenticator,
         revoked=revocations.is_revoked,
+        policies=policies,
+        inventory=Inventory(config.inventory),
         destinations=DestinationPolicy(),
-        state=build_state(config, node),
-        link=build_link(config),
+        audit=audit,
+        events=events,
+    )
+    reauthorizer = Reauthorizer(
+        registry=registry,
+        admission=admission,
+        authenticator=authenticator,
+        policies=policies,
+        audit=audit,
+        events=events,
+    )
+    handshake = Handshake(
+        admission=admission,
+        registry=registry,
+        cluster=cluster,
+        authenticator=authenticator,
+        audit=audit,
+        login=config.login,
         trusted_proxies=config.trusted_proxies,
+    )
+    tunnels = Tunnels(
+        admission=admission,
+        registry=registry,
+        reauthorizer=reauthorizer,
+        cluster=cluster,
+        settings=settings,
+        audit=audit,
+    )
+    relay = Relay(
+        admission=admission,
+        registry=registry,
+        reauthorizer=reauthorizer,
+        cluster=cluster,
+        handshake=handshake,
+        tunnels=tunnels,
+        policies=policies,
+        events=events,
+        audit=audit,
     )
     return relay, authenticator
 
@@ -197,16 +254,18 @@ async def running(config: ServerConfig, *, node: str | None = None) -> AsyncIter
                 policy_file=config.policy_file,
             )  # fmt: skip
             if config.http is not None:
+                policies = relay.policies
                 http_proxy = HttpProxy(
                     config.http,
                     issuers=config.issuers,
-                    policy=lambda: relay.policy,
+                    policy=lambda: policies.policy,
                     audit=relay.audit,
                     is_revoked=revocations.is_revoked,
                     store=build_session_store(config.state),
                 )
                 http_ssl = server_context(config.http.tls) if config.http.tls else None
                 running_server.http = http_proxy
+                relay.policies.subscribe(lambda _policy: http_proxy.redecide_all())
                 running_server.http_port = await stack.enter_async_context(
                     http_serving(
                         http_proxy,
@@ -221,7 +280,7 @@ async def running(config: ServerConfig, *, node: str | None = None) -> AsyncIter
             if config.metrics is not None:
                 metrics = Metrics(relay, state_available=lambda: relay.state.available)
                 relay.audit.observers.append(metrics.observe_audit)
-                relay.metrics = metrics
+                relay.events.subscribe(metrics)
                 listen = config.metrics.listen
                 running_server.metrics_port = await stack.enter_async_context(
                     metrics_serving(metrics, listen.host, listen.port)
@@ -233,7 +292,7 @@ async def running(config: ServerConfig, *, node: str | None = None) -> AsyncIter
                     relay.destinations.add_own_endpoint(*address)
             await relay.state.start(
                 on_revocation=_applier(relay, revocations, running_server.http),
-                local_tunnels=relay.local_tunnels,
+                local_tunnels=relay.registry.local_tunnels,
             )
             stack.push_async_callback(relay.state.aclose)
             if config.admin is not None:
@@ -310,12 +369,12 @@ def _admin_check(config: ServerConfig, relay: Relay) -> Callable[[Identity], boo
 
 def _serve_relay(config: ServerConfig, relay: Relay, ssl_context: ssl.SSLContext | None) -> Server:
     return serve(
-        relay.handler,
+        relay.tunnels.handler,
         config.listen.host,
         config.listen.port,
         ssl=ssl_context,
-        process_request=relay.process_request,
-        create_connection=guarded_connection(relay.reply_backlog),  # ping floods
+        process_request=relay.handshake.process_request,
+        create_connection=connection_class(relay.reply_backlog),  # ping floods
         subprotocols=[Subprotocol(NATIVE.subprotocol), Subprotocol(IAP.subprotocol)],
         compression=None,  # 35x slower with deflate, and it invites decompression bombs
         ping_interval=None,  # never ping on IAP (gcloud drops the tunnel); native pumps ping

@@ -25,7 +25,8 @@ from tunnel_client.session import TunnelFailed, TunnelSession
 from tunnel_protocol import IAP_SUBPROTOCOL, NATIVE_SUBPROTOCOL, CloseCode
 from tunnel_server.app import RunningServer
 from tunnel_server.config import ConfigError, parse_config
-from tunnel_server.relay.limits import REPLY_BACKLOG, TunnelCaps, human_duration
+from tunnel_server.relay.connection import REPLY_BACKLOG
+from tunnel_server.relay.limits import TunnelCaps, human_duration
 
 from ..helpers import UNIT, TcpTarget, capture_audit, relay_config_data, start_relay
 from ..oidc_fixture import TestIssuer

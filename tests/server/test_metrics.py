@@ -25,7 +25,7 @@ from tunnel_server.ops.metrics import (
     SessionSource,
     serving,
 )
-from tunnel_server.relay.endpoint import Relay
+from tunnel_server.relay import Relay
 
 from ..protocol.helpers import TunnelPair
 

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 from pydantic import Field, model_validator
 
+from tunnel_protocol import CloseCode
 from tunnel_protocol.urls import HostTarget, InstanceTarget, Target
 
 from ..schema import Name, StrictModel
@@ -78,6 +79,8 @@ class InventoryConfig(StrictModel):
 
 class LookupFailed(Exception):
     """No such instance, interface, or destination: close code 4047."""
+
+    code = CloseCode.LOOKUP_FAILED
 
 
 @dataclass(frozen=True, slots=True)

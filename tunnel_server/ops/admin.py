@@ -11,38 +11,15 @@ from typing import Any
 
 from aiohttp import web
 
-from ..access.identity import Authenticator, AuthError, Identity, IssuerUnavailable
-from ..relay.endpoint import Relay
+from ..access.identity import Authenticator, AuthError, Identity, IssuerUnavailable, bearer_token
+from ..access.revocations import Revocations
+from ..relay import Relay
 from ..state import Revocation
 from .listeners import serve_app
 
 IsAdmin = Callable[[Identity], bool]
 
 _PRINCIPAL = web.RequestKey("principal", str)
-
-
-class Revocations:
-    """Principals whose tokens issued before a moment are refused, and revoked tunnels.
-
-    Revoking a user closes their tunnels and refuses every token issued up to that moment, so
-    they must log in again; tokens issued later are accepted (the IdP decides about those)."""
-
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self._users: dict[str, float] = {}
-        self._clock = clock
-
-    def revoke_user(self, principal: str, at: float | None = None) -> float:
-        """Refuse ``principal``'s tokens issued up to ``at`` (default: now); returns the
-        moment in force (a later revocation is never moved back)."""
-        at = self._clock() if at is None else at
-        self._users[principal] = max(at, self._users.get(principal, at))
-        return self._users[principal]
-
-    def is_revoked(self, identity: Identity) -> bool:
-        revoked_at = self._users.get(identity.principal)
-        if revoked_at is None:
-            return False
-        return identity.issued_at is None or identity.issued_at <= revoked_at
 
 
 def session_view(relay: Relay) -> list[dict[str, Any]]:
@@ -82,13 +59,12 @@ def admin_app(
     async def authenticate(
         request: web.Request, handler: Callable[[web.Request], Any]
     ) -> web.StreamResponse:
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
+        token = bearer_token(request.headers.get("Authorization"))
         challenge = {"WWW-Authenticate": 'Bearer realm="tunnel-admin"'}
-        if scheme.lower() != "bearer" or not token:
+        if token is None:
             return _json({"error": "authentication required"}, 401, challenge)
         try:
-            identity = await authenticator.verify(token.strip())
+            identity = await authenticator.verify(token)
         except IssuerUnavailable:
             return _json({"error": "identity provider unavailable"}, 503, {"Retry-After": "5"})
         except AuthError as exc:
@@ -125,8 +101,7 @@ def admin_app(
             subject = str(body["session"])
             closed = relay.revoke_session(subject, by=admin)
             revocation = Revocation("session", subject, time.time(), admin, relay.node)
-        if relay.metrics is not None:
-            relay.metrics.revocation_applied("local")
+        relay.events.revocation("local")
         if publish is not None:
             # Never fails: kept and pushed again when the shared state is back.
             await publish(revocation)

@@ -1,23 +1,19 @@
-"""The relay's HTTP side of each WebSocket handshake (mixed into the Relay): health and login
-endpoints, node-forwarding proof, URL parsing, authentication, admission (drain, caps, shared
-state) and routing a resume to the node that holds its tunnel. Every refusal is an HTTP status
-with an audit record."""
+"""The HTTP side of the relay's WebSocket handshakes: health, readiness and the client's login
+document, then for ``/v4/connect`` and ``/v4/reconnect``: the forwarding proof of another node,
+the URL, authentication, admission of a new tunnel (drain, caps, shared state) and the route of a
+resume to the node that holds its tunnel. Every refusal is an HTTP status with an audit record;
+what was admitted rides on the connection into the tunnel handler."""
 
 from __future__ import annotations
 
 import json
-import time
-import weakref
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from http import HTTPStatus
-from ipaddress import IPv4Network, IPv6Network
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.server import ServerConnection
-from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from tunnel_protocol.urls import (
@@ -29,32 +25,22 @@ from tunnel_protocol.urls import (
     parse_request_path,
 )
 
-from ..access.device import Device, peer_device
+from ..access.addresses import IPNetwork
+from ..access.device import peer_device
 from ..access.identity import Authenticator, AuthError, Identity, IssuerUnavailable
 from ..access.source import client_address
 from ..audit import AuditLog
 from ..config import LoginConfig
-from ..state import StateStore, StateUnavailable
-from .cluster import STATE_DOWN, ClusterLink
-from .forwarding import Forwarded, ForwardRefused, OwnerUnreachable, verify_forward
-from .limits import TunnelCaps
+from ..state import StateUnavailable
+from .admission import Admission
+from .cluster import STATE_DOWN, Cluster
+from .connection import Admitted, RelayConnection
+from .forwarding import Forwarded, ForwardRefused, OwnerUnreachable
+from .registry import Registry
 
-# websockets refuses header lines over 8 KiB (431) before we see them; same bound here.
-MAX_AUTHORIZATION = 8 * 1024
 WELL_KNOWN_LOGIN = "/.well-known/tunnel-client"
 # Seconds a client refused at a cap (429) is told to wait before trying again.
 CAP_RETRY_AFTER = 5
-
-
-@dataclass(frozen=True, slots=True)
-class Handshake:
-    """What an accepted handshake hands to the connection handler."""
-
-    identity: Identity
-    request: ConnectRequest | ReconnectRequest
-    device: Device | None
-    source_ip: str | None
-    owner: ClientConnection | None = None  # a resume forwarded to the node holding the tunnel
 
 
 class _Refused(Exception):
@@ -82,27 +68,31 @@ def peer_ip(connection: ServerConnection) -> str | None:
     return None
 
 
-class HandshakeMixin:
-    audit: AuditLog
-    link: ClusterLink
-    state: StateStore
-    draining: bool
-    caps: TunnelCaps
-    verifier: Authenticator
-    login: LoginConfig | None
-    _revoked: Callable[[Identity], bool]
-    _handshakes: weakref.WeakKeyDictionary[ServerConnection, Handshake]
-    trusted_proxies: Sequence[IPv4Network | IPv6Network]
-
-    if TYPE_CHECKING:
-
-        async def _forward_target(
-            self, request: Request, identity: Identity, sid: str, source_ip: str | None
-        ) -> ClientConnection | None: ...
+class Handshake:
+    def __init__(
+        self,
+        *,
+        admission: Admission,
+        registry: Registry,
+        cluster: Cluster,
+        authenticator: Authenticator,
+        audit: AuditLog,
+        login: LoginConfig | None,
+        trusted_proxies: Sequence[IPNetwork],
+    ) -> None:
+        self.admission = admission
+        self.registry = registry
+        self.cluster = cluster
+        self.authenticator = authenticator
+        self.audit = audit
+        self.login = login
+        self.trusted_proxies = tuple(trusted_proxies)
 
     async def process_request(
         self, connection: ServerConnection, request: Request
     ) -> Response | None:
+        """websockets' ``process_request``: a response refuses (or answers) the request; None
+        upgrades it, with ``connection.admitted`` set."""
         path = urlsplit(request.path).path
         if path == "/healthz":
             return respond(connection, HTTPStatus.OK, "ok\n")
@@ -113,12 +103,15 @@ class HandshakeMixin:
         if path not in (CONNECT_PATH, RECONNECT_PATH):
             return respond(connection, HTTPStatus.NOT_FOUND, "not found\n")
         try:
-            self._handshakes[connection] = await self._admit(connection, request, path)
+            admitted = await self._admit(connection, request, path)
         except _Refused as refused:
             return refused.response
+        if not isinstance(connection, RelayConnection):  # pragma: no cover - the app's class
+            raise TypeError("the relay's connections must be RelayConnection")
+        connection.admitted = admitted
         return None
 
-    async def _admit(self, connection: ServerConnection, request: Request, path: str) -> Handshake:
+    async def _admit(self, connection: ServerConnection, request: Request, path: str) -> Admitted:
         forwarded = self._forwarded(connection, request, path)
         if forwarded is not None:
             source_ip = forwarded.client_ip or None
@@ -132,20 +125,14 @@ class HandshakeMixin:
             parsed = parse_request_path(request.path)
         except UrlError as exc:
             self._deny(connection, 400, f"{exc}\n", f"bad request: {exc}", source_ip)
-        identity = await self._authenticate_handshake(connection, request.headers, source_ip)
+        identity = await self._authenticate(connection, request, source_ip)
         owner = None
         if isinstance(parsed, ConnectRequest):
             self._admit_connect(connection, identity, source_ip)
         elif forwarded is None:
-            try:
-                owner = await self._forward_target(request, identity, parsed.sid, source_ip)
-            except StateUnavailable:
-                self._state_down(connection, identity, source_ip)
-            except OwnerUnreachable as exc:
-                status = HTTPStatus(exc.status or 502)
-                raise _Refused(respond(connection, status, f"{status.phrase.lower()}\n")) from None
+            owner = await self._route_resume(connection, request, identity, parsed, source_ip)
         device = peer_device(connection.transport.get_extra_info("ssl_object"))
-        return Handshake(identity, parsed, device, source_ip, owner)
+        return Admitted(identity, parsed, device, source_ip, owner)
 
     def _deny(
         self,
@@ -169,18 +156,18 @@ class HandshakeMixin:
         """A resume relayed by another node of the cluster: the client's address it vouches
         for. A forwarding claim without proof of the cluster secret is refused (403)."""
         try:
-            forwarded = verify_forward(request.headers, request.path, self.link.secret, time.time())
+            forwarded = self.cluster.forwarded(request.headers, request.path)
         except ForwardRefused as exc:
             self._deny(connection, 403, "forbidden\n", str(exc), peer_ip(connection))
         if forwarded is not None and path != RECONNECT_PATH:
             self._deny(connection, 403, "forbidden\n", "forwarded connect", peer_ip(connection))
         return forwarded
 
-    async def _authenticate_handshake(
-        self, connection: ServerConnection, headers: Headers, source_ip: str | None
+    async def _authenticate(
+        self, connection: ServerConnection, request: Request, source_ip: str | None
     ) -> Identity:
         try:
-            return await self._authenticate(headers)
+            return await self.admission.authenticate(request.headers.get_all("Authorization"))
         except IssuerUnavailable as exc:
             # Not the caller's fault: 503 tells clients to retry instead of logging in again.
             self._deny(
@@ -203,20 +190,42 @@ class HandshakeMixin:
         """Refuse a new tunnel while draining, at a cap, or without the shared state.
         Reconnects are never refused here: they resume tunnels already counted, and they are
         how tunnels survive a drain's grace period."""
-        if self.draining:
+        if self.registry.draining:
             raise _Refused(
                 respond(
                     connection, HTTPStatus.SERVICE_UNAVAILABLE, "draining\n", {"Retry-After": "1"}
                 )
             )
-        refusal = self.caps.refusal(identity.principal)
+        refusal = self.registry.caps.refusal(identity.principal)
         if refusal is not None:
             self._deny(
                 connection, 429, f"{refusal}: close a tunnel or retry later\n", refusal,
                 source_ip, {"Retry-After": str(CAP_RETRY_AFTER)}, principal=identity.principal,
             )  # fmt: skip
-        if not self.state.available and not self.link.fail_open:
+        if not self.cluster.admits_new_tunnels:
             self._state_down(connection, identity, source_ip)
+
+    async def _route_resume(
+        self,
+        connection: ServerConnection,
+        request: Request,
+        identity: Identity,
+        parsed: ReconnectRequest,
+        source_ip: str | None,
+    ) -> ClientConnection | None:
+        """The owner's WebSocket for a resume of a tunnel another node holds (None: this node
+        holds it, or nobody does and the handler answers 'sid unknown')."""
+        if self.registry.held(parsed.sid):
+            return None
+        try:
+            return await self.cluster.forward_target(
+                request.path, request.headers, identity, parsed.sid, source_ip
+            )
+        except StateUnavailable:
+            self._state_down(connection, identity, source_ip)
+        except OwnerUnreachable as exc:
+            status = HTTPStatus(exc.status or 502)
+            raise _Refused(respond(connection, status, f"{status.phrase.lower()}\n")) from None
 
     def _state_down(
         self, connection: ServerConnection, identity: Identity, source_ip: str | None
@@ -225,21 +234,6 @@ class HandshakeMixin:
             connection, 503, f"{STATE_DOWN}, retry later\n", STATE_DOWN, source_ip,
             {"Retry-After": "5"}, principal=identity.principal,
         )  # fmt: skip
-
-    async def _authenticate(self, headers: Headers) -> Identity:
-        values = headers.get_all("Authorization")
-        if len(values) != 1:
-            raise AuthError("missing credentials" if not values else "several credentials")
-        value = values[0]
-        if len(value) > MAX_AUTHORIZATION:
-            raise AuthError("too large")
-        scheme, _, token = value.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise AuthError("not a bearer token")
-        identity = await self.verifier.verify(token.strip())
-        if self._revoked(identity):
-            raise AuthError("revoked")
-        return identity
 
     def _login_document(self, connection: ServerConnection) -> Response:
         if self.login is None:
@@ -251,13 +245,13 @@ class HandshakeMixin:
         return response
 
     async def _readyz(self, connection: ServerConnection) -> Response:
-        if self.draining:
+        if self.registry.draining:
             return respond(connection, HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
-        if not self.state.available:
+        if not self.cluster.state.available:
             return respond(connection, HTTPStatus.SERVICE_UNAVAILABLE, f"{STATE_DOWN}\n")
-        if not self.verifier.ready:
+        if not self.authenticator.ready:
             try:
-                await self.verifier.refresh()
+                await self.authenticator.refresh()
             except AuthError:
                 return respond(connection, HTTPStatus.SERVICE_UNAVAILABLE, "issuer unavailable\n")
         return respond(connection, HTTPStatus.OK, "ready\n")

@@ -1,7 +1,6 @@
-"""Resource limits of the relay: caps on open tunnels (per principal and global), the idle
+"""Resource limits of the relay: caps on open tunnels (per principal and global), and the idle
 timeout and maximum session duration of each tunnel (announced in advance in the audit log and
-in the close reason), and a bound on the replies a peer can make the relay queue without reading
-them (ping floods)."""
+in the close reason)."""
 
 from __future__ import annotations
 
@@ -9,25 +8,15 @@ import asyncio
 import functools
 from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING
-
-from websockets.asyncio.server import ServerConnection
 
 from tunnel_protocol import CloseCode
 
 from ..audit import AuditLog
 from ..config import TunnelSettings
-from .session import Session
 
 # Timers may fire up to the loop's clock resolution early (uvloop: 1 ms): a deadline this close
 # counts as reached, so a check never re-arms itself for a sliver of time.
 _SLACK = 0.005
-
-# Bytes of automatic replies (pongs, close frames) a peer may leave unread before the relay
-# stops reading from it. Tunnel data never gets here: the pump waits for the write buffer to
-# drain (32 KiB) before sending more, so only a peer that sends pings and does not read its
-# pongs can fill it.
-REPLY_BACKLOG = 1024 * 1024
 
 
 class TunnelCaps:
@@ -156,86 +145,45 @@ class SessionLimits:
             self._idle_handle.cancel()
 
 
-def guarded_connection(
-    on_backlog: Callable[[ServerConnection, int], None],
-) -> type[ServerConnection]:
-    """A ServerConnection that stops reading from a peer whose automatic replies pile up.
+class Limits:
+    """Starts the idle timeout and maximum session duration of each tunnel, when configured,
+    and records their advance warnings (``limit_warning`` audit records)."""
 
-    websockets answers every ping with a pong as it reads, and writes the pong without waiting
-    for the peer to read it. A peer that sends pings and never reads would make the relay buffer
-    every pong. Past ``REPLY_BACKLOG`` unsent bytes this connection pauses reading until the
-    buffer drains: the peer's TCP window then closes, as it does for tunnel data."""
+    def __init__(
+        self, settings: TunnelSettings, audit: AuditLog, on_warning: Callable[[], None]
+    ) -> None:
+        self._settings = settings
+        self._audit = audit
+        self._on_warning = on_warning
 
-    class GuardedConnection(ServerConnection):
-        _backlog_paused = False
-
-        def data_received(self, data: bytes) -> None:
-            super().data_received(data)
-            if not self._backlog_paused:
-                buffered = self.transport.get_write_buffer_size()
-                if buffered > REPLY_BACKLOG:
-                    self._backlog_paused = True
-                    self.transport.pause_reading()
-                    on_backlog(self, buffered)
-
-        def resume_writing(self) -> None:
-            super().resume_writing()
-            if self._backlog_paused:
-                self._backlog_paused = False
-                # The message queue may have paused reading too: leave that pause to it.
-                if not self.recv_messages.paused:
-                    self.transport.resume_reading()
-
-    return GuardedConnection
-
-
-class LimitsMixin:
-    """The relay's side of the per-tunnel limits (mixed into the Relay, which owns sessions)."""
-
-    settings: TunnelSettings
-    audit: AuditLog
-
-    if TYPE_CHECKING:
-
-        def _close_session(self, session: Session, code: int, reason: str) -> None: ...
-
-        def _notify(self) -> None: ...
-
-    def _start_limits(self, session: Session) -> None:
-        settings = self.settings
+    def start(
+        self,
+        sid: str,
+        principal: str,
+        *,
+        activity: Callable[[], float],
+        close: Callable[[int, str], None],
+    ) -> SessionLimits | None:
+        """The limits of one tunnel (None when none is configured). ``activity``: loop time of
+        its last DATA or EOF; ``close(code, reason)`` ends it when a limit is reached."""
+        settings = self._settings
         if not settings.idle_timeout and not settings.max_session_duration:
-            return
-
-        def last_activity() -> float:
-            pump = session.pump
-            return pump.last_activity if pump is not None else session.last_activity
-
-        session.limits = SessionLimits(
+            return None
+        return SessionLimits(
             idle_timeout=settings.idle_timeout,
             max_duration=settings.max_session_duration,
             warning=settings.limit_warning,
-            last_activity=last_activity,
-            close=functools.partial(self._close_session, session),
-            warn=functools.partial(self._limit_warning, session),
+            last_activity=activity,
+            close=close,
+            warn=functools.partial(self._warn, sid, principal),
         )
 
-    def _limit_warning(self, session: Session, limit: str, seconds_left: float) -> None:
-        self.audit.record(
+    def _warn(self, sid: str, principal: str, limit: str, seconds_left: float) -> None:
+        self._audit.record(
             "limit_warning",
-            tunnel_id=session.sid,
-            principal=session.identity.principal,
+            tunnel_id=sid,
+            principal=principal,
             limit=limit,
             closes_in=round(seconds_left, 3),
         )
-        self._notify()
-
-    def reply_backlog(self, connection: ServerConnection, buffered: int) -> None:
-        """A peer left this many bytes of pongs unread: its connection stopped reading it."""
-        address = connection.remote_address
-        self.audit.record(
-            "backpressure",
-            reason="unread pongs: reading paused",
-            source_ip=str(address[0]) if isinstance(address, tuple) and address else None,
-            buffered=buffered,
-        )
-        self._notify()
+        self._on_warning()

@@ -1,11 +1,11 @@
-"""A relay tunnel's server-side state (it outlives its WebSockets) and small timing helpers."""
+"""A relay tunnel's server-side state: it outlives its WebSockets, until it finishes or its
+resume window ends."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from tunnel_protocol import Tunnel
 from tunnel_protocol.aio.pump import Pump
@@ -13,14 +13,12 @@ from tunnel_protocol.aio.stream import TcpStream
 
 from ..access.device import Device
 from ..access.identity import Identity
-
-if TYPE_CHECKING:
-    from .limits import SessionLimits
+from .limits import SessionLimits
 
 
 @dataclass
 class Session:
-    """A tunnel that outlives its WebSockets, until finished or its resume window ends."""
+    """One tunnel. ``pump`` is its current attachment (None while parked)."""
 
     sid: str
     identity: Identity
@@ -42,6 +40,17 @@ class Session:
     # while attached); the idle timeout counts from it.
     last_activity: float = 0.0
     limits: SessionLimits | None = None  # idle timeout and maximum duration, when configured
+
+    @property
+    def activity(self) -> float:
+        """Loop time of the last DATA or EOF either way, attached or parked."""
+        return self.pump.last_activity if self.pump is not None else self.last_activity
+
+    def renew(self, identity: Identity) -> None:
+        """A fresh credential for the same principal: watchers waiting on ``renewed`` wake."""
+        self.identity = identity
+        self.renewed.set()
+        self.renewed = asyncio.Event()
 
 
 async def wait_event(event: asyncio.Event, delay: float) -> bool:

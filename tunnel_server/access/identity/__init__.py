@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .credentials import MAX_TOKEN_BYTES, bearer_token
 from .introspection import Introspector
 from .jwt_verifier import (
     DEFAULT_ALGORITHMS,
@@ -28,10 +29,10 @@ __all__ = [
     "Identity",
     "Introspector",
     "IssuerUnavailable",
+    "MAX_TOKEN_BYTES",
     "OidcVerifier",
+    "bearer_token",
 ]
-
-MAX_TOKEN_BYTES = 8192
 
 
 class Authenticator:

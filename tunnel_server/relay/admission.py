@@ -1,0 +1,195 @@
+"""Who may open or resume a tunnel. ``authenticate``: the one bearer token of the handshake,
+verified, and not revoked. ``authorize_connect``: the policy decision on the request, then the
+inventory lookup; the dial later checks every address the name resolves to against the same
+policy (``dial_filter``). ``decide``: an open tunnel re-decided for a (renewed) identity, on a
+resume or while it runs. Admission decides and writes the ``decision`` audit records; it never
+touches a connection."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from tunnel_protocol import CloseCode
+from tunnel_protocol.urls import ConnectRequest, HostTarget
+
+from ..access.addresses import (
+    DestinationDenied,
+    DestinationError,
+    DestinationPolicy,
+    IPAddress,
+    within,
+)
+from ..access.current import CurrentPolicy
+from ..access.device import Device, device_attributes
+from ..access.identity import Authenticator, AuthError, Identity, bearer_token
+from ..access.inventory import Destination, Inventory, LookupFailed
+from ..access.policy import TUNNEL_USER, AccessRequest, Decision, evaluate
+from ..audit import AuditLog
+from .events import RelayEvents
+from .refused import Refused
+from .session import Session
+
+
+@dataclass(frozen=True)
+class Grant:
+    """An allowed connect: the request as decided, where to dial, and the fields every audit
+    record about it carries."""
+
+    access: AccessRequest
+    decision: Decision
+    destination: Destination
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+def access_request(
+    identity: Identity,
+    resource: str,
+    port: int,
+    source_ip: str | None,
+    device: Device | None,
+    host: str | None,
+) -> AccessRequest:
+    """The relay's adapter from a tunnel to the transport-agnostic policy request."""
+    return AccessRequest(
+        identity.members,
+        resource,
+        port,
+        source_ip,
+        principal=identity.principal,
+        role=TUNNEL_USER,
+        destination_host=host,
+        device=device_attributes(device) if device is not None else {},
+    )
+
+
+class Admission:
+    def __init__(
+        self,
+        *,
+        authenticator: Authenticator,
+        revoked: Callable[[Identity], bool],
+        policies: CurrentPolicy,
+        inventory: Inventory,
+        destinations: DestinationPolicy,
+        audit: AuditLog,
+        events: RelayEvents,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.authenticator = authenticator
+        self.revoked = revoked
+        self.policies = policies
+        self.inventory = inventory
+        self.destinations = destinations
+        self.audit = audit
+        self.events = events
+        self.clock = clock
+
+    async def authenticate(self, authorization: Sequence[str]) -> Identity:
+        """The identity of the handshake's one ``Authorization: Bearer`` header. AuthError
+        (IssuerUnavailable when the issuer cannot be reached) names the problem."""
+        if len(authorization) != 1:
+            raise AuthError("missing credentials" if not authorization else "several credentials")
+        token = bearer_token(authorization[0])
+        if token is None:
+            raise AuthError("not a bearer token")
+        identity = await self.authenticator.verify(token)
+        if self.revoked(identity):
+            raise AuthError("revoked")
+        return identity
+
+    # -- connects -------------------------------------------------------------------------------
+
+    def authorize_connect(
+        self,
+        identity: Identity,
+        request: ConnectRequest,
+        source_ip: str | None,
+        device: Device | None,
+        dialect: str,
+    ) -> Grant:
+        """The decision on a new tunnel and where it goes; Refused (4033, 4047) otherwise."""
+        target = request.target
+        resource = self.inventory.resource_for(target)
+        host = target.host if isinstance(target, HostTarget) else None
+        access = access_request(identity, resource, target.port, source_ip, device, host)
+        started = time.perf_counter()
+        decision = evaluate(access, self.policies.policy, self.clock())
+        self.events.decision(time.perf_counter() - started)
+        fields = {
+            "principal": identity.principal,
+            "source_ip": source_ip,
+            "resource": resource,
+            "port": target.port,
+            "dialect": dialect,
+            "device": device.id if device is not None else None,
+            "binding": decision.binding,
+        }
+        if not decision.allowed:
+            self.audit.record("decision", decision="deny", reason=decision.reason, **fields)
+            raise Refused(CloseCode.NOT_AUTHORIZED, "not authorized", decision.reason)
+        try:
+            destination = self.inventory.resolve(target)
+        except LookupFailed as exc:
+            self.audit.record(
+                "decision", decision="deny", reason=str(exc), rule=decision.rule, **fields
+            )
+            raise Refused(exc.code, "lookup failed", str(exc)) from None
+        return Grant(access, decision, destination, fields)
+
+    def dial_filter(self, grant: Grant) -> Callable[[IPAddress], bool]:
+        """Which resolved addresses the tunnel may dial: inside what the operator named for
+        the destination, and allowed by the policy for that ``destination.ip``."""
+        destination = grant.destination
+        named = (lambda ip: True) if destination.any_address else within(destination.networks)
+
+        def allowed(ip: IPAddress) -> bool:
+            checked = replace(grant.access, destination_ip=str(ip))
+            return named(ip) and evaluate(checked, self.policies.policy, self.clock()).allowed
+
+        return allowed
+
+    def dial_refused(self, grant: Grant, exc: DestinationError) -> Refused:
+        """Audit a dial that did not happen (denied address) or failed; the close to send."""
+        denied = isinstance(exc, DestinationDenied)
+        self.audit.record(
+            "decision",
+            decision="deny" if denied else "allow",
+            reason=exc.reason,
+            rule=grant.decision.rule,
+            host=grant.destination.host,
+            address=str(exc.address) if exc.address else None,
+            **({} if denied else {"result": "backend_unreachable"}),
+            **grant.fields,
+        )
+        if denied:
+            return Refused(exc.code, "not authorized", exc.reason)
+        return Refused(exc.code, "failed to connect to backend", exc.reason)
+
+    def opened(self, grant: Grant, sid: str, dialed: IPAddress) -> None:
+        self.audit.record(
+            "decision",
+            decision="allow",
+            reason=grant.decision.reason,
+            rule=grant.decision.rule,
+            host=grant.destination.host,
+            address=str(dialed),
+            tunnel_id=sid,
+            **grant.fields,
+        )
+
+    # -- open tunnels ---------------------------------------------------------------------------
+
+    def request_for(self, identity: Identity, session: Session) -> AccessRequest:
+        """An open tunnel as a policy request, with the address it actually dialed."""
+        request = access_request(
+            identity, session.resource, session.port, session.source_ip, session.device,
+            session.host,
+        )  # fmt: skip
+        return replace(request, destination_ip=session.address)
+
+    def decide(self, identity: Identity, session: Session) -> Decision:
+        """Re-decide an open tunnel for a (renewed) identity under the policy in force."""
+        return evaluate(self.request_for(identity, session), self.policies.policy, self.clock())
