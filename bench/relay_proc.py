@@ -11,8 +11,9 @@ import argparse
 from pathlib import Path
 
 from tunnel_runtime.loop import run
-from tunnel_server.app import serve_forever, setup_logging
 from tunnel_server.config import load_config
+from tunnel_server.ops.logs import setup_logging
+from tunnel_server.serve import serve_forever
 
 
 def main() -> None:

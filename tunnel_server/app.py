@@ -5,13 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import re
-import signal
 import socket
 import ssl
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -26,12 +22,20 @@ from tunnel_protocol import IAP, NATIVE, CloseCode
 
 from .access.addresses import DestinationPolicy
 from .access.current import CurrentPolicy
-from .access.identity import DEFAULT_ALGORITHMS, Authenticator, Identity, Introspector, OidcVerifier
+from .access.identity import (
+    DEFAULT_ALGORITHMS,
+    Audience,
+    Authenticator,
+    Identity,
+    Introspector,
+    OidcVerifier,
+    TokenVerifier,
+)
 from .access.inventory import Inventory
 from .access.policy import ADMIN, AccessRequest, Policy, evaluate, load_policy
 from .access.revocations import Revocations
 from .audit import AuditLog
-from .config import ConfigError, ServerConfig, load_config
+from .config import ConfigError, OidcConfig, ServerConfig
 from .ops.admin import admin_app
 from .ops.admin import serving as admin_serving
 from .ops.metrics import Metrics
@@ -85,19 +89,26 @@ class RunningServer:
         return await self.relay.drain(grace)
 
 
+def build_verifier(oidc: OidcConfig) -> OidcVerifier:
+    """One issuer's verifier (its JWKS cache), for the audiences the config gives it."""
+    return OidcVerifier(
+        oidc.issuer,
+        oidc.audiences,
+        algorithms=tuple(oidc.algorithms) if oidc.algorithms else DEFAULT_ALGORITHMS,
+        leeway=oidc.leeway,
+        max_lifetime=oidc.max_token_lifetime,
+        jwks_ttl=oidc.jwks_ttl,
+        groups_claim=oidc.groups_claim,
+    )
+
+
 def build_authenticator(config: ServerConfig) -> Authenticator:
+    """The relay's token checks, built once: the relay listener, HTTP mode (for each app's
+    audiences) and the admin API all use it, so each issuer's keys are fetched and cached once."""
     verifiers: list[OidcVerifier] = []
     introspectors: list[Introspector] = []
     for oidc in config.issuers:
-        verifier = OidcVerifier(
-            oidc.issuer,
-            oidc.audiences,
-            algorithms=tuple(oidc.algorithms) if oidc.algorithms else DEFAULT_ALGORITHMS,
-            leeway=oidc.leeway,
-            max_lifetime=oidc.max_token_lifetime,
-            jwks_ttl=oidc.jwks_ttl,
-            groups_claim=oidc.groups_claim,
-        )
+        verifier = build_verifier(oidc)
         verifiers.append(verifier)
         if oidc.introspection is not None:
             introspectors.append(
@@ -257,7 +268,10 @@ async def running(config: ServerConfig, *, node: str | None = None) -> AsyncIter
                 policies = relay.policies
                 http_proxy = HttpProxy(
                     config.http,
-                    issuers=config.issuers,
+                    authenticator=verifier,
+                    login_verifier=await stack.enter_async_context(
+                        _login_verifier(config, verifier)
+                    ),
                     policy=lambda: policies.policy,
                     audit=relay.audit,
                     is_revoked=revocations.is_revoked,
@@ -317,6 +331,27 @@ async def running(config: ServerConfig, *, node: str | None = None) -> AsyncIter
         relay.close_all(CloseCode.GOING_AWAY, "relay shutting down")
     finally:
         await verifier.aclose()
+
+
+@asynccontextmanager
+async def _login_verifier(
+    config: ServerConfig, authenticator: Authenticator
+) -> AsyncIterator[TokenVerifier | None]:
+    """What checks HTTP mode's browser-login ID tokens (audience: the login client): the
+    relay's verifier of that issuer when it is one of the relay's issuers, or one of its own."""
+    login = config.http.login if config.http is not None else None
+    if login is None:
+        yield None
+        return
+    shared = authenticator.verifiers.get(login.issuer)
+    if shared is not None:
+        yield Audience(shared, [login.client_id])
+        return
+    own = build_verifier(OidcConfig(issuer=login.issuer, audiences=[login.client_id]))
+    try:
+        yield own
+    finally:
+        await own.aclose()
 
 
 async def _addresses(url: str, default_port: int) -> list[tuple[str, int]]:
@@ -383,142 +418,3 @@ def _serve_relay(config: ServerConfig, relay: Relay, ssl_context: ssl.SSLContext
         close_timeout=5,
         server_header="identity-tunnel",
     )
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        if record.name == "tunnel.audit":
-            return record.getMessage()  # already a JSON record
-        entry = {
-            "time": record.created,
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
-
-
-_SECRET = re.compile(
-    r"(?i)(bearer\s+|basic\s+)[A-Za-z0-9._~+/=-]+"  # credentials in headers
-    r"|eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"  # anything shaped like a JWT
-)
-
-
-class RedactSecrets(logging.Filter):
-    """Last line of defence: no record leaves with a bearer credential or a JWT in it, even
-    when a library logs request headers at DEBUG."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        redacted = _SECRET.sub(lambda m: (m.group(1) or "") + "[redacted]", message)
-        if redacted != message:
-            record.msg, record.args = redacted, None
-        return True
-
-
-def setup_logging(fmt: str, level: int = logging.INFO) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(RedactSecrets())
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    logging.getLogger("websockets").setLevel(logging.WARNING)
-
-
-class Reloader:
-    """Re-reads the config file on SIGHUP and when it changes (mtime polled every
-    ``interval`` s): a valid file swaps the policy atomically and re-decides open tunnels; an
-    invalid one is logged with its precise error while the old policy stays in force."""
-
-    def __init__(self, path: Path, server: RunningServer, interval: float = 1.0) -> None:
-        self.path = path
-        self.server = server
-        self.interval = interval
-        self._mtime = self._stat()
-
-    def _stat(self) -> tuple[float, ...]:
-        """Modification times of the config file and of the policy file it names."""
-        paths = [self.path]
-        if self.server.policy_file is not None:
-            paths.append(self.server.policy_file)
-        times = []
-        for path in paths:
-            try:
-                times.append(path.stat().st_mtime)
-            except OSError:
-                times.append(-1.0)
-        return tuple(times)
-
-    def reload(self, why: str) -> bool:
-        try:
-            config = load_config(self.path)
-            policy = build_policy(config)
-        except ConfigError as exc:
-            log.error("configuration not reloaded (%s), the previous policy stays: %s", why, exc)
-            return False
-        closed = self.server.relay.set_policy(policy)
-        if self.server.http is not None:
-            self.server.http.redecide_all()
-        log.info("policy reloaded (%s); %d tunnel(s) closed", why, closed)
-        return True
-
-    async def watch(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            mtime = self._stat()
-            if mtime != self._mtime:
-                self._mtime = mtime
-                self.reload("file changed")
-
-
-async def serve_forever(config: ServerConfig, path: Path | None = None) -> None:
-    """Run until SIGTERM (graceful drain, ``tunnel.drain_grace``) or SIGINT (at once: tunnels
-    close with 1001); a second signal during a drain ends its grace. SIGHUP (and file changes)
-    reload the policy from ``path``."""
-    signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, signals.put_nowait, sig)
-        except (NotImplementedError, RuntimeError):  # pragma: no cover - Windows
-            pass
-    async with running(config) as srv, asyncio.TaskGroup() as tasks:
-        try:
-            await srv.verifier.refresh()
-        except Exception as exc:  # the relay still starts; /readyz reports it
-            log.warning("issuer not reachable at start: %s", exc)
-        watcher = None
-        if path is not None:
-            reloader = Reloader(path, srv)
-            watcher = tasks.create_task(reloader.watch())
-            with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
-                loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
-        log.info("listening on %s", srv.url)
-        print(f"Listening on {srv.url}", file=sys.stderr, flush=True)
-        if srv.http_port is not None:
-            print(f"HTTP mode listening on port {srv.http_port}", file=sys.stderr, flush=True)
-        if srv.admin_port is not None:
-            print(f"Admin listening on port {srv.admin_port}", file=sys.stderr, flush=True)
-        if srv.metrics_port is not None:
-            print(f"Metrics listening on port {srv.metrics_port}", file=sys.stderr, flush=True)
-        received = await signals.get()
-        if received == signal.SIGTERM:
-            srv.relay.draining = True  # /readyz answers 503 from this instant
-            print("SIGTERM: draining", file=sys.stderr, flush=True)
-            drain = tasks.create_task(srv.drain())
-            again = tasks.create_task(signals.get())
-            await asyncio.wait((drain, again), return_when=asyncio.FIRST_COMPLETED)
-            if not drain.done():
-                log.info("second signal: ending the grace period")
-                srv.relay.end_grace()
-                await drain
-            again.cancel()
-        log.info("shutting down")
-        if watcher is not None:
-            watcher.cancel()

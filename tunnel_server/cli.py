@@ -18,8 +18,10 @@ from tunnel_runtime.loop import run
 
 from .access.device import device_attributes, device_from_certificate
 from .access.policy import TUNNEL_USER, AccessRequest, explain
-from .app import build_link, build_policy, serve_forever, setup_logging
+from .app import build_link, build_policy
 from .config import ConfigError, ServerConfig, load_config
+from .ops.logs import setup_logging
+from .serve import serve_forever
 
 F = TypeVar("F", bound=Callable[..., Any])
 

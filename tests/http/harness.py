@@ -14,7 +14,9 @@ from urllib.parse import parse_qs, urlsplit
 from aiohttp import web
 
 from scripts.demo_web import make_app
+from tunnel_server.access.identity import Audience, Authenticator
 from tunnel_server.access.policy import Policy, parse_policy
+from tunnel_server.app import build_verifier
 from tunnel_server.audit import AuditLog
 from tunnel_server.config import OidcConfig
 from tunnel_server.web import HttpModeConfig, HttpProxy, SessionStore, serving
@@ -111,9 +113,14 @@ async def proxy_stack(
             LOG_LINES.append(line)
             audit.append(line)
 
+        # As the relay builds them: one verifier per issuer, bound to each app's audiences by
+        # the proxy, and to the login client's for browser logins.
+        verifier = build_verifier(OidcConfig(issuer=issuer, audiences=["unused"]))
+        stack.push_async_callback(verifier.aclose)
         proxy = HttpProxy(
             config,
-            issuers=[OidcConfig(issuer=issuer, audiences=["unused"])],
+            authenticator=Authenticator([verifier]),
+            login_verifier=Audience(verifier, [config.login.client_id]) if config.login else None,
             policy=lambda: current["policy"],
             audit=AuditLog("test-node", sink=sink),
             store=store,

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import datetime
 import hashlib
 import json
+import time
 import tracemalloc
 from typing import Any
 
@@ -15,6 +18,7 @@ from scripts.demo_web import expected_download_digest
 from tunnel_server.access.policy import parse_policy
 from tunnel_upstream import AssertionError_, verify_assertion
 
+from ..helpers import UNIT
 from ..oidc_fixture import TestIssuer
 from .harness import APP_AUDIENCE, Stack, proxy_stack, web_policy
 
@@ -213,6 +217,35 @@ async def test_policy_change_closes_open_websocket(stack: Stack, issuer: TestIss
             assert stack.proxy.redecide_all() == 1
             message = await ws.receive()
             assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+
+
+async def test_a_websocket_closes_when_its_time_window_ends(issuer: TestIssuer) -> None:
+    """Open streams are re-decided when their decision can next change (here a condition on
+    request.time), not on the housekeeping interval (10 minutes in this stack)."""
+    ends = time.time() + 20 * UNIT
+    deadline = (
+        datetime.datetime.fromtimestamp(ends, datetime.UTC).isoformat().replace("+00:00", "Z")
+    )
+    condition = {"expression": f"request.time < timestamp('{deadline}')"}
+    windowed = parse_policy(
+        {
+            "bindings": [
+                {"name": "until-deadline", "members": [ALICE], "role": "webUser",
+                 "resources": {"apps": ["demo"]}, "condition": condition},
+            ]
+        }
+    )  # fmt: skip
+    async with proxy_stack(issuer.issuer, windowed, extra={"recheck_interval": 600}) as stack:
+        token = issuer.mint(aud=APP_AUDIENCE, lifetime=600)
+        headers = {"Host": stack.host(), "Authorization": f"Bearer {token}"}
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(stack.base + "/ws", headers=headers) as ws:
+                async with asyncio.timeout(200 * UNIT):
+                    message = await ws.receive()
+                closed_at = time.time()
+    assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+    assert closed_at >= ends
+    assert any('"event":"http_close"' in line for line in stack.audit)
 
 
 SIZE = 200 * 1024 * 1024

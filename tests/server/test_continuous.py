@@ -18,9 +18,10 @@ from websockets.typing import Subprotocol
 
 from tunnel_client.session import TunnelFailed, TunnelSession
 from tunnel_protocol import IAP_SUBPROTOCOL, CloseCode
-from tunnel_server.app import Reloader, RunningServer, build_policy
+from tunnel_server.app import RunningServer, build_policy
 from tunnel_server.cli import main as server_main
 from tunnel_server.config import parse_config
+from tunnel_server.serve import Reloader
 
 from ..helpers import TcpTarget, capture_audit, relay_config_data, start_relay
 from ..oidc_fixture import TestIssuer

@@ -917,9 +917,9 @@ def count_checks(verifier: OidcVerifier, monkeypatch: pytest.MonkeyPatch) -> lis
     checks: list[str] = []
     full = verifier._verify
 
-    async def counted(token: str) -> Identity:
+    async def counted(token: str, audiences: tuple[str, ...]) -> Identity:
         checks.append(token)
-        return await full(token)
+        return await full(token, audiences)
 
     monkeypatch.setattr(verifier, "_verify", counted)
     return checks
@@ -964,4 +964,4 @@ async def test_the_cache_is_bounded(
     tokens = [issuer.mint(sub=f"user{n}", email=f"user{n}@example.com") for n in range(5)]
     for token in tokens:
         await verifier.verify(token)
-    assert list(verifier._verified) == tokens[-3:]
+    assert [token for token, _ in verifier._verified] == tokens[-3:]

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from tunnel_server.app import RedactSecrets
+from tunnel_server.ops.logs import RedactSecrets
 
 from ..oidc_fixture import TestIssuer
 

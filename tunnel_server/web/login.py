@@ -18,7 +18,7 @@ import aiohttp
 import jwt
 from aiohttp import web
 
-from ..access.identity import AuthError, Identity, IssuerUnavailable, OidcVerifier
+from ..access.identity import AuthError, Identity, IssuerUnavailable, TokenVerifier
 from ..audit import AuditLog
 from ..config import HttpModeConfig
 from . import pages
@@ -60,7 +60,7 @@ class BrowserLogin:
         *,
         store: SessionStore,
         audit: AuditLog,
-        verifier: OidcVerifier | None,
+        verifier: TokenVerifier | None,
         client: Callable[[], aiohttp.ClientSession | None],
         end_sessions: Callable[[set[str]], object],
         clock: Callable[[], float] = time.time,

@@ -65,3 +65,10 @@ def store_unavailable(request: web.Request) -> web.Response:
     if wants_html(request):
         return html_response(pages.unavailable(), 503, headers)
     return json_response({"error": "session store unavailable, retry later"}, 503, headers)
+
+
+class Reply(Exception):
+    """Answer the request with ``response`` now (raised from deep in the request's handling)."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        self.response = response

@@ -8,6 +8,7 @@ JWKS, opaque tokens through RFC 7662 introspection) become an ``Identity``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 from .credentials import MAX_TOKEN_BYTES, bearer_token
 from .introspection import Introspector
@@ -23,6 +24,7 @@ from .jwt_verifier import (
 
 __all__ = [
     "DEFAULT_ALGORITHMS",
+    "Audience",
     "AuthError",
     "Authenticator",
     "FetchJson",
@@ -31,8 +33,15 @@ __all__ = [
     "IssuerUnavailable",
     "MAX_TOKEN_BYTES",
     "OidcVerifier",
+    "TokenVerifier",
     "bearer_token",
 ]
+
+
+class TokenVerifier(Protocol):
+    """Anything that turns a bearer token into an identity (AuthError otherwise)."""
+
+    async def verify(self, token: str) -> Identity: ...
 
 
 class Authenticator:
@@ -49,7 +58,9 @@ class Authenticator:
             raise ValueError("an issuer is configured twice")
         self.introspectors = tuple(introspectors)
 
-    async def verify(self, token: str) -> Identity:
+    async def verify(self, token: str, audiences: Sequence[str] | None = None) -> Identity:
+        """The identity ``token`` proves, for ``audiences`` (default: each issuer's configured
+        audiences); AuthError (IssuerUnavailable) otherwise."""
         if len(token) > MAX_TOKEN_BYTES:
             raise AuthError("too large")
         issuer = unverified_issuer(token, MAX_TOKEN_BYTES)
@@ -57,22 +68,25 @@ class Authenticator:
             verifier = self.verifiers.get(issuer)
             if verifier is None:
                 raise AuthError("bad issuer")
-            return await verifier.verify(token)
+            return await verifier.verify(token, audiences)
         if not self.introspectors or token.count(".") >= 2:
             # A JWS without a usable iss, a JWE, or garbage: the JWT checks name the problem.
-            return await next(iter(self.verifiers.values())).verify(token)
+            return await next(iter(self.verifiers.values())).verify(token, audiences)
         if not token.isascii() or not token.isprintable():
             raise AuthError("malformed")
         failure: AuthError | None = None
         for introspector in self.introspectors:
             try:
-                return await introspector.verify(token)
+                return await introspector.verify(token, audiences)
             except AuthError as exc:
                 failure = (
                     exc if failure is None or isinstance(failure, IssuerUnavailable) else failure
                 )
-        assert failure is not None
-        raise failure
+        raise failure or AuthError("malformed")
+
+    def for_audiences(self, audiences: Sequence[str]) -> Audience:
+        """This authenticator (same issuers, same key caches) accepting ``audiences`` instead."""
+        return Audience(self, tuple(audiences))
 
     @property
     def ready(self) -> bool:
@@ -88,3 +102,17 @@ class Authenticator:
             await verifier.aclose()
         for introspector in self.introspectors:
             await introspector.aclose()
+
+
+class Audience:
+    """An ``Authenticator`` or ``OidcVerifier`` bound to other audiences: an HTTP-mode app's,
+    or the browser-login client's. Closing stays with the owner of what it wraps."""
+
+    def __init__(self, verifier: Authenticator | OidcVerifier, audiences: Sequence[str]) -> None:
+        if isinstance(audiences, str) or not audiences:
+            raise ValueError("audiences must be a non-empty sequence of strings")
+        self._verifier = verifier
+        self.audiences = tuple(audiences)
+
+    async def verify(self, token: str) -> Identity:
+        return await self._verifier.verify(token, self.audiences)

@@ -8,7 +8,7 @@ import base64
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -59,9 +59,11 @@ class Introspector:
             self._endpoint = url
         return self._endpoint
 
-    async def verify(self, token: str) -> Identity:
+    async def verify(self, token: str, audiences: Sequence[str] | None = None) -> Identity:
+        """The identity an opaque token proves for ``audiences`` (default: the verifier's)."""
+        accepted = tuple(audiences) if audiences else self.verifier.audiences
         # The cache is keyed by a hash: tokens are never kept in memory longer than a request.
-        key = hashlib.sha256(token.encode()).digest()
+        key = hashlib.sha256("\0".join((token, *accepted)).encode()).digest()
         now = self._clock()
         hit = self._cache.get(key)
         if hit is not None and hit[0] > now:
@@ -69,7 +71,7 @@ class Introspector:
                 raise AuthError(hit[1])
             return hit[1]
         try:
-            identity = await self._introspect(token)
+            identity = await self._introspect(token, accepted)
         except IssuerUnavailable:
             raise
         except AuthError as exc:
@@ -84,7 +86,7 @@ class Introspector:
         while len(self._cache) > _MAX_CACHE:
             self._cache.popitem(last=False)
 
-    async def _introspect(self, token: str) -> Identity:
+    async def _introspect(self, token: str, audiences: tuple[str, ...]) -> Identity:
         url = await self.endpoint()
         self.requests += 1
         try:
@@ -105,12 +107,13 @@ class Introspector:
         if "aud" not in data:
             raise AuthError("bad audience")
         aud = data["aud"]
-        audiences = aud if isinstance(aud, list) else [aud]
-        if not any(a in self.verifier.audiences for a in audiences):
+        claimed = aud if isinstance(aud, list) else [aud]
+        accepted = audiences
+        if not any(a in accepted for a in claimed):
             raise AuthError("bad audience")
         if not isinstance(data.get("sub"), str):
             raise AuthError("missing claim")
-        return self.verifier.identity_from_claims(dict(data))
+        return self.verifier.identity_from_claims(dict(data), accepted)
 
     async def _aiohttp_post(
         self, url: str, form: dict[str, str], authorization: str

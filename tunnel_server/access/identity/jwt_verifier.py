@@ -303,6 +303,9 @@ def _groups(value: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(g for g in value if isinstance(g, str) and g))
 
 
+_CacheKey = tuple[str, tuple[str, ...]]
+
+
 class OidcVerifier:
     """Verifies bearer tokens from one OIDC issuer for a set of audiences.
 
@@ -361,7 +364,10 @@ class OidcVerifier:
         # OIDC Discovery §4: drop a terminating "/" before appending the well-known path.
         self._discovery_url = issuer.rstrip("/") + "/.well-known/openid-configuration"
         self._keys: _KeySet | None = None
-        self._verified: OrderedDict[str, tuple[Identity, float, _KeySet]] = OrderedDict()
+        # (token, audiences) -> (identity, verified at, the key set it was verified against)
+        self._verified: OrderedDict[
+            tuple[str, tuple[str, ...]], tuple[Identity, float, _KeySet]
+        ] = OrderedDict()
         self._inflight: asyncio.Task[_KeySet] | None = None
         self._kid_refetch_at: float | None = None
         self._failed_at: float | None = None
@@ -388,15 +394,19 @@ class OidcVerifier:
             await self._session.close()
             self._session = None
 
-    async def verify(self, token: str) -> Identity:
+    async def verify(self, token: str, audiences: Sequence[str] | None = None) -> Identity:
         """The identity a token proves; AuthError (IssuerUnavailable) when it proves none.
+        ``audiences``: the ones this use accepts (an HTTP-mode app's, a login client's);
+        default, the verifier's own.
 
         A token verified before is answered from a small cache (its signature check is most of
         a tunnel's handshake CPU, and clients present the same token for every tunnel until
         they refresh it): for at most TOKEN_CACHE_TTL seconds, never past its expiry plus
         leeway, and only while the key set it was verified against is current. Revocations are
         checked by the caller on every use, cached or not."""
-        hit = self._verified.get(token)
+        accepted = tuple(audiences) if audiences else self.audiences
+        key = (token, accepted)
+        hit = self._verified.get(key)
         if hit is not None:
             identity, verified_at, keys = hit
             now = self._clock()
@@ -406,15 +416,15 @@ class OidcVerifier:
                 and now - verified_at < TOKEN_CACHE_TTL
             ):
                 return identity
-            del self._verified[token]
-        identity = await self._verify(token)
+            del self._verified[key]
+        identity = await self._verify(token, accepted)
         if self._keys is not None:
-            self._verified[token] = (identity, self._clock(), self._keys)
+            self._verified[key] = (identity, self._clock(), self._keys)
             if len(self._verified) > TOKEN_CACHE_SIZE:
                 self._verified.popitem(last=False)  # the oldest
         return identity
 
-    async def _verify(self, token: str) -> Identity:
+    async def _verify(self, token: str, audiences: tuple[str, ...]) -> Identity:
         header, unverified = self._precheck(token)
         # Foreign tokens are refused before they can cause any JWKS traffic.
         if unverified.get("iss") != self.issuer:
@@ -426,13 +436,13 @@ class OidcVerifier:
                 token,
                 key=key,
                 algorithms=[key.algorithm_name],
-                audience=list(self.audiences),
+                audience=list(audiences),
                 issuer=self.issuer,
                 options=_DECODE_OPTIONS,
             )
         except jwt.PyJWTError as exc:
             raise AuthError(next(r for t, r in _PYJWT_REASONS if isinstance(exc, t))) from None
-        return self.identity_from_claims(claims)
+        return self.identity_from_claims(claims, audiences)
 
     def _precheck(self, token: str) -> tuple[dict[str, Any], dict[str, Any]]:
         """Structure and header checks that cost no crypto and no I/O."""
@@ -581,9 +591,12 @@ class OidcVerifier:
                     raise OSError("document too large")
         return json.loads(body)
 
-    def identity_from_claims(self, claims: dict[str, Any]) -> Identity:
+    def identity_from_claims(
+        self, claims: dict[str, Any], audiences: Sequence[str] | None = None
+    ) -> Identity:
         """Time, audience and subject checks, then the principal and members; shared with
         token introspection so both kinds of token map to identities by the same rules."""
+        accepted = tuple(audiences) if audiences else self.audiences
         now, leeway = self._clock(), self._leeway
         exp = _number(claims, "exp")
         nbf = _number(claims, "nbf")
@@ -602,7 +615,7 @@ class OidcVerifier:
         if isinstance(aud, list) and len(aud) > 1:
             # OIDC Core §3.1.3.7: with several audiences, azp names the party it was issued to.
             azp = claims.get("azp")
-            if not isinstance(azp, str) or azp not in self.audiences:
+            if not isinstance(azp, str) or azp not in accepted:
                 raise AuthError("bad azp")
         sub = claims["sub"]
         if not isinstance(sub, str) or not 0 < len(sub) <= 255 or _CONTROL.search(sub):

@@ -1,0 +1,173 @@
+"""Forwarding one decided request to its app (aiohttp client): request and response bodies
+stream both ways; a WebSocket is bridged after an Origin check. Both stay registered as open
+streams while they last, so that a later decision can close them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
+
+from tunnel_runtime.wsbridge import forward_messages
+
+from ..access.policy import AccessRequest
+from ..audit import AuditLog
+from ..config import RouteConfig
+from .callers import Caller
+from .decide import OpenStreams
+from .headers import response_headers
+from .responses import json_response
+
+CHUNK = 64 * 1024
+WS_MAX_MESSAGE = 4 * 1024 * 1024
+
+
+class Forwarder:
+    """``client``: the upstream client session (made when HTTP mode starts)."""
+
+    def __init__(
+        self,
+        *,
+        client: Callable[[], aiohttp.ClientSession | None],
+        streams: OpenStreams,
+        audit: AuditLog,
+    ) -> None:
+        self._client = client
+        self._streams = streams
+        self._audit = audit
+
+    def _session(self) -> aiohttp.ClientSession:
+        client = self._client()
+        if client is None:  # pragma: no cover - start() makes it before serving
+            raise RuntimeError("HTTP mode is not started")
+        return client
+
+    async def http(
+        self,
+        request: web.Request,
+        route: RouteConfig,
+        caller: Caller,
+        access: AccessRequest,
+        target: URL,
+        headers: Any,
+    ) -> web.StreamResponse:
+        body = request.content if request.body_exists else None
+        try:
+            upstream = await self._session().request(
+                request.method,
+                target,
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+                compress=None,
+            )
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            return web.Response(status=502, text="Bad gateway: the application did not answer\n")
+        response: web.StreamResponse | None = None
+        transport = request.transport
+
+        def close() -> None:
+            upstream.close()
+            if transport is not None:
+                transport.close()
+
+        stream = self._streams.open(route, caller, access, close)
+        try:
+            response = web.StreamResponse(
+                status=upstream.status,
+                reason=upstream.reason,
+                headers=response_headers(upstream.headers, authenticated=True),
+            )
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_chunked(CHUNK):
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+        except (TimeoutError, aiohttp.ClientError, ConnectionError):
+            if response is None or not response.prepared:
+                return web.Response(status=502, text="Bad gateway\n")
+            if transport is not None:
+                transport.close()
+            return response
+        finally:
+            self._streams.done(stream)
+            upstream.release()
+
+    async def websocket(
+        self,
+        request: web.Request,
+        route: RouteConfig,
+        origin: str,
+        caller: Caller,
+        access: AccessRequest,
+        target: URL,
+        headers: Any,
+    ) -> web.StreamResponse:
+        if not route.websockets:
+            return json_response({"error": "WebSockets are not enabled for this app"}, 403)
+        sent_origin = request.headers.get("Origin")
+        # Cross-site WebSocket hijacking: a browser (cookie) upgrade must come from the app's own
+        # origin; bearer clients may omit Origin but not send a foreign one.
+        if (sent_origin is not None and sent_origin.lower() != origin) or (
+            sent_origin is None and caller.session is not None
+        ):
+            self._audit.record(
+                "http", decision="deny", reason="websocket origin not allowed", app=route.name,
+                principal=caller.identity.principal, status=403,
+            )  # fmt: skip
+            return json_response({"error": "origin not allowed"}, 403)
+        protocols = [
+            p.strip()
+            for v in request.headers.getall("Sec-WebSocket-Protocol", [])
+            for p in v.split(",")
+            if p.strip()
+        ]
+        for name in list(headers.keys()):
+            if name.lower().startswith("sec-websocket-"):
+                headers.popall(name, None)
+        ws_target = target.with_scheme("wss" if target.scheme == "https" else "ws")
+        try:
+            upstream = await self._session().ws_connect(
+                ws_target,
+                headers=headers,
+                protocols=protocols,
+                autoping=True,
+                max_msg_size=WS_MAX_MESSAGE,
+                compress=0,
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5),
+            )
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            return web.Response(status=502, text="Bad gateway: the application refused\n")
+        server = web.WebSocketResponse(
+            protocols=[upstream.protocol] if upstream.protocol else (),
+            max_msg_size=WS_MAX_MESSAGE,
+            compress=False,
+            heartbeat=30,
+        )
+        await server.prepare(request)
+        tasks: list[asyncio.Task[None]] = []
+
+        def close() -> None:
+            for task in tasks:
+                task.cancel()
+
+        stream = self._streams.open(route, caller, access, close)
+        revoked = False
+        try:
+            tasks += [
+                asyncio.create_task(forward_messages(server, upstream)),
+                asyncio.create_task(forward_messages(upstream, server)),
+            ]
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            revoked = not self._streams.done(stream)
+            for task in tasks:
+                task.cancel()
+        code = aiohttp.WSCloseCode.POLICY_VIOLATION if revoked else aiohttp.WSCloseCode.OK
+        await upstream.close()
+        await server.close(code=code, message=b"access revoked" if revoked else b"")
+        return server
