@@ -32,7 +32,7 @@ from tunnel_server.access.identity import (
     OidcVerifier,
     jwt_verifier,
 )
-from tunnel_server.access.identity.jwt_verifier import TOKEN_CACHE_TTL
+from tunnel_server.access.identity.jwt_verifier import TOKEN_CACHE_TTL, Segments
 
 T0 = 1_700_000_000.0
 
@@ -917,9 +917,9 @@ def count_checks(verifier: OidcVerifier, monkeypatch: pytest.MonkeyPatch) -> lis
     checks: list[str] = []
     full = verifier._verify
 
-    async def counted(token: str, audiences: tuple[str, ...]) -> Identity:
+    async def counted(token: str, audiences: tuple[str, ...], segments: Segments) -> Identity:
         checks.append(token)
-        return await full(token, audiences)
+        return await full(token, audiences, segments)
 
     monkeypatch.setattr(verifier, "_verify", counted)
     return checks

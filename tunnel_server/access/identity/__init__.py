@@ -19,7 +19,8 @@ from .jwt_verifier import (
     Identity,
     IssuerUnavailable,
     OidcVerifier,
-    unverified_issuer,
+    Segments,
+    parse_jws,
 )
 
 __all__ = [
@@ -63,15 +64,17 @@ class Authenticator:
         audiences); AuthError (IssuerUnavailable) otherwise."""
         if len(token) > MAX_TOKEN_BYTES:
             raise AuthError("too large")
-        issuer = unverified_issuer(token, MAX_TOKEN_BYTES)
+        segments = _segments(token)
+        issuer = segments.issuer if segments is not None else None
         if issuer is not None:
             verifier = self.verifiers.get(issuer)
             if verifier is None:
                 raise AuthError("bad issuer")
-            return await verifier.verify(token, audiences)
+            return await verifier.verify(token, audiences, segments)
         if not self.introspectors or token.count(".") >= 2:
             # A JWS without a usable iss, a JWE, or garbage: the JWT checks name the problem.
-            return await next(iter(self.verifiers.values())).verify(token, audiences)
+            first = next(iter(self.verifiers.values()))
+            return await first.verify(token, audiences, segments)
         if not token.isascii() or not token.isprintable():
             raise AuthError("malformed")
         failure: AuthError | None = None
@@ -102,6 +105,14 @@ class Authenticator:
             await verifier.aclose()
         for introspector in self.introspectors:
             await introspector.aclose()
+
+
+def _segments(token: str) -> Segments | None:
+    """The token decoded once, or None when it is not a JWS (an opaque token, garbage)."""
+    try:
+        return parse_jws(token, MAX_TOKEN_BYTES)
+    except AuthError:
+        return None
 
 
 class Audience:

@@ -25,7 +25,8 @@ from jwt.types import Options
 
 __all__ = [
     "DEFAULT_ALGORITHMS",
-    "unverified_issuer",
+    "Segments",
+    "parse_jws",
     "AuthError",
     "FetchJson",
     "Identity",
@@ -187,19 +188,38 @@ def _json_segment(segment: str) -> dict[str, Any]:
     return value
 
 
-def unverified_issuer(token: str, max_bytes: int) -> str | None:
-    """The ``iss`` of a JWS-looking token, unverified: only to route it to its issuer's verifier.
-    None when the token is not a three-part JWS (for example an opaque access token)."""
-    if len(token) > max_bytes or not token.isascii() or token.count(".") != 2:
-        return None
-    body = token.split(".")[1]
-    if not _B64URL.fullmatch(body):
-        return None
-    try:
-        iss = _json_segment(body).get("iss")
-    except AuthError:
-        return None
-    return iss if isinstance(iss, str) else None
+@dataclass(frozen=True, slots=True)
+class Segments:
+    """A compact JWS's header and payload, decoded once per request and unverified: the
+    payload's ``iss`` routes the token to its issuer's verifier, which checks the header and
+    then the signature and claims."""
+
+    header: dict[str, Any]
+    payload: dict[str, Any]
+
+    @property
+    def issuer(self) -> str | None:
+        iss = self.payload.get("iss")
+        return iss if isinstance(iss, str) else None
+
+
+def parse_jws(token: str, max_bytes: int) -> Segments:
+    """Structure checks that cost no crypto and no I/O, and the decoded segments. AuthError
+    names the problem ("too large", "malformed"); a JWE (five parts) is malformed."""
+    if len(token) > max_bytes:
+        raise AuthError("too large")
+    if not token.isascii():
+        raise AuthError("malformed")
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise AuthError("malformed")  # JWE compact serialization has five parts
+    # An empty signature is left for the algorithm check to name ("none" tokens have one).
+    head, body, signature = parts
+    if not (_B64URL.fullmatch(head) and _B64URL.fullmatch(body)):
+        raise AuthError("malformed")
+    if signature and (not _B64URL.fullmatch(signature) or len(signature) % 4 == 1):
+        raise AuthError("malformed")
+    return Segments(_json_segment(head), _json_segment(body))
 
 
 def _number(claims: Mapping[str, Any], name: str) -> float | None:
@@ -394,7 +414,12 @@ class OidcVerifier:
             await self._session.close()
             self._session = None
 
-    async def verify(self, token: str, audiences: Sequence[str] | None = None) -> Identity:
+    async def verify(
+        self,
+        token: str,
+        audiences: Sequence[str] | None = None,
+        segments: Segments | None = None,
+    ) -> Identity:
         """The identity a token proves; AuthError (IssuerUnavailable) when it proves none.
         ``audiences``: the ones this use accepts (an HTTP-mode app's, a login client's);
         default, the verifier's own.
@@ -403,7 +428,8 @@ class OidcVerifier:
         a tunnel's handshake CPU, and clients present the same token for every tunnel until
         they refresh it): for at most TOKEN_CACHE_TTL seconds, never past its expiry plus
         leeway, and only while the key set it was verified against is current. Revocations are
-        checked by the caller on every use, cached or not."""
+        checked by the caller on every use, cached or not. ``segments``: the token already
+        decoded by the caller (the ``Authenticator`` routing it), so it is decoded once."""
         accepted = tuple(audiences) if audiences else self.audiences
         key = (token, accepted)
         hit = self._verified.get(key)
@@ -417,17 +443,22 @@ class OidcVerifier:
             ):
                 return identity
             del self._verified[key]
-        identity = await self._verify(token, accepted)
+        if not isinstance(token, str):
+            raise AuthError("malformed")
+        if segments is None:
+            segments = parse_jws(token, self._max_token_bytes)
+        identity = await self._verify(token, accepted, segments)
         if self._keys is not None:
             self._verified[key] = (identity, self._clock(), self._keys)
             if len(self._verified) > TOKEN_CACHE_SIZE:
                 self._verified.popitem(last=False)  # the oldest
         return identity
 
-    async def _verify(self, token: str, audiences: tuple[str, ...]) -> Identity:
-        header, unverified = self._precheck(token)
+    async def _verify(self, token: str, audiences: tuple[str, ...], segments: Segments) -> Identity:
+        header = segments.header
+        self._check_header(header)
         # Foreign tokens are refused before they can cause any JWKS traffic.
-        if unverified.get("iss") != self.issuer:
+        if segments.payload.get("iss") != self.issuer:
             raise AuthError("bad issuer")
         alg: str = header["alg"]
         key = await self._key_for(header.get("kid"), alg)
@@ -444,24 +475,8 @@ class OidcVerifier:
             raise AuthError(next(r for t, r in _PYJWT_REASONS if isinstance(exc, t))) from None
         return self.identity_from_claims(claims, audiences)
 
-    def _precheck(self, token: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Structure and header checks that cost no crypto and no I/O."""
-        if not isinstance(token, str):
-            raise AuthError("malformed")
-        if len(token) > self._max_token_bytes:
-            raise AuthError("too large")
-        if not token.isascii():
-            raise AuthError("malformed")
-        parts = token.split(".")
-        if len(parts) != 3:
-            raise AuthError("malformed")  # JWE compact serialization has five parts
-        # An empty signature is left for the algorithm check to name ("none" tokens have one).
-        head, body, signature = parts
-        if not (_B64URL.fullmatch(head) and _B64URL.fullmatch(body)):
-            raise AuthError("malformed")
-        if signature and (not _B64URL.fullmatch(signature) or len(signature) % 4 == 1):
-            raise AuthError("malformed")
-        header, payload = _json_segment(head), _json_segment(body)
+    def _check_header(self, header: dict[str, Any]) -> None:
+        """The header checks that cost no crypto and no I/O."""
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self._algorithms:
             raise AuthError("algorithm not allowed")
@@ -470,7 +485,6 @@ class OidcVerifier:
         kid = header.get("kid")
         if kid is not None and (not isinstance(kid, str) or not 0 < len(kid) <= _MAX_KID_CHARS):
             raise AuthError("malformed")
-        return header, payload
 
     async def _key_for(self, kid: str | None, alg: str) -> jwt.PyJWK:
         keys = await self._current_keys()
