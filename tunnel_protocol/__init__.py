@@ -8,10 +8,10 @@ from .errors import (
     InvalidAck,
     InvalidData,
     InvalidTag,
+    LocalProtocolError,
     ProtocolError,
     ResumeBufferOverflow,
     RewindFailed,
-    TunnelClosed,
     TunnelError,
 )
 from .tunnel import Side, Tunnel
@@ -28,12 +28,12 @@ __all__ = [
     "InvalidAck",
     "InvalidData",
     "InvalidTag",
+    "LocalProtocolError",
     "ProtocolError",
     "ResumeBufferOverflow",
     "RewindFailed",
     "Side",
     "Tunnel",
-    "TunnelClosed",
     "TunnelError",
     "describe",
 ]

@@ -1,4 +1,8 @@
-"""Exception tree of the protocol core; every error carries the close code it maps to on the wire.
+"""Exception tree of the protocol core. A peer that breaks the protocol is a ``TunnelError``,
+which carries the close code it maps to on the wire; a caller that uses the protocol objects
+wrongly (a programming error in this process) is a ``LocalProtocolError``, never sent.
+
+LocalProtocolError (RuntimeError)  the caller misused a Tunnel: no wire code
 
 TunnelError (code)
 ├── ProtocolError            the peer broke the protocol (bad frame, bad ack, ...)
@@ -7,13 +11,17 @@ TunnelError (code)
 │   ├── InvalidAck           4006  (ack beyond what was sent)
 │   └── BadAck               4005  (ack went backwards)
 ├── RewindFailed             4074  a resume asked for bytes no longer buffered
-├── ResumeBufferOverflow     4103  a caller offered more than the bounded resume buffer holds
-└── TunnelClosed             the tunnel was closed with a code (by the peer or by us)
+└── ResumeBufferOverflow     4103  more was offered than the bounded resume buffer holds
 """
 
 from __future__ import annotations
 
 from .codes import CloseCode, describe
+
+
+class LocalProtocolError(RuntimeError):
+    """The caller used a protocol object wrongly (sent on the wrong side or after EOF, a
+    native-only frame on IAP, attached twice): a bug here, not the peer's fault."""
 
 
 class TunnelError(Exception):
@@ -57,7 +65,3 @@ class RewindFailed(TunnelError):
 
 class ResumeBufferOverflow(TunnelError):
     code = CloseCode.RESUME_BUFFER_OVERFLOW
-
-
-class TunnelClosed(TunnelError):
-    """Raised to callers once the tunnel has ended; ``code`` says why."""

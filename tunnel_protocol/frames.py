@@ -176,7 +176,7 @@ def decode(message: bytes, *, max_data: int, native: bool) -> Frame:
         return Sid(sid)
     if tag == Tag.RECONNECT_ACK:
         return ReconnectAck(_u64(message, "RECONNECT_ACK"))
-    if not native or tag not in Tag.__members__.values():
+    if not native or tag not in NATIVE_ONLY_TAGS:
         raise InvalidTag(f"invalid tag 0x{tag:04x}")
     if tag == Tag.EOF:
         return Eof(_u64(message, "EOF"))

@@ -30,6 +30,7 @@ from .errors import (
     BadAck,
     InvalidAck,
     InvalidData,
+    LocalProtocolError,
     ProtocolError,
     ResumeBufferOverflow,
     RewindFailed,
@@ -172,10 +173,10 @@ class Tunnel:
 
         Raises RewindFailed (4074) or InvalidAck (4006) when the resume point is not replayable.
         """
-        assert self.side is Side.SERVER
+        self._require_own_side(Side.SERVER, "attach_server")
         if resume_from is None:
             if self.sid is not None:
-                raise ProtocolError("tunnel already connected; use resume")
+                raise LocalProtocolError("tunnel already connected; use resume")
             self.sid = sid
             self._begin_attach()
             self._out.append(frames.encode_sid(sid))
@@ -189,7 +190,7 @@ class Tunnel:
 
     def attach_client(self) -> None:
         """Client: a WebSocket opened; connect if no SID yet, else this is a reconnect."""
-        assert self.side is Side.CLIENT
+        self._require_own_side(Side.CLIENT, "attach_client")
         self._begin_attach()
         self._ready = False
         self._expect_reconnect_ack = self.sid is not None
@@ -286,8 +287,14 @@ class Tunnel:
             raise ProtocolError(f"{what} before SID")
 
     def _require_side(self, side: Side, what: str) -> None:
+        """A frame the peer sent that only the other side may send."""
         if self.side is not side:
             raise ProtocolError(f"{what} is only valid towards the {side.value}")
+
+    def _require_own_side(self, side: Side, what: str) -> None:
+        """A call that only the ``side`` end of a tunnel may make."""
+        if self.side is not side:
+            raise LocalProtocolError(f"{what} is for the {side.value} side")
 
     def _accept_peer_position(self, position: int, *, resume: bool) -> None:
         """Apply a cumulative ack (from ACK, RECONNECT_ACK, or a reconnect URL's ``ack``)."""
@@ -321,7 +328,7 @@ class Tunnel:
     def send_data(self, data: bytes) -> None:
         """Queue stream bytes. Raises ResumeBufferOverflow beyond ``send_capacity``."""
         if self._eof_at is not None:
-            raise ProtocolError("send_data after send_eof")
+            raise LocalProtocolError("send_data after send_eof")
         if len(data) > self.send_capacity:
             raise ResumeBufferOverflow(
                 f"{len(data)} bytes offered, {self.send_capacity} of {self.buffer_limit} free"
@@ -342,27 +349,27 @@ class Tunnel:
     def send_eof(self) -> None:
         """Native: end our direction after everything sent so far."""
         if not self.dialect.native:
-            raise ProtocolError("half-close is not part of the IAP subprotocol")
+            raise LocalProtocolError("half-close is not part of the IAP subprotocol")
         if self._eof_at is None:
             self._eof_at = self.sent_total
             if self.attached and self._ready:
                 self._out.append(frames.encode_eof(self._eof_at))
 
     def send_reauth(self, token: str) -> None:
-        self._require_side(Side.CLIENT, "REAUTH")
+        self._require_own_side(Side.CLIENT, "REAUTH")
         self._native_control(frames.encode_reauth(token.encode("ascii")))
 
     def send_reauth_ok(self, expires: int) -> None:
-        self._require_side(Side.SERVER, "REAUTH_OK")
+        self._require_own_side(Side.SERVER, "REAUTH_OK")
         self._native_control(frames.encode_reauth_ok(expires))
 
     def send_reauth_required(self, deadline: int) -> None:
-        self._require_side(Side.SERVER, "REAUTH_REQUIRED")
+        self._require_own_side(Side.SERVER, "REAUTH_REQUIRED")
         self._native_control(frames.encode_reauth_required(deadline))
 
     def _native_control(self, message: bytes) -> None:
         if not self.dialect.native:
-            raise ProtocolError("in-band control frames need the native subprotocol")
+            raise LocalProtocolError("in-band control frames need the native subprotocol")
         if self.attached and self._ready:
             self._out.append(message)
 

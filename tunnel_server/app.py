@@ -234,8 +234,8 @@ def build_state(config: ServerConfig, node: str) -> StateStore:
     if config.state.backend == "memory":
         return MemoryState(node)
     state, cluster = config.state, config.cluster
-    assert state.redis_url is not None  # validated with the config
-    assert cluster is not None
+    if state.redis_url is None or cluster is None:  # pragma: no cover - the config checks both
+        raise ConfigError("state.backend 'redis' needs redis_url and a cluster section")
     return RedisState(
         state.redis_url,
         node=node,

@@ -15,6 +15,7 @@ from tunnel_protocol.errors import (
     InvalidAck,
     InvalidData,
     InvalidTag,
+    LocalProtocolError,
     ProtocolError,
     ResumeBufferOverflow,
     RewindFailed,
@@ -101,7 +102,7 @@ def test_server_sends_sid_first(dialect: Dialect) -> None:
 def test_server_connect_twice_is_an_error() -> None:
     server = new_server(IAP)
     server.detach()
-    with pytest.raises(ProtocolError):
+    with pytest.raises(LocalProtocolError):
         server.attach_server(SID)
 
 
@@ -598,7 +599,7 @@ def test_pair_resume_after_a_drop(dialect: Dialect) -> None:
 
 def test_send_eof_on_iap_raises() -> None:
     tunnel = new_client(IAP)
-    with pytest.raises(ProtocolError):
+    with pytest.raises(LocalProtocolError):
         tunnel.send_eof()
     assert not tunnel.eof_sent
 
@@ -611,9 +612,9 @@ def test_send_eof_sends_offset_once() -> None:
     assert tunnel.eof_sent
     assert tunnel.data_to_send() == [frames.encode_data(b"abc"), frames.encode_eof(3)]
     assert tunnel.send_capacity == 0
-    with pytest.raises(ProtocolError):
+    with pytest.raises(LocalProtocolError):
         tunnel.send_data(b"more")
-    with pytest.raises(ProtocolError):
+    with pytest.raises(LocalProtocolError):
         tunnel.send_data(b"")
     assert tunnel.sent_total == 3
 
@@ -818,11 +819,11 @@ def test_reauth_round_trip_between_the_pair() -> None:
 def test_reauth_sending_direction_is_enforced() -> None:
     client = new_client(NATIVE)
     server = new_server(NATIVE)
-    with pytest.raises(ProtocolError):
+    with pytest.raises(LocalProtocolError):
         server.send_reauth("token")
-    with pytest.raises(ProtocolError):
+    with pytest.raises(LocalProtocolError):
         client.send_reauth_ok(1)
-    with pytest.raises(ProtocolError):
+    with pytest.raises(LocalProtocolError):
         client.send_reauth_required(1)
     assert client.data_to_send() == []
     assert server.data_to_send() == []
@@ -831,11 +832,11 @@ def test_reauth_sending_direction_is_enforced() -> None:
 def test_reauth_frames_need_the_native_dialect() -> None:
     client = new_client(IAP)
     server = new_server(IAP)
-    with pytest.raises(ProtocolError):
+    with pytest.raises(LocalProtocolError):
         client.send_reauth("token")
-    with pytest.raises(ProtocolError):
+    with pytest.raises(LocalProtocolError):
         server.send_reauth_ok(1)
-    with pytest.raises(ProtocolError):
+    with pytest.raises(LocalProtocolError):
         server.send_reauth_required(1)
     assert client.data_to_send() == []
     assert server.data_to_send() == []

@@ -15,6 +15,7 @@ import asyncio
 import enum
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from websockets.asyncio.connection import Connection
 from websockets.exceptions import ConnectionClosed
@@ -54,6 +55,7 @@ class _Stop(Exception):
 
 
 ControlHandler = Callable[[Event], Awaitable[None]]
+E = TypeVar("E", bound=BaseException)
 
 # Seconds to send a close (reason frame + close handshake) before the socket is dropped.
 CLOSE_TIMEOUT = 5.0
@@ -72,6 +74,17 @@ READ_FAILED = CloseCode.DESTINATION_READ_FAILED
 WRITE_FAILED = CloseCode.DESTINATION_WRITE_FAILED
 
 
+def _first(group: BaseExceptionGroup[E], kind: type[E]) -> E:
+    """The first ``kind`` exception of a task group's failure (nested groups flattened)."""
+    for exc in group.exceptions:
+        if isinstance(exc, kind):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            nested: E = _first(exc, kind)
+            return nested
+    raise group  # pragma: no cover - except* only hands over groups holding ``kind``
+
+
 class Pump:
     """One attachment. ``run`` returns when it ends; ``close`` ends it from outside."""
 
@@ -82,7 +95,6 @@ class Pump:
         stream: ByteStream,
         *,
         on_control: ControlHandler | None = None,
-        on_eof_from_stream: Callable[[], None] | None = None,
         keepalive: tuple[float, float] | None = None,
         last_activity: float | None = None,
     ) -> None:
@@ -90,7 +102,6 @@ class Pump:
         self.ws = ws
         self.stream = stream
         self._on_control = on_control
-        self._on_eof = on_eof_from_stream
         self._keepalive = keepalive
         self._send_lock = asyncio.Lock()
         self._capacity = asyncio.Event()
@@ -100,7 +111,6 @@ class Pump:
         self._close_request: asyncio.Future[tuple[int, str]] = (
             asyncio.get_running_loop().create_future()
         )
-        self.stream_eof = False
         # Set once a send failed because the WebSocket is closing: nothing more can go out, but
         # the reader still drains every message that arrived before the peer's close.
         self.send_closed = False
@@ -128,13 +138,9 @@ class Pump:
                 if self._keepalive is not None and self.tunnel.dialect.native:
                     tg.create_task(self._keepalives(*self._keepalive))
         except* _Stop as group:
-            stop = group.exceptions[0]
-            assert isinstance(stop, _Stop)
-            outcome = stop.outcome
+            outcome = _first(group, _Stop).outcome
         except* ConnectionClosed as group:
-            exc = group.exceptions[0]
-            assert isinstance(exc, ConnectionClosed)
-            outcome = self._closed_outcome(exc)
+            outcome = self._closed_outcome(_first(group, ConnectionClosed))
         else:  # pragma: no cover - the tasks only end by raising
             outcome = Outcome(End.LOST)
         finally:
@@ -277,9 +283,6 @@ class Pump:
             self.last_activity = loop.time()
             tunnel.send_data(data)
             await self._flush()
-        self.stream_eof = True
-        if self._on_eof is not None:
-            self._on_eof()
         if tunnel.dialect.native:
             tunnel.send_eof()
             await self._flush()

@@ -50,7 +50,9 @@ class ByteStream(Protocol):
 
 
 class TcpStream(asyncio.BufferedProtocol):
-    """A TCP connection as a ByteStream; create with ``open_tcp`` or ``TcpStream.accept``."""
+    """A TCP connection as a ByteStream: the protocol of a connection the relay dials
+    (``loop.create_connection(TcpStream, ...)``) or a client's listener accepts. ``bytes_written``
+    counts what was handed to the transport."""
 
     def __init__(self, on_connected: Callable[[TcpStream], None] | None = None) -> None:
         self._on_connected = on_connected
@@ -64,7 +66,6 @@ class TcpStream(asyncio.BufferedProtocol):
         self._write_paused = False
         self._closed: asyncio.Future[None] | None = None
         self.transport: asyncio.Transport | None = None
-        self.bytes_read = 0
         self.bytes_written = 0
 
     # -- protocol callbacks ---------------------------------------------------------------------
@@ -137,7 +138,6 @@ class TcpStream(asyncio.BufferedProtocol):
             self._chunks[0] = head[max_bytes:]
             head = head[:max_bytes]
         self._buffered -= len(head)
-        self.bytes_read += len(head)
         if self._read_paused and self._buffered < HIGH_WATER // 2 and self.transport:
             self._read_paused = False
             self.transport.resume_reading()
@@ -170,6 +170,7 @@ class TcpStream(asyncio.BufferedProtocol):
             self.transport.abort()
 
     async def wait_closed(self) -> None:
+        """Until the connection is gone (after ``close``: its buffer flushed)."""
         if self._closed is not None:
             await self._closed
 
@@ -177,13 +178,6 @@ class TcpStream(asyncio.BufferedProtocol):
     def unsent(self) -> int:
         """Bytes written but still in the transport's buffer (lost if it is aborted now)."""
         return 0 if self.transport is None else self.transport.get_write_buffer_size()
-
-
-async def open_tcp(host: str, port: int) -> TcpStream:
-    """Dial ``host:port``; callers bound it with ``asyncio.timeout``."""
-    loop = asyncio.get_running_loop()
-    _, protocol = await loop.create_connection(TcpStream, host, port)
-    return protocol
 
 
 class StdioStream:

@@ -433,9 +433,8 @@ class DestinationPolicy:
         except InvalidAddress as exc:
             return f"invalid address: {exc}"
         reason = self._classify(address, port)
-        if reason is not None or address.version == 4:
+        if reason is not None or not isinstance(address, ipaddress.IPv6Address):
             return reason
-        assert isinstance(address, ipaddress.IPv6Address)
         for mechanism, inner in embedded_ipv4(address, self.nat64_prefixes):
             reason = self._classify(inner, port)
             if reason is not None:

@@ -147,7 +147,8 @@ class ClusterConfig(StrictModel):
         """The shared key; ConfigError when the file is unreadable or too short."""
         if self.secret is not None:
             return self.secret.encode()
-        assert self.secret_file is not None
+        if self.secret_file is None:  # pragma: no cover - the validator requires one of them
+            raise ConfigError("cluster: give secret or secret_file")
         try:
             data = self.secret_file.read_bytes().strip()
         except OSError as exc:

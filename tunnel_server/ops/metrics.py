@@ -54,8 +54,8 @@ SESSION_DURATION_BUCKETS: Final = (
     1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 86400.0,
 )  # fmt: skip
 
-# AuthError reasons (tunnel_server/identity, relay._authenticate) -> label value. The audit
-# record keeps the exact reason; the label says which kind of failure to look for.
+# AuthError reasons (tunnel_server.access.identity, Admission.authenticate) -> label value.
+# The audit record keeps the exact reason; the label says which kind of failure to look for.
 _AUTH_REASONS: Final[Mapping[str, str]] = {
     "missing credentials": "missing_credentials",
     "several credentials": "missing_credentials",

@@ -57,8 +57,8 @@ class Tunnels:
             await ws.close(CloseCode.UNKNOWN_ERROR, "bad handshake")
             return
         request = admitted.request
-        if admitted.owner is not None:
-            assert isinstance(request, ReconnectRequest)  # a forward is only ever a resume
+        if admitted.owner is not None and isinstance(request, ReconnectRequest):
+            # Only a resume is ever forwarded to the node that holds its tunnel.
             principal = admitted.identity.principal
             await self.cluster.bridge(ws, admitted.owner, principal, request.sid)
             return

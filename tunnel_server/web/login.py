@@ -76,7 +76,8 @@ class BrowserLogin:
 
     def _http(self) -> aiohttp.ClientSession:
         client = self._client()
-        assert client is not None, "the proxy is not started"
+        if client is None:
+            raise RuntimeError("HTTP mode is not started")
         return client
 
     def _store_down(self, request: web.Request, event: str, exc: Exception) -> web.Response:
@@ -84,13 +85,15 @@ class BrowserLogin:
         return store_unavailable(request)
 
     async def _discover(self) -> dict[str, Any]:
-        assert self.config.login is not None
+        login = self.config.login
+        if login is None:
+            raise RuntimeError("HTTP mode has no browser login")
         if self._discovery is None:
-            url = self.config.login.issuer.rstrip("/") + "/.well-known/openid-configuration"
+            url = login.issuer.rstrip("/") + "/.well-known/openid-configuration"
             async with self._http().get(url, timeout=aiohttp.ClientTimeout(total=10)) as resp:
                 resp.raise_for_status()
                 document = await resp.json()
-            if not isinstance(document, dict) or document.get("issuer") != self.config.login.issuer:
+            if not isinstance(document, dict) or document.get("issuer") != login.issuer:
                 raise ValueError("discovery document names another issuer")
             self._discovery = document
         return self._discovery
@@ -212,9 +215,9 @@ class BrowserLogin:
     async def _redeem(
         self, discovery: dict[str, Any], code: str, pending: PendingLogin, origin: str
     ) -> tuple[Identity, dict[str, Any]]:
-        login = self.config.login
-        assert login is not None
-        assert self._verifier is not None
+        login, verifier = self.config.login, self._verifier
+        if login is None or verifier is None:
+            raise RuntimeError("HTTP mode has no browser login")
         form = {
             "grant_type": "authorization_code",
             "code": code,
@@ -235,7 +238,7 @@ class BrowserLogin:
         id_token = tokens.get("id_token") if isinstance(tokens, dict) else None
         if not isinstance(id_token, str):
             raise AuthError("no id token")
-        identity = await self._verifier.verify(id_token)
+        identity = await verifier.verify(id_token)
         # Verified above; read the claims the Identity does not carry (nonce, auth_time).
         claims: dict[str, Any] = jwt.decode(id_token, options={"verify_signature": False})
         nonce = claims.get("nonce")

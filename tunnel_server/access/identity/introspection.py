@@ -47,7 +47,6 @@ class Introspector:
         self._clock = clock
         self._cache: OrderedDict[bytes, tuple[float, Identity | str]] = OrderedDict()
         self._session: aiohttp.ClientSession | None = None
-        self.requests = 0
 
     async def endpoint(self) -> str:
         if self._endpoint is None:
@@ -88,7 +87,6 @@ class Introspector:
 
     async def _introspect(self, token: str, audiences: tuple[str, ...]) -> Identity:
         url = await self.endpoint()
-        self.requests += 1
         try:
             status, data = await self._post(
                 url, {"token": token, "token_type_hint": "access_token"}, self._authorization

@@ -304,8 +304,7 @@ class _Builder:
             roles: frozenset[str] = frozenset({rule.role})
             selector = rule.resources.build() if rule.resources else ResourceSelector(relay=True)
             excepted: frozenset[str] = frozenset()
-        else:
-            assert isinstance(rule, _Deny)
+        elif isinstance(rule, _Deny):
             roles = frozenset(rule.roles) if rule.roles is not None else ROLES
             selector = rule.resources.build() if rule.resources else _EVERYTHING
             excepted = frozenset(rule.except_members)
