@@ -44,5 +44,6 @@ def run(main: Coroutine[Any, Any, T], *, use_uvloop: bool = True) -> T:
         except ImportError:
             pass
         else:
-            return uvloop.run(main)
+            result: T = uvloop.run(main)  # typed even where uvloop is not installed
+            return result
     return asyncio.run(main)

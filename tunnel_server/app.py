@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import socket
 import ssl
 import time
+import warnings
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -418,3 +420,25 @@ def _serve_relay(config: ServerConfig, relay: Relay, ssl_context: ssl.SSLContext
         close_timeout=5,
         server_header="identity-tunnel",
     )
+
+
+# Names that lived here before the process runtime and the logs left the composition root: kept
+# for one release (looked up by name, so that this module does not depend on them).
+_MOVED_NAMES = {
+    "serve_forever": "tunnel_server.serve",
+    "Reloader": "tunnel_server.serve",
+    "setup_logging": "tunnel_server.ops.logs",
+    "RedactSecrets": "tunnel_server.ops.logs",
+}
+
+
+def __getattr__(name: str) -> object:
+    home = _MOVED_NAMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn(
+        f"tunnel_server.app.{name} moved to {home}; the old path goes in the next release",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return getattr(importlib.import_module(home), name)
