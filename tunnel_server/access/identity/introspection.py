@@ -14,7 +14,8 @@ from urllib.parse import quote
 
 import aiohttp
 
-from .jwt_verifier import AuthError, Identity, IssuerUnavailable, OidcVerifier
+from .jwt_verifier import OidcVerifier
+from .types import AuthError, Identity, IssuerUnavailable
 
 # POST form to the endpoint with HTTP Basic client auth; returns (status, JSON object).
 PostForm = Callable[[str, dict[str, str], str], Awaitable[tuple[int, Any]]]

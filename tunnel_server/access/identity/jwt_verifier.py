@@ -1,11 +1,10 @@
-"""Bearer-token verification for the relay: OIDC discovery, an async JWKS cache, and the mapping
-from a verified token to an `Identity` (principal, groups, policy members)."""
+"""Bearer-token verification, one issuer per ``OidcVerifier``: OIDC discovery, an async JWKS
+cache, signature and claim checks, and the mapping from a verified token to an ``Identity``
+(principal, groups, policy members)."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import ipaddress
 import json
 import math
@@ -13,15 +12,24 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import urlsplit
 
 import aiohttp
 import jwt
-from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from jwt.exceptions import InvalidSubjectError
 from jwt.types import Options
+
+from .jose import (
+    DEFAULT_ALGORITHMS,
+    MAX_KEYS,
+    KeySet,
+    Segments,
+    parse_jwk,
+    parse_jws,
+    select_key,
+)
+from .types import AuthError, Identity, IssuerUnavailable
 
 __all__ = [
     "DEFAULT_ALGORITHMS",
@@ -36,19 +44,6 @@ __all__ = [
 
 FetchJson = Callable[[str], Awaitable[Any]]
 
-DEFAULT_ALGORITHMS: Final = (
-    *("RS256", "RS384", "RS512", "PS256", "PS384", "PS512"),
-    *("ES256", "ES384", "ES512", "EdDSA"),
-)
-_RSA_ALGORITHMS: Final = frozenset(a for a in DEFAULT_ALGORITHMS if a[:2] in ("RS", "PS"))
-_EC_CURVES: Final = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}
-_OKP_CURVES: Final = frozenset({"Ed25519", "Ed448"})
-# Only the public members are ever handed to PyJWT: a JWKS that (wrongly) publishes "d" must not
-# turn into a private key object on our side.
-_PUBLIC_MEMBERS: Final = {"RSA": ("n", "e"), "EC": ("crv", "x", "y"), "OKP": ("crv", "x")}
-_MIN_RSA_BITS: Final = 2048
-_MAX_RSA_BITS: Final = 16384  # a huge modulus from a hostile JWKS would make every verify slow
-_MAX_KEYS: Final = 64
 _MAX_KID_CHARS: Final = 256
 _MAX_LEEWAY: Final = 60.0
 _MAX_DOCUMENT_BYTES: Final = 512 * 1024
@@ -56,7 +51,6 @@ _FETCH_TIMEOUT: Final = 10.0
 # Headers that point at key material supplied by the token itself (RFC 8725 §3.10), or that
 # change how the bytes must be processed: refused, never followed.
 _REFUSED_HEADERS: Final = ("jku", "x5u", "jwk", "crit", "zip", "enc", "b64")
-_B64URL: Final = re.compile(r"[A-Za-z0-9_-]+")
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 _LOOPBACK_V4: Final = ipaddress.ip_network("127.0.0.0/8")
 _LOOPBACK_V6: Final = ipaddress.ip_address("::1")
@@ -94,50 +88,6 @@ TOKEN_CACHE_SIZE = 4096
 TOKEN_CACHE_TTL = 60.0
 
 
-class AuthError(Exception):
-    """Token refused: HTTP 401. `reason` is a short audit string, never token content.
-
-    AuthError
-     └── IssuerUnavailable   discovery or JWKS could not be fetched or was unusable
-    """
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class IssuerUnavailable(AuthError):
-    """The issuer's discovery document or JWKS could not be fetched or was unusable."""
-
-
-@dataclass(frozen=True)
-class Identity:
-    """A verified caller. `members` is what policy bindings match against."""
-
-    principal: str
-    subject: str
-    issuer: str
-    email: str | None
-    groups: tuple[str, ...]
-    expires_at: float
-    members: frozenset[str]
-    # exp plus the issuer's leeway: the last moment this credential is accepted anywhere.
-    valid_until: float = 0.0
-    issued_at: float | None = None  # iat: revocations refuse tokens issued before them
-
-
-@dataclass(frozen=True)
-class _Key:
-    kid: str | None
-    by_alg: Mapping[str, jwt.PyJWK]  # every algorithm this key may verify, already constructed
-
-
-@dataclass(frozen=True)
-class _KeySet:
-    keys: tuple[_Key, ...]
-    fetched_at: float
-
-
 def _is_loopback(host: str) -> bool:
     if host.lower() == "localhost":
         return True
@@ -167,61 +117,6 @@ def _url_allowed(url: str) -> bool:
     return parts.scheme == "http" and _is_loopback(host)
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        # Two parsers may pick different duplicates; refuse rather than guess (RFC 7515 §4).
-        raise ValueError("duplicate member")
-    return obj
-
-
-def _json_segment(segment: str) -> dict[str, Any]:
-    if len(segment) % 4 == 1:
-        raise AuthError("malformed")
-    try:
-        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-        value = json.loads(raw, object_pairs_hook=_no_duplicates)
-    except (binascii.Error, ValueError, RecursionError):
-        raise AuthError("malformed") from None
-    if not isinstance(value, dict):
-        raise AuthError("malformed")
-    return value
-
-
-@dataclass(frozen=True, slots=True)
-class Segments:
-    """A compact JWS's header and payload, decoded once per request and unverified: the
-    payload's ``iss`` routes the token to its issuer's verifier, which checks the header and
-    then the signature and claims."""
-
-    header: dict[str, Any]
-    payload: dict[str, Any]
-
-    @property
-    def issuer(self) -> str | None:
-        iss = self.payload.get("iss")
-        return iss if isinstance(iss, str) else None
-
-
-def parse_jws(token: str, max_bytes: int) -> Segments:
-    """Structure checks that cost no crypto and no I/O, and the decoded segments. AuthError
-    names the problem ("too large", "malformed"); a JWE (five parts) is malformed."""
-    if len(token) > max_bytes:
-        raise AuthError("too large")
-    if not token.isascii():
-        raise AuthError("malformed")
-    parts = token.split(".")
-    if len(parts) != 3:
-        raise AuthError("malformed")  # JWE compact serialization has five parts
-    # An empty signature is left for the algorithm check to name ("none" tokens have one).
-    head, body, signature = parts
-    if not (_B64URL.fullmatch(head) and _B64URL.fullmatch(body)):
-        raise AuthError("malformed")
-    if signature and (not _B64URL.fullmatch(signature) or len(signature) % 4 == 1):
-        raise AuthError("malformed")
-    return Segments(_json_segment(head), _json_segment(body))
-
-
 def _number(claims: Mapping[str, Any], name: str) -> float | None:
     if name not in claims:
         return None
@@ -236,68 +131,6 @@ def _number(claims: Mapping[str, Any], name: str) -> float | None:
     if not math.isfinite(number):
         raise AuthError("invalid claim")
     return number
-
-
-def _parse_jwk(raw: Any, allowed: frozenset[str]) -> _Key | None:
-    """The key, with the algorithms it may verify; None for anything we will not use."""
-    if not isinstance(raw, dict):
-        return None
-    kty, crv, declared = raw.get("kty"), raw.get("crv"), raw.get("alg")
-    kid = raw.get("kid")
-    if kid is not None and (not isinstance(kid, str) or not kid):
-        return None
-    if raw.get("use", "sig") != "sig":
-        return None
-    ops = raw.get("key_ops")
-    if ops is not None and (not isinstance(ops, list) or "verify" not in ops):
-        return None
-    # The algorithm family follows from the key type; symmetric ("oct") keys are never used, so
-    # an HMAC over a public key can never verify.
-    family: frozenset[str]
-    if kty == "RSA":
-        family = _RSA_ALGORITHMS
-    elif kty == "EC" and isinstance(crv, str) and crv in _EC_CURVES:
-        family = frozenset({_EC_CURVES[crv]})
-    elif kty == "OKP" and crv in _OKP_CURVES:
-        family = frozenset({"EdDSA"})
-    else:
-        return None
-    if declared is not None:
-        if declared not in family:
-            return None
-        family = frozenset({declared})
-    public = {"kty": kty, **{m: raw[m] for m in _PUBLIC_MEMBERS[kty] if m in raw}}
-    by_alg: dict[str, jwt.PyJWK] = {}
-    for alg in sorted(family & allowed):
-        try:
-            key = jwt.PyJWK(public, algorithm=alg)
-        except (jwt.PyJWTError, ValueError, TypeError, KeyError):
-            return None
-        if isinstance(key.key, RSAPublicKey) and not (
-            _MIN_RSA_BITS <= key.key.key_size <= _MAX_RSA_BITS
-        ):
-            return None
-        by_alg[alg] = key
-    return _Key(kid=kid, by_alg=by_alg) if by_alg else None
-
-
-def _select(keys: _KeySet, kid: str | None, alg: str) -> jwt.PyJWK | None:
-    """The one key for (kid, alg); None when the kid is unknown (a refetch may help)."""
-    if kid is None:
-        # Without a kid we only guess when the guess is unique.
-        candidates = [k.by_alg[alg] for k in keys.keys if alg in k.by_alg]
-        if len(candidates) > 1:
-            raise AuthError("ambiguous key")
-        return candidates[0] if candidates else None
-    named = [k for k in keys.keys if k.kid == kid]
-    if not named:
-        return None
-    usable = [k.by_alg[alg] for k in named if alg in k.by_alg]
-    if not usable:
-        raise AuthError("algorithm mismatch")
-    if len(usable) > 1:
-        raise AuthError("ambiguous key")
-    return usable[0]
 
 
 def _verified_email(claims: Mapping[str, Any]) -> str | None:
@@ -383,12 +216,12 @@ class OidcVerifier:
         self._clock = clock
         # OIDC Discovery §4: drop a terminating "/" before appending the well-known path.
         self._discovery_url = issuer.rstrip("/") + "/.well-known/openid-configuration"
-        self._keys: _KeySet | None = None
+        self._keys: KeySet | None = None
         # (token, audiences) -> (identity, verified at, the key set it was verified against)
-        self._verified: OrderedDict[
-            tuple[str, tuple[str, ...]], tuple[Identity, float, _KeySet]
-        ] = OrderedDict()
-        self._inflight: asyncio.Task[_KeySet] | None = None
+        self._verified: OrderedDict[tuple[str, tuple[str, ...]], tuple[Identity, float, KeySet]] = (
+            OrderedDict()
+        )
+        self._inflight: asyncio.Task[KeySet] | None = None
         self._kid_refetch_at: float | None = None
         self._failed_at: float | None = None
         self._failure = "issuer unavailable"
@@ -488,7 +321,7 @@ class OidcVerifier:
 
     async def _key_for(self, kid: str | None, alg: str) -> jwt.PyJWK:
         keys = await self._current_keys()
-        key = _select(keys, kid, alg)
+        key = select_key(keys, kid, alg)
         if key is not None:
             return key
         # Unknown kid: the issuer may just have rotated. Refetch once per cool-down window so a
@@ -501,12 +334,12 @@ class OidcVerifier:
             keys = await self._join(self._inflight)
         else:
             raise AuthError("unknown key")
-        key = _select(keys, kid, alg)
+        key = select_key(keys, kid, alg)
         if key is None:
             raise AuthError("unknown key")
         return key
 
-    async def _current_keys(self) -> _KeySet:
+    async def _current_keys(self) -> KeySet:
         keys, now = self._keys, self._clock()
         if keys is not None and now - keys.fetched_at < self._ttl:
             return keys
@@ -524,7 +357,7 @@ class OidcVerifier:
                 return keys
             raise
 
-    async def _shared_fetch(self) -> _KeySet:
+    async def _shared_fetch(self) -> KeySet:
         if self._closed:
             raise IssuerUnavailable("issuer unavailable")
         task = self._inflight
@@ -535,7 +368,7 @@ class OidcVerifier:
         return await self._join(task)
 
     @staticmethod
-    async def _join(task: asyncio.Task[_KeySet]) -> _KeySet:
+    async def _join(task: asyncio.Task[KeySet]) -> KeySet:
         # shield: a caller that gives up (client disconnect) must not cancel everyone's fetch.
         try:
             return await asyncio.shield(task)
@@ -545,13 +378,13 @@ class OidcVerifier:
                 raise IssuerUnavailable("issuer unavailable") from None  # aclose() stopped it
             raise
 
-    def _fetch_done(self, task: asyncio.Task[_KeySet]) -> None:
+    def _fetch_done(self, task: asyncio.Task[KeySet]) -> None:
         if self._inflight is task:
             self._inflight = None
         if not task.cancelled():
             task.exception()  # retrieved here so an unawaited failure is not logged as lost
 
-    async def _fetch_and_store(self) -> _KeySet:
+    async def _fetch_and_store(self) -> KeySet:
         try:
             keys = await self._fetch_keys()
         except IssuerUnavailable as exc:
@@ -560,7 +393,7 @@ class OidcVerifier:
         self._keys, self._failed_at = keys, None
         return keys
 
-    async def _fetch_keys(self) -> _KeySet:
+    async def _fetch_keys(self) -> KeySet:
         discovery = await self._get(self._discovery_url)
         if not isinstance(discovery, dict) or discovery.get("issuer") != self.issuer:
             raise IssuerUnavailable("issuer mismatch")
@@ -572,12 +405,12 @@ class OidcVerifier:
         raw_keys = jwks.get("keys") if isinstance(jwks, dict) else None
         if not isinstance(raw_keys, list):
             raise IssuerUnavailable("bad jwks")
-        parsed = (_parse_jwk(raw, self._algorithms) for raw in raw_keys[:_MAX_KEYS])
+        parsed = (parse_jwk(raw, self._algorithms) for raw in raw_keys[:MAX_KEYS])
         keys = tuple(k for k in parsed if k is not None)
         if not keys:
             # Keep serving the previous keys rather than replacing them with nothing.
             raise IssuerUnavailable("bad jwks")
-        return _KeySet(keys=keys, fetched_at=self._clock())
+        return KeySet(keys=keys, fetched_at=self._clock())
 
     async def _get(self, url: str) -> Any:
         try:
