@@ -37,7 +37,7 @@ from .access.inventory import Inventory
 from .access.policy import ADMIN, AccessRequest, Policy, evaluate, load_policy
 from .access.revocations import Revocations
 from .audit import AuditLog
-from .config import ConfigError, OidcConfig, ServerConfig
+from .config import ConfigError, HttpModeConfig, ListenConfig, OidcConfig, ServerConfig
 from .ops.admin import admin_app
 from .ops.admin import serving as admin_serving
 from .ops.metrics import Metrics
@@ -267,41 +267,9 @@ async def running(config: ServerConfig, *, node: str | None = None) -> AsyncIter
                 policy_file=config.policy_file,
             )  # fmt: skip
             if config.http is not None:
-                policies = relay.policies
-                http_proxy = HttpProxy(
-                    config.http,
-                    authenticator=verifier,
-                    login_verifier=await stack.enter_async_context(
-                        _login_verifier(config, verifier)
-                    ),
-                    policy=lambda: policies.policy,
-                    audit=relay.audit,
-                    is_revoked=revocations.is_revoked,
-                    store=build_session_store(config.state),
-                )
-                http_ssl = server_context(config.http.tls) if config.http.tls else None
-                running_server.http = http_proxy
-                relay.policies.subscribe(lambda _policy: http_proxy.redecide_all())
-                running_server.http_port = await stack.enter_async_context(
-                    http_serving(
-                        http_proxy,
-                        config.http.listen.host,
-                        config.http.listen.port,
-                        ssl_context=http_ssl,
-                    )
-                )
-                relay.destinations.add_own_endpoint(
-                    config.http.listen.host, running_server.http_port
-                )
+                await _serve_http(stack, config, config.http, running_server)
             if config.metrics is not None:
-                metrics = Metrics(relay, state_available=lambda: relay.state.available)
-                relay.audit.observers.append(metrics.observe_audit)
-                relay.events.subscribe(metrics)
-                listen = config.metrics.listen
-                running_server.metrics_port = await stack.enter_async_context(
-                    metrics_serving(metrics, listen.host, listen.port)
-                )
-                relay.destinations.add_own_endpoint(listen.host, running_server.metrics_port)
+                await _serve_metrics(stack, config.metrics.listen, running_server)
             if config.state.backend == "redis" and config.state.redis_url:
                 # Never a tunnel to the shared state, whatever the policy says (SSRF).
                 for address in await _addresses(config.state.redis_url, 6379):
@@ -312,20 +280,7 @@ async def running(config: ServerConfig, *, node: str | None = None) -> AsyncIter
             )
             stack.push_async_callback(relay.state.aclose)
             if config.admin is not None:
-                app = admin_app(
-                    relay,
-                    verifier,
-                    _admin_check(config, relay),
-                    revocations,
-                    on_revoke_user=running_server.http.revoke_user if running_server.http else None,
-                    publish=relay.state.revoke,
-                )
-                running_server.admin_port = await stack.enter_async_context(
-                    admin_serving(app, config.admin.listen.host, config.admin.listen.port)
-                )
-                relay.destinations.add_own_endpoint(
-                    config.admin.listen.host, running_server.admin_port
-                )
+                await _serve_admin(stack, config, config.admin.listen, running_server)
             yield running_server
             relay.draining = True
             relay.close_all(CloseCode.GOING_AWAY, "relay shutting down")
@@ -333,6 +288,68 @@ async def running(config: ServerConfig, *, node: str | None = None) -> AsyncIter
         relay.close_all(CloseCode.GOING_AWAY, "relay shutting down")
     finally:
         await verifier.aclose()
+
+
+async def _serve_http(
+    stack: contextlib.AsyncExitStack,
+    config: ServerConfig,
+    http: HttpModeConfig,
+    running: RunningServer,
+) -> None:
+    """HTTP mode on its own listener, deciding with the relay's policy, identities and
+    revocations, and re-deciding its open streams when the policy is replaced."""
+    relay = running.relay
+    policies = relay.policies
+    proxy = HttpProxy(
+        http,
+        authenticator=running.verifier,
+        login_verifier=await stack.enter_async_context(_login_verifier(config, running.verifier)),
+        policy=lambda: policies.policy,
+        audit=relay.audit,
+        is_revoked=running.revocations.is_revoked,
+        store=build_session_store(config.state),
+    )
+    running.http = proxy
+    policies.subscribe(lambda _policy: proxy.redecide_all())
+    http_ssl = server_context(http.tls) if http.tls else None
+    running.http_port = await stack.enter_async_context(
+        http_serving(proxy, http.listen.host, http.listen.port, ssl_context=http_ssl)
+    )
+    relay.destinations.add_own_endpoint(http.listen.host, running.http_port)
+
+
+async def _serve_metrics(
+    stack: contextlib.AsyncExitStack, listen: ListenConfig, running: RunningServer
+) -> None:
+    relay = running.relay
+    metrics = Metrics(relay, state_available=lambda: relay.state.available)
+    relay.audit.observers.append(metrics.observe_audit)
+    relay.events.subscribe(metrics)
+    running.metrics_port = await stack.enter_async_context(
+        metrics_serving(metrics, listen.host, listen.port)
+    )
+    relay.destinations.add_own_endpoint(listen.host, running.metrics_port)
+
+
+async def _serve_admin(
+    stack: contextlib.AsyncExitStack,
+    config: ServerConfig,
+    listen: ListenConfig,
+    running: RunningServer,
+) -> None:
+    relay = running.relay
+    app = admin_app(
+        relay,
+        running.verifier,
+        _admin_check(config, relay),
+        running.revocations,
+        on_revoke_user=running.http.revoke_user if running.http else None,
+        publish=relay.state.revoke,
+    )
+    running.admin_port = await stack.enter_async_context(
+        admin_serving(app, listen.host, listen.port)
+    )
+    relay.destinations.add_own_endpoint(listen.host, running.admin_port)
 
 
 @asynccontextmanager

@@ -43,6 +43,87 @@ def session_view(relay: Relay) -> list[dict[str, Any]]:
     ]
 
 
+class AdminApi:
+    """The admin endpoints. ``on_revoke_user``: also end the user's HTTP-mode sessions and
+    WebSockets. ``publish``: persist a revocation in the shared state and push it to the other
+    nodes."""
+
+    def __init__(
+        self,
+        relay: Relay,
+        authenticator: Authenticator,
+        is_admin: IsAdmin,
+        revocations: Revocations,
+        *,
+        on_revoke_user: Callable[[str], int] | None = None,
+        publish: Callable[[Revocation], Awaitable[None]] | None = None,
+    ) -> None:
+        self.relay = relay
+        self.authenticator = authenticator
+        self.is_admin = is_admin
+        self.revocations = revocations
+        self.on_revoke_user = on_revoke_user
+        self.publish = publish
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self.authenticate], client_max_size=64 * 1024)
+        app.router.add_get("/admin/sessions", self.list_sessions)
+        app.router.add_post("/admin/revoke", self.revoke)
+        return app
+
+    @web.middleware
+    async def authenticate(
+        self, request: web.Request, handler: Callable[[web.Request], Any]
+    ) -> web.StreamResponse:
+        token = bearer_token(request.headers.get("Authorization"))
+        challenge = {"WWW-Authenticate": 'Bearer realm="tunnel-admin"'}
+        if token is None:
+            return _json({"error": "authentication required"}, 401, challenge)
+        try:
+            identity = await self.authenticator.verify(token)
+        except IssuerUnavailable:
+            return _json({"error": "identity provider unavailable"}, 503, {"Retry-After": "5"})
+        except AuthError as exc:
+            self.relay.audit.record("admin", decision="deny", reason=exc.reason, status=401)
+            return _json({"error": "authentication required"}, 401, challenge)
+        if not self.is_admin(identity):
+            self.relay.audit.record(
+                "admin", decision="deny", reason="not an admin", principal=identity.principal
+            )
+            return _json({"error": "admin role required"}, 403)
+        request[_PRINCIPAL] = identity.principal
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    async def list_sessions(self, request: web.Request) -> web.Response:
+        return _json({"sessions": session_view(self.relay)})
+
+    async def revoke(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return _json({"error": "JSON body required"}, 400)
+        if not isinstance(body, dict) or len(body.keys() & {"user", "session"}) != 1:
+            return _json({"error": 'give exactly one of "user" or "session"'}, 400)
+        admin, relay = request[_PRINCIPAL], self.relay
+        if "user" in body:
+            subject = str(body["user"])
+            at = self.revocations.revoke_user(subject)
+            closed = relay.revoke_user(subject, by=admin)
+            if self.on_revoke_user is not None:
+                closed += self.on_revoke_user(subject)
+            revocation = Revocation("user", subject, at, admin, relay.node)
+        else:
+            subject = str(body["session"])
+            closed = relay.revoke_session(subject, by=admin)
+            revocation = Revocation("session", subject, time.time(), admin, relay.node)
+        relay.events.revocation("local")
+        if self.publish is not None:
+            # Never fails: kept and pushed again when the shared state is back.
+            await self.publish(revocation)
+        return _json({"closed": closed})
+
+
 def admin_app(
     relay: Relay,
     authenticator: Authenticator,
@@ -52,65 +133,11 @@ def admin_app(
     on_revoke_user: Callable[[str], int] | None = None,
     publish: Callable[[Revocation], Awaitable[None]] | None = None,
 ) -> web.Application:
-    """``on_revoke_user``: also end the user's HTTP-mode sessions and WebSockets.
-    ``publish``: persist the revocation in the shared state and push it to the other nodes."""
-
-    @web.middleware
-    async def authenticate(
-        request: web.Request, handler: Callable[[web.Request], Any]
-    ) -> web.StreamResponse:
-        token = bearer_token(request.headers.get("Authorization"))
-        challenge = {"WWW-Authenticate": 'Bearer realm="tunnel-admin"'}
-        if token is None:
-            return _json({"error": "authentication required"}, 401, challenge)
-        try:
-            identity = await authenticator.verify(token)
-        except IssuerUnavailable:
-            return _json({"error": "identity provider unavailable"}, 503, {"Retry-After": "5"})
-        except AuthError as exc:
-            relay.audit.record("admin", decision="deny", reason=exc.reason, status=401)
-            return _json({"error": "authentication required"}, 401, challenge)
-        if not is_admin(identity):
-            relay.audit.record(
-                "admin", decision="deny", reason="not an admin", principal=identity.principal
-            )
-            return _json({"error": "admin role required"}, 403)
-        request[_PRINCIPAL] = identity.principal
-        response: web.StreamResponse = await handler(request)
-        return response
-
-    async def list_sessions(request: web.Request) -> web.Response:
-        return _json({"sessions": session_view(relay)})
-
-    async def revoke(request: web.Request) -> web.Response:
-        try:
-            body = await request.json()
-        except ValueError:
-            return _json({"error": "JSON body required"}, 400)
-        if not isinstance(body, dict) or len(body.keys() & {"user", "session"}) != 1:
-            return _json({"error": 'give exactly one of "user" or "session"'}, 400)
-        admin = request[_PRINCIPAL]
-        if "user" in body:
-            subject = str(body["user"])
-            at = revocations.revoke_user(subject)
-            closed = relay.revoke_user(subject, by=admin)
-            if on_revoke_user is not None:
-                closed += on_revoke_user(subject)
-            revocation = Revocation("user", subject, at, admin, relay.node)
-        else:
-            subject = str(body["session"])
-            closed = relay.revoke_session(subject, by=admin)
-            revocation = Revocation("session", subject, time.time(), admin, relay.node)
-        relay.events.revocation("local")
-        if publish is not None:
-            # Never fails: kept and pushed again when the shared state is back.
-            await publish(revocation)
-        return _json({"closed": closed})
-
-    app = web.Application(middlewares=[authenticate], client_max_size=64 * 1024)
-    app.router.add_get("/admin/sessions", list_sessions)
-    app.router.add_post("/admin/revoke", revoke)
-    return app
+    """The admin API as an aiohttp application (see ``AdminApi``)."""
+    api = AdminApi(
+        relay, authenticator, is_admin, revocations, on_revoke_user=on_revoke_user, publish=publish
+    )
+    return api.app()
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:

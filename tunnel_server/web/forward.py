@@ -107,39 +107,11 @@ class Forwarder:
         target: URL,
         headers: Any,
     ) -> web.StreamResponse:
-        if not route.websockets:
-            return json_response({"error": "WebSockets are not enabled for this app"}, 403)
-        sent_origin = request.headers.get("Origin")
-        # Cross-site WebSocket hijacking: a browser (cookie) upgrade must come from the app's own
-        # origin; bearer clients may omit Origin but not send a foreign one.
-        if (sent_origin is not None and sent_origin.lower() != origin) or (
-            sent_origin is None and caller.session is not None
-        ):
-            self._audit.record(
-                "http", decision="deny", reason="websocket origin not allowed", app=route.name,
-                principal=caller.identity.principal, status=403,
-            )  # fmt: skip
-            return json_response({"error": "origin not allowed"}, 403)
-        protocols = [
-            p.strip()
-            for v in request.headers.getall("Sec-WebSocket-Protocol", [])
-            for p in v.split(",")
-            if p.strip()
-        ]
-        for name in list(headers.keys()):
-            if name.lower().startswith("sec-websocket-"):
-                headers.popall(name, None)
-        ws_target = target.with_scheme("wss" if target.scheme == "https" else "ws")
+        refused = self._refuse_upgrade(request, route, origin, caller)
+        if refused is not None:
+            return refused
         try:
-            upstream = await self._session().ws_connect(
-                ws_target,
-                headers=headers,
-                protocols=protocols,
-                autoping=True,
-                max_msg_size=WS_MAX_MESSAGE,
-                compress=0,
-                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5),
-            )
+            upstream = await self._connect_upstream(request, target, headers)
         except (TimeoutError, aiohttp.ClientError, OSError):
             return web.Response(status=502, text="Bad gateway: the application refused\n")
         server = web.WebSocketResponse(
@@ -171,3 +143,47 @@ class Forwarder:
         await upstream.close()
         await server.close(code=code, message=b"access revoked" if revoked else b"")
         return server
+
+    def _refuse_upgrade(
+        self, request: web.Request, route: RouteConfig, origin: str, caller: Caller
+    ) -> web.Response | None:
+        """403 when the app takes no WebSockets, or for a cross-site upgrade (WebSocket
+        hijacking): a browser (cookie) upgrade must come from the app's own origin; bearer
+        clients may omit Origin but not send a foreign one."""
+        if not route.websockets:
+            return json_response({"error": "WebSockets are not enabled for this app"}, 403)
+        sent_origin = request.headers.get("Origin")
+        if (sent_origin is not None and sent_origin.lower() != origin) or (
+            sent_origin is None and caller.session is not None
+        ):
+            self._audit.record(
+                "http", decision="deny", reason="websocket origin not allowed", app=route.name,
+                principal=caller.identity.principal, status=403,
+            )  # fmt: skip
+            return json_response({"error": "origin not allowed"}, 403)
+        return None
+
+    async def _connect_upstream(
+        self, request: web.Request, target: URL, headers: Any
+    ) -> aiohttp.ClientWebSocketResponse:
+        """The app's WebSocket, with the client's subprotocols and our headers (the client's
+        own ``Sec-WebSocket-*`` handshake headers are the client library's to make)."""
+        protocols = [
+            p.strip()
+            for v in request.headers.getall("Sec-WebSocket-Protocol", [])
+            for p in v.split(",")
+            if p.strip()
+        ]
+        for name in list(headers.keys()):
+            if name.lower().startswith("sec-websocket-"):
+                headers.popall(name, None)
+        ws_target = target.with_scheme("wss" if target.scheme == "https" else "ws")
+        return await self._session().ws_connect(
+            ws_target,
+            headers=headers,
+            protocols=protocols,
+            autoping=True,
+            max_msg_size=WS_MAX_MESSAGE,
+            compress=0,
+            timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5),
+        )
