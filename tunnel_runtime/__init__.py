@@ -1,1 +1,3 @@
-"""TODO"""
+"""The process runtime shared by the client and the server (neither imports the other): the
+event loop (uvloop when installed) and glibc malloc tuning (``loop``), and bridging two aiohttp
+WebSockets (``wsbridge``)."""
