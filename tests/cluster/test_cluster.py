@@ -29,9 +29,10 @@ from tunnel_protocol import IAP_SUBPROTOCOL
 from ..faults import FaultProxy, Link
 from ..helpers import UNIT, TcpTarget, deterministic_chunks, relay_config_data
 from ..oidc_fixture import TestIssuer
+from ..ports import free_port
 from ..processes import Process, started
 from ..rawclient import RawTunnelClient
-from ..redis_fixture import RedisServer, free_port
+from ..redis_fixture import RedisServer
 from ..reliability.common import (
     MiB,
     client_options,
@@ -316,8 +317,9 @@ async def test_revoke_on_one_node_closes_a_tunnel_on_another_within_1s(
     assert max(latencies) < 1.0
     wanted = {f"user:revoked{i}@example.com" for i in range(5)}
     await eventually(
-        lambda: {r["subject"] for r in tunnel_lines(cluster.nodes[2], "revocation_received")}
-        >= wanted
+        lambda: (
+            {r["subject"] for r in tunnel_lines(cluster.nodes[2], "revocation_received")} >= wanted
+        )
     )
 
 
