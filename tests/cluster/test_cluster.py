@@ -29,9 +29,10 @@ from tunnel_protocol import IAP_SUBPROTOCOL
 from ..faults import FaultProxy, Link
 from ..helpers import UNIT, TcpTarget, deterministic_chunks, relay_config_data
 from ..oidc_fixture import TestIssuer
+from ..ports import free_port
 from ..processes import Process, started
 from ..rawclient import RawTunnelClient
-from ..redis_fixture import RedisServer, free_port
+from ..redis_fixture import RedisServer
 from ..reliability.common import (
     MiB,
     client_options,

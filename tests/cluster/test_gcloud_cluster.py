@@ -22,7 +22,8 @@ from ..e2e.gcloud import STEP_TIMEOUT, GatedSource, Progress, gcloud_tunnel, pay
 from ..faults import FaultProxy
 from ..helpers import capture_audit, relay_config_data
 from ..oidc_fixture import TestIssuer
-from ..redis_fixture import RedisServer, free_port
+from ..ports import free_port
+from ..redis_fixture import RedisServer
 
 pytestmark = [
     pytest.mark.e2e,

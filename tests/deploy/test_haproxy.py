@@ -10,7 +10,6 @@ import csv
 import io
 import re
 import shutil
-import socket
 import ssl
 import subprocess
 import urllib.request
@@ -24,6 +23,7 @@ from tunnel_server.app import RunningServer
 
 from ..helpers import relay_config_data, start_relay
 from ..oidc_fixture import TestIssuer
+from ..ports import free_port
 from .files import HAPROXY_CFG, haproxy_seconds, haproxy_sections, haproxy_servers
 
 HAPROXY = shutil.which("haproxy") or (
@@ -86,12 +86,6 @@ def test_tunnels_are_long_lived_and_checked_on_readyz() -> None:
 
 
 # ---- e2e: the real config in front of real relays -----------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def render(relay_ports: dict[str, int], front: int, stats: int) -> str:
@@ -191,8 +185,8 @@ def cert_der(data: dict[str, object]) -> bytes:
 @pytest.mark.e2e
 @needs_haproxy
 async def test_haproxy_in_front_of_relays(issuer: TestIssuer, tmp_path: Path) -> None:
-    front, stats = _free_port(), _free_port()
-    dead = _free_port()  # relay-3: a node that is down (nothing listens)
+    front, stats = free_port(), free_port()
+    dead = free_port()  # relay-3: a node that is down (nothing listens)
     async with AsyncExitStack() as stack:
         relays: dict[str, RunningServer] = {}
         certs: dict[bytes, str] = {}

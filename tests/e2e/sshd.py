@@ -9,13 +9,13 @@ import contextlib
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..helpers import UNIT
+from ..ports import free_port
 
 SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin", "/sbin"])
 SSHD = shutil.which("sshd", path=SBIN_PATH)
@@ -54,12 +54,6 @@ def keygen(path: Path, comment: str) -> Path:
     )
     path.chmod(0o600)
     return path
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _ensure_privsep_dir() -> None:
@@ -255,7 +249,7 @@ async def running_sshd(directory: Path) -> AsyncIterator[Sshd]:
     files = await asyncio.to_thread(_prepare, directory)
     failures: list[str] = []
     for _ in range(START_ATTEMPTS):
-        port = _free_port()
+        port = free_port()
         process, config = await _start(files, port)
         try:
             async with asyncio.timeout(200 * UNIT):

@@ -4,7 +4,6 @@ credentials; refresh with rotation, revocation, key rotation."""
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,6 +27,7 @@ from ..idp import (
     missing_tools,
     pkce_pair,
 )
+from ..ports import free_port
 
 pytestmark = [
     pytest.mark.e2e,
@@ -48,12 +48,6 @@ async def verifier(idp: DevIdp) -> AsyncIterator[OidcVerifier]:
     checker = OidcVerifier(idp.issuer, [AUDIENCE])
     yield checker
     await checker.aclose()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def test_discovery(idp: DevIdp) -> None:
