@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -76,9 +77,31 @@ def _status_message(status: int) -> str:
     return f"Error while connecting [Handshake status {status}]"
 
 
+# A refusal's reason as the relay words it for native clients: "<category>; ref=<reference>".
+_REFUSAL = re.compile(r"^(?P<category>[a-z-]+); ref=(?P<ref>[A-Za-z0-9]{8,16})$")
+_CATEGORIES = {
+    "not authorized": "not authorized",
+    "policy": "not allowed by policy",
+    "access-level": "an access level the policy requires is not met",
+    "unknown-target": "unknown target",
+    "port": "this port is not allowed for this target",
+    "revoked": "access revoked",
+    "expired": "credential expired",
+}
+
+
 def close_message(code: int, reason: str = "") -> str:
-    text = reason or describe(code)
-    return f"Error while connecting [{code}: '{text}']."
+    """gcloud's line (``Error while connecting [4033: 'not authorized'].``), then for a typed
+    refusal what kind it is and the reference an admin can look up."""
+    match = _REFUSAL.match(reason)
+    if match is None:
+        return f"Error while connecting [{code}: '{reason or describe(code)}']."
+    category = _CATEGORIES.get(match["category"], match["category"])
+    return (
+        f"Error while connecting [{code}: '{describe(code)}'].\n"
+        f"Refused: {category} (reference {match['ref']}; an admin can run "
+        f"`tunnel-server policy explain --reference {match['ref']}`)."
+    )
 
 
 class TunnelSession:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import importlib
 import logging
 import socket
 import ssl
 import time
 import warnings
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ from .relay.admission import Admission
 from .relay.cluster import Cluster, ClusterLink
 from .relay.connection import connection_class
 from .relay.continuous import Reauthorizer
+from .relay.denials import Denials
 from .relay.events import RelayEvents
 from .relay.handshake import Handshake
 from .relay.limits import TunnelCaps
@@ -191,6 +193,7 @@ def build_relay(
         destinations=DestinationPolicy(),
         audit=audit,
         events=events,
+        denials=Denials(settings.denial_detail, settings.denial_detail_unknown_target),
     )
     reauthorizer = Reauthorizer(
         registry=registry,
@@ -258,7 +261,8 @@ async def running(config: ServerConfig, *, node: str | None = None) -> AsyncIter
     ssl_context = server_context(config.tls) if config.tls is not None else None
     try:
         async with contextlib.AsyncExitStack() as stack:
-            server = await stack.enter_async_context(_serve_relay(config, relay, ssl_context))
+            with _listening("listen", config.listen):
+                server = await stack.enter_async_context(_serve_relay(config, relay, ssl_context))
             # The relay never tunnels to its own listeners (SSRF), whatever the policy says.
             for sock in server.sockets:
                 relay.destinations.add_own_endpoint(*sock.getsockname()[:2])
@@ -290,6 +294,23 @@ async def running(config: ServerConfig, *, node: str | None = None) -> AsyncIter
         await verifier.aclose()
 
 
+@contextlib.contextmanager
+def _listening(key: str, listen: ListenConfig) -> Iterator[None]:
+    """A listener that cannot bind (port in use, a privileged port, an address not on this
+    host) is the operator's to fix: one line naming the config key, not a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            reason = "the port is already in use"
+        elif exc.errno == errno.EACCES:
+            reason = "permission denied (ports below 1024 need privileges)"
+        raise ConfigError(
+            f"{key}: cannot listen on {listen.host}:{listen.port}: {reason}"
+        ) from None
+
+
 async def _serve_http(
     stack: contextlib.AsyncExitStack,
     config: ServerConfig,
@@ -311,10 +332,11 @@ async def _serve_http(
     )
     running.http = proxy
     policies.subscribe(lambda _policy: proxy.redecide_all())
-    http_ssl = server_context(http.tls) if http.tls else None
-    running.http_port = await stack.enter_async_context(
-        http_serving(proxy, http.listen.host, http.listen.port, ssl_context=http_ssl)
-    )
+    http_ssl = server_context(http.tls, "http.tls") if http.tls else None
+    with _listening("http.listen", http.listen):
+        running.http_port = await stack.enter_async_context(
+            http_serving(proxy, http.listen.host, http.listen.port, ssl_context=http_ssl)
+        )
     relay.destinations.add_own_endpoint(http.listen.host, running.http_port)
 
 
@@ -325,9 +347,10 @@ async def _serve_metrics(
     metrics = Metrics(relay, state_available=lambda: relay.state.available)
     relay.audit.observers.append(metrics.observe_audit)
     relay.events.subscribe(metrics)
-    running.metrics_port = await stack.enter_async_context(
-        metrics_serving(metrics, listen.host, listen.port)
-    )
+    with _listening("metrics.listen", listen):
+        running.metrics_port = await stack.enter_async_context(
+            metrics_serving(metrics, listen.host, listen.port)
+        )
     relay.destinations.add_own_endpoint(listen.host, running.metrics_port)
 
 
@@ -346,9 +369,10 @@ async def _serve_admin(
         on_revoke_user=running.http.revoke_user if running.http else None,
         publish=relay.state.revoke,
     )
-    running.admin_port = await stack.enter_async_context(
-        admin_serving(app, listen.host, listen.port)
-    )
+    with _listening("admin.listen", listen):
+        running.admin_port = await stack.enter_async_context(
+            admin_serving(app, listen.host, listen.port)
+        )
     relay.destinations.add_own_endpoint(listen.host, running.admin_port)
 
 

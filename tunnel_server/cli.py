@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import aiohttp
 import click
@@ -21,6 +21,7 @@ from .access.policy import TUNNEL_USER, AccessRequest, explain
 from .app import build_link, build_policy
 from .config import ConfigError, ServerConfig, load_config
 from .ops.logs import setup_logging
+from .ops.tls import check_tls
 from .serve import serve_forever
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -32,40 +33,73 @@ def main() -> None:
     """Identity-aware tunnel relay."""
 
 
+def _config_argument(func: F) -> F:
+    """The config file, as ``FILE`` or ``--config FILE`` (the same for every command)."""
+    func = click.option(
+        "--config",
+        "config_option",
+        type=click.Path(path_type=Path),
+        help="YAML configuration file (or give it as the argument).",
+    )(func)
+    return click.argument(
+        "config_argument", required=False, type=click.Path(path_type=Path), metavar="[FILE]"
+    )(func)
+
+
+def _config_path(argument: Path | None, option: Path | None) -> Path:
+    path = argument if option is None else option
+    if path is None or (argument is not None and option is not None):
+        raise click.UsageError("give the configuration file once, as FILE or --config FILE")
+    return path
+
+
+def _fail(exc: ConfigError) -> NoReturn:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(2)
+
+
 @main.command()
-@click.option(
-    "--config",
-    "config_path",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="YAML configuration file.",
-)
-def serve(config_path: Path) -> None:
-    """Serve the relay until SIGINT/SIGTERM."""
+@_config_argument
+def serve(config_argument: Path | None, config_option: Path | None) -> None:
+    """Serve the relay until SIGINT/SIGTERM (SIGTERM drains first; SIGHUP reloads the policy).
+
+    \b
+    Example:
+      tunnel-server serve --config /etc/tunnel/relay.yaml
+    """
+    config_path = _config_path(config_argument, config_option)
     try:
         config = load_config(config_path)
     except ConfigError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        _fail(exc)
     setup_logging(config.log_format)
     try:
         run(serve_forever(config, config_path))
-    except ConfigError as exc:  # found while starting (a secret or CA file the config names)
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+    except ConfigError as exc:  # found while starting: a file the config names, a busy port
+        _fail(exc)
 
 
 @main.command("check-config")
-@click.argument("config_path", type=click.Path(path_type=Path))
-def check_config(config_path: Path) -> None:
-    """Validate a configuration file and the policy file it names (exit 0 valid, 2 invalid)."""
+@_config_argument
+def check_config(config_argument: Path | None, config_option: Path | None) -> None:
+    """Validate a configuration file as serve loads it: the file, the policy file it names, the
+    TLS certificates and keys, the cluster secret and CA (exit 0 valid, 2 invalid).
+
+    \b
+    Example:
+      tunnel-server check-config /etc/tunnel/relay.yaml
+    """
+    config_path = _config_path(config_argument, config_option)
     try:
         config = load_config(config_path)
         build_policy(config)
         build_link(config)  # the cluster secret and CA files are readable and valid
+        if config.tls is not None:
+            check_tls(config.tls, "tls")
+        if config.http is not None and config.http.tls is not None:
+            check_tls(config.http.tls, "http.tls")
     except ConfigError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        _fail(exc)
     click.echo(f"{config_path}: ok", err=True)
 
 
@@ -156,32 +190,77 @@ def policy() -> None:
 
 
 @policy.command("explain")
-@click.option("--config", "config_path", required=True, type=click.Path(path_type=Path))
-@click.option("--member", "members", multiple=True, required=True,
-              help="user:EMAIL, group:NAME, ... (repeat: one per member).")  # fmt: skip
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    help="The relay's configuration (for a request described by the options below).",
+)
+@click.option(
+    "--member",
+    "members",
+    multiple=True,
+    help="user:EMAIL, group:NAME, ... (repeat: one per member).",
+)
 @click.option("--instance", help="project/zone/name, or a name unique in the inventory.")
 @click.option("--group", "dest_group", help="Destination group project/region/network/name.")
 @click.option("--host", help="Destination host (with --group).")
-@click.option("--port", type=click.IntRange(1, 65535), required=True)
+@click.option("--port", type=click.IntRange(1, 65535))
 @click.option("--source-ip", help="Caller's address, for IP access levels and conditions.")
-@click.option("--device-cert", type=click.Path(path_type=Path, exists=True),
-              help="The caller's device certificate (PEM), for device conditions.")  # fmt: skip
+@click.option(
+    "--device-cert",
+    type=click.Path(path_type=Path, exists=True),
+    help="The caller's device certificate (PEM), for device conditions.",
+)
 @click.option("--time", "at", help="ISO 8601 time to decide at (default: now).")
+@click.option(
+    "--reference",
+    help="Explain the refusal a user was given this reference for "
+    "(asks the relay's admin listener: --admin-url, --token-file).",
+)
+@click.option(
+    "--admin-url",
+    envvar="TUNNEL_ADMIN_URL",
+    default="http://127.0.0.1:8444",
+    show_default=True,
+    help="The relay's admin listener (with --reference).",
+)
+@click.option(
+    "--token-file",
+    type=click.Path(path_type=Path, exists=True),
+    help="File holding an admin's bearer token (with --reference).",
+)
 @click.option("--json", "as_json", is_flag=True)
 def policy_explain(
-    config_path: Path,
+    config_path: Path | None,
     members: tuple[str, ...],
     instance: str | None,
     dest_group: str | None,
     host: str | None,
-    port: int,
+    port: int | None,
     source_ip: str | None,
     device_cert: Path | None,
     at: str | None,
+    reference: str | None,
+    admin_url: str,
+    token_file: Path | None,
     as_json: bool,
 ) -> None:
     """Print the decision, the binding or level that decided it, and why every other
-    candidate did not apply (the troubleshooter)."""
+    candidate did not apply (the troubleshooter). Either describe a request (--config,
+    --member, --port and a target) or give the --reference a refused user was shown.
+
+    \b
+    Examples:
+      tunnel-server policy explain --config relay.yaml --member user:bob@example.com \\
+          --instance db-1 --port 5432
+      tunnel-server policy explain --reference 7f3a0c9e1b2d --token-file admin.token
+    """
+    if reference is not None:
+        _explain_reference(reference, admin_url, token_file, as_json)
+        return
+    if config_path is None or not members or port is None:
+        raise click.UsageError("give --reference, or --config, --member and --port with a target")
     try:
         config = load_config(config_path)
         policy_ = build_policy(config)
@@ -205,6 +284,24 @@ def policy_explain(
     else:
         click.echo("\n".join(result.lines()))
     sys.exit(0 if result.decision.allowed else 1)
+
+
+def _explain_reference(
+    reference: str, admin_url: str, token_file: Path | None, as_json: bool
+) -> None:
+    if token_file is None:
+        raise click.UsageError("--reference asks the relay: give --token-file (an admin's token)")
+    data = _admin_call(admin_url, token_file, "GET", f"/admin/explain?reference={reference}")
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        click.echo(
+            f"refusal {data.get('reference')}: {data.get('category')} ({data.get('reason')})"
+        )
+        lines = data.get("lines")
+        if isinstance(lines, list):
+            click.echo("\n".join(str(line) for line in lines))
+    sys.exit(1)
 
 
 def _explain_resource(config: ServerConfig, instance: str | None, group: str | None) -> str:

@@ -69,11 +69,14 @@ BINDING = "{members: [group:ops], role: tunnelUser, resources: {instances: ['*']
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("bindngs: []", "policy.yaml: bindngs: Extra inputs are not permitted"),
-        (f"bindings: [{BINDING}, rolle: x}}]", "policy.yaml: bindings[0].rolle: Extra inputs"),
+        ("bindngs: []", "policy.yaml: bindngs: unknown key; did you mean 'bindings'?"),
+        (
+            f"bindings: [{BINDING}, rolle: x}}]",
+            "policy.yaml: bindings[0].rolle: unknown key; did you mean 'role'?",
+        ),
         (
             "bindings: [{members: [group:ops], resources: {instances: ['*']}}]",
-            "policy.yaml: bindings[0].role: Field required",
+            "policy.yaml: bindings[0].role: is required",
         ),
         (
             "bindings: [{members: [group:ops], role: owner, resources: {instances: ['*']}}]",

@@ -183,7 +183,10 @@ def test_durations_in_close_reasons() -> None:
         ({"drain_grace": "inf"}, "tunnel.drain_grace: Input should be a finite number"),
         ({"max_tunnels": 0}, "tunnel.max_tunnels: Input should be greater than or equal to 1"),
         ({"max_tunnels_per_principal": 1.5}, "tunnel.max_tunnels_per_principal: Input should"),
-        ({"limit_warnings": 5}, "tunnel.limit_warnings: Extra inputs are not permitted"),
+        (
+            {"limit_warnings": 5},
+            "tunnel.limit_warnings: unknown key; did you mean 'limit_warning'?",
+        ),
     ],
 )
 def test_limit_settings_are_validated(tunnel: dict[str, Any], message: str) -> None:

@@ -315,16 +315,25 @@ async def test_not_authorized_is_4033_and_target_untouched(
     assert audit[-1]["principal"] == "user:mallory@example.com"
 
 
+@pytest.mark.parametrize("detail", ["minimal", "reason"])
 async def test_unknown_instance_is_4047(
-    issuer: TestIssuer, echo: TcpTarget, tmp_path: Path
+    issuer: TestIssuer, echo: TcpTarget, tmp_path: Path, detail: str
 ) -> None:
-    data = relay_config_data(issuer, tmp_path)
+    """IAP's 4047 for gcloud; native clients learn the target is unknown only when the operator
+    lets them (by default they hear "not authorized", which names no target)."""
+    data = relay_config_data(issuer, tmp_path, tunnel={"denial_detail_unknown_target": detail})
     data["access"][0]["instances"] = ["*"]
+    native = 4047 if detail == "reason" else 4033
     async with start_relay(data) as relay:
+        audit = capture_audit(relay)
         query = f"/v4/connect?project=p&zone=z&instance=nope&interface=nic0&port={echo.port}"
-        assert await _close_code(relay, tmp_path, issuer.mint(), query) == 4047
+        assert await _close_code(relay, tmp_path, issuer.mint(), query) == native
+        assert await _close_code(relay, tmp_path, issuer.mint(), query, IAP_SUBPROTOCOL) == 4047
         query = f"/v4/connect?project=p&zone=z&instance=vm1&interface=nic7&port={echo.port}"
-        assert await _close_code(relay, tmp_path, issuer.mint(), query) == 4047
+        assert await _close_code(relay, tmp_path, issuer.mint(), query) == native
+    denials = [r for r in audit if r["event"] == "decision"]
+    assert {r["category"] for r in denials} == {"unknown-target"}
+    assert len({r["reference"] for r in denials}) == 3
 
 
 async def test_unreachable_backend_is_4003(

@@ -6,11 +6,11 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from ..schema import ConfigError, format_location, read_yaml
+from ..schema import ConfigError, read_yaml, validation_errors
 from .models import ServerConfig
 
 # Values that may come from the environment instead of the file (secrets from a Kubernetes
@@ -55,32 +55,41 @@ def parse_config(
     try:
         config = ServerConfig.model_validate(data)
     except ValidationError as exc:
-        lines = [f"{source}: {format_location(err['loc'])}: {err['msg']}" for err in exc.errors()]
-        raise ConfigError("\n".join(lines)) from None
-    if config.policy_file is not None and base_dir is not None:
-        config = config.model_copy(update={"policy_file": base_dir / config.policy_file})
-    if config.tls is not None and base_dir is not None:
-        tls = config.tls.model_copy(
-            update={
-                "cert_file": base_dir / config.tls.cert_file,
-                "key_file": base_dir / config.tls.key_file,
-                "device_ca": base_dir / config.tls.device_ca if config.tls.device_ca else None,
-            }
-        )
-        config = config.model_copy(update={"tls": tls})
-    if config.cluster is not None and base_dir is not None:
-        cluster = config.cluster.model_copy(
-            update={
-                "secret_file": base_dir / config.cluster.secret_file
-                if config.cluster.secret_file
-                else None,
-                "ca_file": base_dir / config.cluster.ca_file if config.cluster.ca_file else None,
-            }
-        )
-        config = config.model_copy(update={"cluster": cluster})
+        shorthand = "oidc" in data
+
+        def as_written(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
+            # ``oidc: {...}`` is shorthand for ``issuers: [{...}]``: name the key the user wrote.
+            if shorthand and loc[:2] == ("issuers", 0):
+                return ("oidc", *loc[2:])
+            return loc
+
+        raise ConfigError(validation_errors(exc, source, ServerConfig, as_written)) from None
+    if base_dir is not None:
+        config = _rebased(config, base_dir)
     return config
 
 
 def load_config(path: Path) -> ServerConfig:
     """Read and validate a YAML file; relative paths are relative to the file."""
     return parse_config(read_yaml(path), source=str(path), base_dir=path.parent)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _rebased(model: M, base_dir: Path) -> M:
+    """Every relative path anywhere in the config (TLS files of every listener, the policy
+    file, the cluster's secret and CA) taken relative to the config file's directory, not to
+    wherever the relay was started from."""
+    update: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, Path) and not value.is_absolute():
+            update[name] = base_dir / value
+        elif isinstance(value, BaseModel):
+            rebased = _rebased(value, base_dir)
+            if rebased is not value:
+                update[name] = rebased
+        elif isinstance(value, list) and any(isinstance(v, BaseModel) for v in value):
+            update[name] = [_rebased(v, base_dir) if isinstance(v, BaseModel) else v for v in value]
+    return model.model_copy(update=update) if update else model

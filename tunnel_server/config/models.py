@@ -71,6 +71,12 @@ class TunnelSettings(StrictModel):
     max_tunnels: int = Field(default=10000, ge=1)
     # Seconds open tunnels keep running after SIGTERM before they are closed with 4100.
     drain_grace: float = Field(default=30.0, ge=0, allow_inf_nan=False)
+    # What a refused native client is told besides a reference: "reason" (the kind of refusal:
+    # policy, access-level, port) or "minimal" (only "not authorized"). An unknown target is
+    # told apart only with denial_detail_unknown_target: reason, since that names which targets
+    # exist. The IAP subprotocol always keeps IAP's codes and texts.
+    denial_detail: Literal["minimal", "reason"] = "reason"
+    denial_detail_unknown_target: Literal["minimal", "reason"] = "minimal"
 
 
 class AdminConfig(StrictModel):

@@ -12,8 +12,10 @@ from typing import Any
 from aiohttp import web
 
 from ..access.identity import Authenticator, AuthError, Identity, IssuerUnavailable, bearer_token
+from ..access.policy import explain
 from ..access.revocations import Revocations
 from ..relay import Relay
+from ..relay.denials import KEEP
 from ..state import Revocation
 from .listeners import serve_app
 
@@ -69,6 +71,7 @@ class AdminApi:
         app = web.Application(middlewares=[self.authenticate], client_max_size=64 * 1024)
         app.router.add_get("/admin/sessions", self.list_sessions)
         app.router.add_post("/admin/revoke", self.revoke)
+        app.router.add_get("/admin/explain", self.explain_refusal)
         return app
 
     @web.middleware
@@ -97,6 +100,31 @@ class AdminApi:
 
     async def list_sessions(self, request: web.Request) -> web.Response:
         return _json({"sessions": session_view(self.relay)})
+
+    async def explain_refusal(self, request: web.Request) -> web.Response:
+        """Why a refusal happened, by the reference its caller was given: the policy in force
+        now, explained at the moment of the refusal."""
+        reference = request.query.get("reference", "")
+        denial = self.relay.denial(reference)
+        if denial is None:
+            return _json(
+                {
+                    "error": f"no refusal {reference!r} on this node (the last {KEEP} are kept; "
+                    "older ones are in the audit log)"
+                },
+                404,
+            )
+        body: dict[str, Any] = {
+            "reference": denial.reference,
+            "category": denial.category,
+            "reason": denial.reason,
+            "time": denial.at,
+        }
+        if denial.request is not None:
+            result = explain(denial.request, self.relay.policy, denial.at)
+            body["explanation"] = result.as_dict()
+            body["lines"] = result.lines()
+        return _json(body, dumps=lambda data: json.dumps(data, default=str))
 
     async def revoke(self, request: web.Request) -> web.Response:
         try:
@@ -140,9 +168,15 @@ def admin_app(
     return api.app()
 
 
-def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+def _json(
+    data: Any,
+    status: int = 200,
+    headers: dict[str, str] | None = None,
+    *,
+    dumps: Callable[[Any], str] = json.dumps,
+) -> web.Response:
     return web.Response(
-        text=json.dumps(data),
+        text=dumps(data),
         status=status,
         content_type="application/json",
         headers={"Cache-Control": "no-store", **(headers or {})},

@@ -29,6 +29,7 @@ from .admission import Admission
 from .cluster import Cluster
 from .connection import RelayConnection
 from .continuous import Reauthorizer
+from .denials import Denial
 from .events import RelayEvents
 from .handshake import Handshake
 from .limits import TunnelCaps
@@ -104,6 +105,10 @@ class Relay:
 
     def apply_revocation(self, revocation: Revocation) -> int:
         return self.reauthorizer.apply_revocation(revocation)
+
+    def denial(self, reference: str) -> Denial | None:
+        """A recent refusal of a tunnel on this node, by the reference its caller was given."""
+        return self.admission.denials.get(reference)
 
     def require_reauth(self, sid: str) -> bool:
         return self.reauthorizer.require_reauth(sid)

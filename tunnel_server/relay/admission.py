@@ -28,6 +28,7 @@ from ..access.identity import Authenticator, AuthError, Identity, bearer_token
 from ..access.inventory import Destination, Inventory, LookupFailed
 from ..access.policy import TUNNEL_USER, AccessRequest, Decision, evaluate
 from ..audit import AuditLog
+from .denials import Denials
 from .events import RelayEvents
 from .refused import Refused
 from .session import Session
@@ -76,6 +77,7 @@ class Admission:
         destinations: DestinationPolicy,
         audit: AuditLog,
         events: RelayEvents,
+        denials: Denials | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.authenticator = authenticator
@@ -85,6 +87,7 @@ class Admission:
         self.destinations = destinations
         self.audit = audit
         self.events = events
+        self.denials = denials or Denials()
         self.clock = clock
 
     async def authenticate(self, authorization: Sequence[str]) -> Identity:
@@ -128,16 +131,48 @@ class Admission:
             "binding": decision.binding,
         }
         if not decision.allowed:
-            self.audit.record("decision", decision="deny", reason=decision.reason, **fields)
-            raise Refused(CloseCode.NOT_AUTHORIZED, "not authorized", decision.reason)
+            raise self._refuse(decision.category, decision.reason, access, fields, dialect)
         try:
             destination = self.inventory.resolve(target)
         except LookupFailed as exc:
-            self.audit.record(
-                "decision", decision="deny", reason=str(exc), rule=decision.rule, **fields
-            )
-            raise Refused(exc.code, "lookup failed", str(exc)) from None
+            fields["rule"] = decision.rule
+            raise self._refuse(
+                "unknown-target", str(exc), access, fields, dialect,
+                iap=(exc.code, "lookup failed"),
+            ) from None  # fmt: skip
         return Grant(access, decision, destination, fields)
+
+    def _refuse(
+        self,
+        category: str,
+        reason: str,
+        access: AccessRequest | None,
+        fields: dict[str, Any],
+        dialect: str,
+        *,
+        iap: tuple[int, str] = (CloseCode.NOT_AUTHORIZED, "not authorized"),
+        event: str = "decision",
+    ) -> Refused:
+        """Audit a refusal with its reference; the close to send."""
+        denial = self.denials.record(category, reason, access, self.clock())
+        self.audit.record(
+            event, decision="deny", reason=reason, category=category,
+            reference=denial.reference, **fields,
+        )  # fmt: skip
+        close = self.denials.close(denial, native=dialect == "native", iap_code=iap[0],
+                                   iap_message=iap[1])  # fmt: skip
+        return Refused(close.code, close.message, reason)
+
+    def refuse_resume(
+        self, session: Session, decision: Decision, fields: dict[str, Any]
+    ) -> Refused:
+        """A resume the fresh token (or the policy) no longer grants: audited, and the close."""
+        fields = {**fields, "tunnel_id": session.sid}
+        access = self.request_for(session.identity, session)
+        return self._refuse(
+            decision.category, decision.reason, access, fields,
+            session.tunnel.dialect.name, event="resume",
+        )  # fmt: skip
 
     def dial_filter(self, grant: Grant) -> Callable[[IPAddress], bool]:
         """Which resolved addresses the tunnel may dial: inside what the operator named for
@@ -151,21 +186,20 @@ class Admission:
 
         return allowed
 
-    def dial_refused(self, grant: Grant, exc: DestinationError) -> Refused:
+    def dial_refused(self, grant: Grant, exc: DestinationError, dialect: str) -> Refused:
         """Audit a dial that did not happen (denied address) or failed; the close to send."""
-        denied = isinstance(exc, DestinationDenied)
-        self.audit.record(
-            "decision",
-            decision="deny" if denied else "allow",
-            reason=exc.reason,
-            rule=grant.decision.rule,
-            host=grant.destination.host,
-            address=str(exc.address) if exc.address else None,
-            **({} if denied else {"result": "backend_unreachable"}),
+        fields = {
+            "rule": grant.decision.rule,
+            "host": grant.destination.host,
+            "address": str(exc.address) if exc.address else None,
             **grant.fields,
-        )
-        if denied:
-            return Refused(exc.code, "not authorized", exc.reason)
+        }
+        if isinstance(exc, DestinationDenied):
+            return self._refuse("policy", exc.reason, grant.access, fields, dialect)
+        self.audit.record(
+            "decision", decision="allow", reason=exc.reason, result="backend_unreachable",
+            **fields,
+        )  # fmt: skip
         return Refused(exc.code, "failed to connect to backend", exc.reason)
 
     def opened(self, grant: Grant, sid: str, dialed: IPAddress) -> None:

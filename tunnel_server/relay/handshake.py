@@ -27,7 +27,13 @@ from tunnel_protocol.urls import (
 
 from ..access.addresses import IPNetwork
 from ..access.device import peer_device
-from ..access.identity import Authenticator, AuthError, Identity, IssuerUnavailable
+from ..access.identity import (
+    Authenticator,
+    AuthError,
+    Identity,
+    IssuerUnavailable,
+    describe_refusal,
+)
 from ..access.source import client_address
 from ..audit import AuditLog
 from ..config import LoginConfig
@@ -178,7 +184,8 @@ class Handshake:
             # RFC 6750 3.1: no error attribute when the request carried no credentials.
             challenge = 'Bearer realm="tunnel"'
             if exc.reason != "missing credentials":
-                challenge += ', error="invalid_token"'
+                description = describe_refusal(exc.reason)
+                challenge += f', error="invalid_token", error_description="{description}"'
             self._deny(
                 connection, 401, "authentication required: log in again\n", exc.reason,
                 source_ip, {"WWW-Authenticate": challenge},

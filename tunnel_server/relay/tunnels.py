@@ -114,7 +114,7 @@ class Tunnels:
                 timeout=self.settings.dial_timeout,
             )
         except DestinationError as exc:
-            raise self.admission.dial_refused(grant, exc) from None
+            raise self.admission.dial_refused(grant, exc, dialect) from None
         tunnel = Tunnel(
             Side.SERVER, DIALECTS[subprotocol], buffer_limit=self.settings.resume_buffer
         )
@@ -158,14 +158,11 @@ class Tunnels:
         decision = self.admission.decide(identity, session)
         if not decision.allowed:
             # The fresh token's groups (or the policy) no longer grant this tunnel: end it.
-            self.audit.record(
-                "resume", decision="deny", reason=decision.reason, tunnel_id=session.sid,
-                **fields,
-            )  # fmt: skip
+            refused = self.admission.refuse_resume(session, decision, fields)
             # An attachment still running hears "not authorized"; the record keeps the reason.
             reason = "not authorized" if session.pump is not None else decision.reason
             self.registry.close(session, CloseCode.NOT_AUTHORIZED, reason)
-            raise Refused(CloseCode.NOT_AUTHORIZED, "not authorized")
+            raise refused
         if not await self.registry.take_over(session):
             raise Refused(CloseCode.SID_UNKNOWN, "sid unknown")
         try:

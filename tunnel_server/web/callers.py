@@ -13,7 +13,14 @@ from typing import NoReturn
 
 from aiohttp import web
 
-from ..access.identity import AuthError, Identity, IssuerUnavailable, TokenVerifier, bearer_token
+from ..access.identity import (
+    AuthError,
+    Identity,
+    IssuerUnavailable,
+    TokenVerifier,
+    bearer_token,
+    describe_refusal,
+)
 from ..audit import AuditLog
 from ..config import RouteConfig
 from .login import MAX_ID, SESSION_COOKIE
@@ -106,10 +113,14 @@ class Callers:
 
     def refuse(self, route: RouteConfig, reason: str) -> NoReturn:
         self._audit.record("http", decision="deny", reason=reason, app=route.name, status=401)
+        description = describe_refusal(reason)
+        challenge = (
+            f'Bearer realm="tunnel", error="invalid_token", error_description="{description}"'
+        )
         raise Reply(
             json_response(
-                {"error": "authentication required"},
+                {"error": "authentication required", "error_description": description},
                 401,
-                {"WWW-Authenticate": 'Bearer realm="tunnel", error="invalid_token"'},
+                {"WWW-Authenticate": challenge},
             )
         )

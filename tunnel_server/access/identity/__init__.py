@@ -22,6 +22,7 @@ from .jwt_verifier import (
     Segments,
     parse_jws,
 )
+from .types import describe_refusal
 
 __all__ = [
     "DEFAULT_ALGORITHMS",
@@ -36,6 +37,7 @@ __all__ = [
     "OidcVerifier",
     "TokenVerifier",
     "bearer_token",
+    "describe_refusal",
 ]
 
 

@@ -24,6 +24,7 @@ from ._timewindow import TimeWindow
 from ._types import (
     ADMIN,
     ALL_AUTHENTICATED,
+    DENIAL_CATEGORIES,
     ROLES,
     TUNNEL_USER,
     WEB_USER,
@@ -35,6 +36,7 @@ __all__ = [
     "access_levels_met",
     "ADMIN",
     "ALL_AUTHENTICATED",
+    "DENIAL_CATEGORIES",
     "NO_GRANT",
     "ROLES",
     "TUNNEL_USER",

@@ -206,14 +206,26 @@ def _decide(ctx: Context) -> Decision:
                 reason += f": {result.detail} (fail closed)"
             return Decision(False, (reason,), rule.name)
     failures: list[str] = []
+    outcomes: set[Outcome] = set()
     for n in policy.allow_candidates(ctx.request.members):
         binding = policy.bindings[n]
         result = check(ctx, binding, deny=False)
         if result.outcome is Outcome.MATCH:
-            return Decision(True, (f"allowed by {binding.name}",), binding.name, n)
+            return Decision(True, (f"allowed by {binding.name}",), binding.name, n, "allowed")
+        outcomes.add(result.outcome)
         if result.outcome not in STATIC and len(failures) < MAX_REASONS:
             failures.append(f"{binding.name}: {result.detail}")
-    return Decision(False, (NO_GRANT, *failures))
+    return Decision(False, (NO_GRANT, *failures), category=_category(outcomes))
+
+
+def _category(outcomes: set[Outcome]) -> str:
+    """The most actionable refusal: an unmet access level (the caller may meet it), then a port
+    outside what a grant covers, else the policy."""
+    if Outcome.LEVEL in outcomes:
+        return "access-level"
+    if Outcome.PORT in outcomes:
+        return "port"
+    return "policy"
 
 
 def evaluate(request: AccessRequest, policy: Policy, now: float) -> Decision:

@@ -11,7 +11,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from ...schema import ConfigError, StrictModel, check_members, format_location, read_yaml
+from ...schema import ConfigError, StrictModel, check_members, read_yaml, validation_errors
 from ..inventory import InventoryConfig
 from ._allow import AllowRule, PortRange, parse_ports
 from ._cel import CelError, Condition, compile_condition
@@ -333,14 +333,6 @@ class _Builder:
                     self.error(f"{where}.resources.{attr}[{m}]", f"unknown {what} {key!r}")
 
 
-def _validation_errors(exc: ValidationError, source: str) -> str:
-    lines = []
-    for err in exc.errors():
-        message = re.sub(r"^(Value|Assertion) error, ", "", err["msg"])
-        lines.append(f"{source}: {format_location(err['loc'])}: {message}")
-    return "\n".join(lines)
-
-
 def parse_policy(
     data: Any,
     source: str = "<policy>",
@@ -358,7 +350,7 @@ def parse_policy(
     try:
         file = _PolicyFile.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_validation_errors(exc, source)) from None
+        raise ConfigError(validation_errors(exc, source, _PolicyFile)) from None
     builder = _Builder(source, inventory)
     levels = builder.levels(file)
     names = set(file.access_levels)

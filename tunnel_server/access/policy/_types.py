@@ -11,6 +11,11 @@ WEB_USER = "webUser"
 ADMIN = "admin"
 ROLES = frozenset({TUNNEL_USER, WEB_USER, ADMIN})
 
+# What a refused caller may be told: "policy" (no binding grants it, or a deny rule), "access-level"
+# (a binding would grant it, but an access level it requires is not met), "port" (a binding
+# grants the target, not this port).
+DENIAL_CATEGORIES = ("policy", "access-level", "port")
+
 
 @dataclass(frozen=True, slots=True)
 class AccessRequest:
@@ -48,12 +53,15 @@ class AccessRequest:
 @dataclass(frozen=True, slots=True)
 class Decision:
     """The verdict. ``binding`` names the binding (or deny rule) that decided it; ``rule`` is the
-    granting binding's position in ``Policy.bindings`` (kept for the audit log's ``rule`` field)."""
+    granting binding's position in ``Policy.bindings`` (kept for the audit log's ``rule`` field).
+    ``category`` says, for a refusal, what kind of refusal it is in words a caller may be told
+    (``DENIAL_CATEGORIES``), without naming any binding."""
 
     allowed: bool
     reasons: tuple[str, ...]
     binding: str | None = None
     rule: int | None = None
+    category: str = "policy"
 
     @property
     def reason(self) -> str:
