@@ -14,6 +14,12 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 CONNECT_PATH = "/v4/connect"
 RECONNECT_PATH = "/v4/reconnect"
+# SSH certificates (docs/ssh-certificates.md): a user certificate for a target, the CA keys to
+# trust, and the revocation list.
+SSH_CERTIFICATE_PATH = "/v1/ssh/certificate"
+SSH_CA_PATH = "/v1/ssh/ca"
+SSH_KRL_PATH = "/v1/ssh/krl"
+SSH_PUBLIC_KEY_HEADER = "X-Tunnel-Ssh-Public-Key"
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,252}$")
 _HOST = re.compile(r"^[A-Za-z0-9._:%-]{1,253}$")
@@ -92,6 +98,41 @@ def _opt(query: dict[str, list[str]], key: str) -> str | None:
     return _one(query, key) if key in query else None
 
 
+def parse_target_query(query_string: str) -> Target:
+    """The target a query string names (``project&zone&instance[&interface]&port``, or
+    ``project&region&network&host[&group]&port``), as a connect names it. Raises UrlError."""
+    try:
+        query = parse_qs(query_string, keep_blank_values=True, max_num_fields=32)
+    except ValueError as exc:  # more than max_num_fields
+        raise UrlError(str(exc)) from None
+    return _target(query)
+
+
+def _target(query: dict[str, list[str]]) -> Target:
+    project = _one(query, "project")
+    port = parse_port(_one(query, "port", _PORT))
+    if "instance" in query and "host" in query:
+        raise UrlError("give 'instance' or 'host', not both")
+    if "instance" in query:
+        return InstanceTarget(
+            project=project,
+            zone=_one(query, "zone"),
+            instance=_one(query, "instance"),
+            interface=_opt(query, "interface") or "nic0",
+            port=port,
+        )
+    if "host" in query:
+        return HostTarget(
+            project=project,
+            region=_one(query, "region"),
+            network=_one(query, "network"),
+            host=_one(query, "host", _HOST),
+            group=_opt(query, "group"),
+            port=port,
+        )
+    raise UrlError("connect needs 'instance' or 'host'")
+
+
 def parse_request_path(path: str) -> ConnectRequest | ReconnectRequest:
     """Parse the WebSocket request target (path and query). Raises UrlError."""
     parts = urlsplit(path)
@@ -100,32 +141,7 @@ def parse_request_path(path: str) -> ConnectRequest | ReconnectRequest:
     except ValueError as exc:  # more than max_num_fields
         raise UrlError(str(exc)) from None
     if parts.path == CONNECT_PATH:
-        project = _one(query, "project")
-        port = parse_port(_one(query, "port", _PORT))
-        if "instance" in query and "host" in query:
-            raise UrlError("give 'instance' or 'host', not both")
-        if "instance" in query:
-            return ConnectRequest(
-                InstanceTarget(
-                    project=project,
-                    zone=_one(query, "zone"),
-                    instance=_one(query, "instance"),
-                    interface=_opt(query, "interface") or "nic0",
-                    port=port,
-                )
-            )
-        if "host" in query:
-            return ConnectRequest(
-                HostTarget(
-                    project=project,
-                    region=_one(query, "region"),
-                    network=_one(query, "network"),
-                    host=_one(query, "host", _HOST),
-                    group=_opt(query, "group"),
-                    port=port,
-                )
-            )
-        raise UrlError("connect needs 'instance' or 'host'")
+        return ConnectRequest(_target(query))
     if parts.path == RECONNECT_PATH:
         ack = _one(query, "ack", _ACK)
         return ReconnectRequest(sid=_one(query, "sid", _SID), ack=int(ack))
@@ -145,6 +161,12 @@ def connect_query(target: Target) -> str:
         if target.group:
             params["group"] = target.group
     return f"{CONNECT_PATH}?{urlencode(params)}"
+
+
+def certificate_query(target: Target) -> str:
+    """The request for an SSH user certificate to reach ``target`` (same target fields as a
+    connect)."""
+    return SSH_CERTIFICATE_PATH + connect_query(target)[len(CONNECT_PATH) :]
 
 
 def reconnect_query(sid: str, ack: int, target: Target) -> str:

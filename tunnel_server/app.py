@@ -37,8 +37,16 @@ from .access.identity import (
 from .access.inventory import Inventory
 from .access.policy import ADMIN, AccessRequest, Policy, evaluate, load_policy
 from .access.revocations import Revocations
+from .access.ssh_ca import CertificateAuthority, load_ca_key
 from .audit import AuditLog
-from .config import ConfigError, HttpModeConfig, ListenConfig, OidcConfig, ServerConfig
+from .config import (
+    ConfigError,
+    HttpModeConfig,
+    ListenConfig,
+    OidcConfig,
+    ServerConfig,
+    SshConfig,
+)
 from .ops.admin import admin_app
 from .ops.admin import serving as admin_serving
 from .ops.metrics import Metrics
@@ -46,6 +54,7 @@ from .ops.metrics import serving as metrics_serving
 from .ops.tls import server_context
 from .relay import Relay
 from .relay.admission import Admission
+from .relay.certificates import CertificateIssuer
 from .relay.cluster import Cluster, ClusterLink
 from .relay.connection import connection_class
 from .relay.continuous import Reauthorizer
@@ -204,6 +213,7 @@ def build_relay(
         events=events,
     )
     handshake = Handshake(
+        certificates=_certificates(config, admission, revocations, audit),
         admission=admission,
         registry=registry,
         cluster=cluster,
@@ -232,6 +242,36 @@ def build_relay(
         audit=audit,
     )
     return relay, authenticator
+
+
+def build_ca(ssh: SshConfig) -> CertificateAuthority:
+    """The SSH certificate authority the config names (ConfigError for an unusable key)."""
+    previous = [
+        load_ca_key(path, f"ssh.previous_user_ca_key_files[{n}]")
+        for n, path in enumerate(ssh.previous_user_ca_key_files)
+    ]
+    host = (
+        load_ca_key(ssh.host_ca_key_file, "ssh.host_ca_key_file") if ssh.host_ca_key_file else None
+    )
+    return CertificateAuthority(
+        load_ca_key(ssh.user_ca_key_file, "ssh.user_ca_key_file"),
+        previous_user_keys=previous,
+        host_key=host,
+    )
+
+
+def _certificates(
+    config: ServerConfig, admission: Admission, revocations: Revocations, audit: AuditLog
+) -> CertificateIssuer | None:
+    if config.ssh is None:
+        return None
+    return CertificateIssuer(
+        admission=admission,
+        ca=build_ca(config.ssh),
+        settings=config.ssh,
+        revoked_at=revocations.revoked_at,
+        audit=audit,
+    )
 
 
 def build_state(config: ServerConfig, node: str) -> StateStore:
@@ -420,7 +460,11 @@ def _applier(
 
     def apply(revocation: Revocation) -> None:
         if revocation.kind == "user":
-            revocations.revoke_user(revocation.subject, revocation.at)
+            at = revocations.revoke_user(revocation.subject, revocation.at)
+            relay.audit.record(
+                "user_revoked", principal=revocation.subject, at=at, by=revocation.by,
+                origin=revocation.node or None,
+            )  # fmt: skip
             if http is not None:
                 http.revoke_user(revocation.subject)
         relay.apply_revocation(revocation)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import secrets
 import ssl
 import sys
 import time
@@ -18,7 +19,8 @@ from tunnel_runtime.loop import run
 
 from .access.device import device_attributes, device_from_certificate
 from .access.policy import TUNNEL_USER, AccessRequest, explain
-from .app import build_link, build_policy
+from .access.ssh_ca import CertificateAuthority, KeyRefused
+from .app import build_ca, build_link, build_policy
 from .config import ConfigError, ServerConfig, load_config
 from .ops.logs import setup_logging
 from .ops.tls import check_tls
@@ -98,6 +100,8 @@ def check_config(config_argument: Path | None, config_option: Path | None) -> No
             check_tls(config.tls, "tls")
         if config.http is not None and config.http.tls is not None:
             check_tls(config.http.tls, "http.tls")
+        if config.ssh is not None:
+            build_ca(config.ssh)  # the CA keys are readable SSH private keys
     except ConfigError as exc:
         _fail(exc)
     click.echo(f"{config_path}: ok", err=True)
@@ -317,3 +321,161 @@ def _explain_resource(config: ServerConfig, instance: str | None, group: str | N
     if len(keys) != 1:
         raise click.UsageError(f"instance {instance!r} is {'ambiguous' if keys else 'unknown'}")
     return f"instance:{keys[0]}"
+
+
+@main.group("ssh")
+def ssh_group() -> None:
+    """The relay's SSH certificate authority (docs/ssh-certificates.md)."""
+
+
+def _ca(config_path: Path) -> CertificateAuthority:
+    try:
+        config = load_config(config_path)
+        if config.ssh is None:
+            raise ConfigError(f"{config_path}: no ssh section: SSH certificates are off")
+        return build_ca(config.ssh)
+    except ConfigError as exc:
+        _fail(exc)
+
+
+@ssh_group.command("ca-keys")
+@_config_argument
+def ssh_ca_keys(config_argument: Path | None, config_option: Path | None) -> None:
+    """Print the lines VMs and clients trust: sshd's TrustedUserCAKeys file (every user CA,
+    the previous ones too during a rotation), then the @cert-authority line for known_hosts.
+
+    \b
+    Example:
+      tunnel-server ssh ca-keys relay.yaml > /etc/ssh/tunnel_user_ca.pub
+    """
+    ca = _ca(_config_path(config_argument, config_option))
+    click.echo("# TrustedUserCAKeys (sshd_config: TrustedUserCAKeys /etc/ssh/tunnel_user_ca.pub)")
+    for line in ca.trusted_user_ca_keys():
+        click.echo(line)
+    known_hosts = ca.known_hosts_line()
+    if known_hosts is not None:
+        click.echo("# known_hosts (clients): verifies every VM's host certificate")
+        click.echo(known_hosts)
+
+
+@ssh_group.command("sign-host")
+@_config_argument
+@click.option(
+    "--host-key",
+    type=click.Path(path_type=Path, exists=True),
+    required=True,
+    help="The VM's public host key (e.g. /etc/ssh/ssh_host_ed25519_key.pub).",
+)
+@click.option(
+    "--principal",
+    "principals",
+    multiple=True,
+    required=True,
+    help="A name clients reach the VM by (repeat): instance name, DNS name.",
+)
+@click.option(
+    "--days",
+    type=click.IntRange(1, 3650),
+    default=365,
+    show_default=True,
+    help="Validity of the host certificate.",
+)
+def ssh_sign_host(
+    config_argument: Path | None,
+    config_option: Path | None,
+    host_key: Path,
+    principals: tuple[str, ...],
+    days: int,
+) -> None:
+    """Print a host certificate for a VM's host key, signed by the host CA (for provisioning:
+    sshd_config HostCertificate).
+
+    \b
+    Example:
+      tunnel-server ssh sign-host relay.yaml --host-key ssh_host_ed25519_key.pub \\
+          --principal db-1 > ssh_host_ed25519_key-cert.pub
+    """
+    ca = _ca(_config_path(config_argument, config_option))
+    try:
+        certificate = ca.sign_host(
+            host_key.read_text(encoding="ascii"),
+            principals=principals,
+            validity=days * 86400,
+            serial=secrets.randbits(63) or 1,
+        )
+    except KeyRefused as exc:
+        raise click.UsageError(f"--host-key: {exc}") from None
+    except ConfigError as exc:
+        _fail(exc)
+    click.echo(certificate)
+
+
+@ssh_group.command("krl")
+@_config_argument
+@click.option(
+    "--audit-log",
+    "audit_logs",
+    type=click.Path(path_type=Path, exists=True),
+    multiple=True,
+    help="Audit log (JSON lines) to read issued certificates and "
+    "user revocations from (repeat for several nodes or rotated files).",
+)
+@click.option(
+    "--serial",
+    "serials",
+    type=int,
+    multiple=True,
+    help="A certificate serial to revoke besides (repeat).",
+)
+@click.option(
+    "--output",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Where to write the KRL (sshd_config: RevokedKeys FILE).",
+)
+def ssh_krl(
+    config_argument: Path | None,
+    config_option: Path | None,
+    audit_logs: tuple[Path, ...],
+    serials: tuple[int, ...],
+    output: Path,
+) -> None:
+    """Write a key revocation list: every certificate the audit logs show was issued to a user
+    revoked afterwards (and still valid), and the serials given.
+
+    \b
+    Example:
+      tunnel-server ssh krl relay.yaml --audit-log /var/log/tunnel/audit.log \\
+          --output /etc/ssh/tunnel_revoked.krl
+    """
+    ca = _ca(_config_path(config_argument, config_option))
+    revoked = set(serials) | revoked_in_audit(audit_logs, time.time())
+    output.write_bytes(ca.krl(revoked, version=int(time.time())))
+    click.echo(f"{output}: {len(revoked)} certificate(s) revoked", err=True)
+
+
+def revoked_in_audit(paths: tuple[Path, ...], now: float) -> set[int]:
+    """Serials of certificates issued to a user before the user's revocation, still valid."""
+    issued: list[tuple[int, str, float, float]] = []
+    revoked_at: dict[str, float] = {}
+    for path in paths:
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            start = line.find("{")
+            if start < 0:
+                continue
+            try:
+                record = json.loads(line[start:])
+            except ValueError:
+                continue
+            event = record.get("event")
+            if event == "ssh_certificate" and record.get("decision") == "allow":
+                issued.append((int(record["serial"]), str(record["principal"]),
+                               float(record["time"]), float(record["valid_before"])))  # fmt: skip
+            elif event == "user_revoked":
+                principal = str(record["principal"])
+                revoked_at[principal] = max(float(record["at"]), revoked_at.get(principal, 0.0))
+    return {
+        serial
+        for serial, principal, at, valid_before in issued
+        if principal in revoked_at and at <= revoked_at[principal] and valid_before > now
+    }

@@ -10,7 +10,7 @@ import os
 import pwd
 import shutil
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,7 +116,9 @@ class Sshd:
         ]
 
 
-def _write_config(directory: Path, port: int, host_key: Path, authorized: Path) -> Path:
+def _write_config(
+    directory: Path, port: int, host_key: Path, authorized: Path, extra: Sequence[str] = ()
+) -> Path:
     lines = [
         f"Port {port}",
         "ListenAddress 127.0.0.1",
@@ -141,6 +143,7 @@ def _write_config(directory: Path, port: int, host_key: Path, authorized: Path) 
         "LogLevel VERBOSE",
         # scp uses the SFTP protocol by default since OpenSSH 9.0.
         "Subsystem sftp internal-sftp",
+        *extra,
     ]
     config = directory / "sshd_config"
     config.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -223,9 +226,11 @@ def _prepare(directory: Path) -> _Files:
     )
 
 
-async def _start(files: _Files, port: int) -> tuple[asyncio.subprocess.Process, Path]:
+async def _start(
+    files: _Files, port: int, extra: Sequence[str]
+) -> tuple[asyncio.subprocess.Process, Path]:
     assert SSHD is not None
-    config = _write_config(files.directory, port, files.host_key, files.authorized)
+    config = _write_config(files.directory, port, files.host_key, files.authorized, extra)
     with files.log.open("wb") as log_file:
         process = await asyncio.create_subprocess_exec(
             SSHD,
@@ -241,16 +246,23 @@ async def _start(files: _Files, port: int) -> tuple[asyncio.subprocess.Process, 
 
 
 @contextlib.asynccontextmanager
-async def running_sshd(directory: Path) -> AsyncIterator[Sshd]:
-    """Start sshd (files under ``directory``) on a free loopback port; stop it on exit."""
+async def running_sshd(
+    directory: Path, *, extra: Sequence[str] = (), authorized_keys: bool = True
+) -> AsyncIterator[Sshd]:
+    """Start sshd (files under ``directory``) on a free loopback port; stop it on exit.
+    ``extra``: more sshd_config lines (they override the defaults above them only where sshd
+    takes the last value; put options sshd takes the first value of in ``extra`` carefully).
+    ``authorized_keys=False``: the client key is not authorized (certificate logins only)."""
     reason = missing_tools()
     if reason is not None:
         raise SshdError(reason)
     files = await asyncio.to_thread(_prepare, directory)
+    if not authorized_keys:
+        files.authorized.write_text("")
     failures: list[str] = []
     for _ in range(START_ATTEMPTS):
         port = free_port()
-        process, config = await _start(files, port)
+        process, config = await _start(files, port, extra)
         try:
             async with asyncio.timeout(200 * UNIT):
                 ready = await _wait_ready(process, port, files.log)

@@ -27,6 +27,10 @@ class Revocations:
         self._users[principal] = max(at, self._users.get(principal, at))
         return self._users[principal]
 
+    def revoked_at(self, principal: str) -> float | None:
+        """When ``principal`` was last revoked (tokens issued up to then are refused)."""
+        return self._users.get(principal)
+
     def is_revoked(self, identity: Identity) -> bool:
         revoked_at = self._users.get(identity.principal)
         if revoked_at is None:

@@ -18,6 +18,7 @@ from .models import (
     MetricsConfig,
     OidcConfig,
     ServerConfig,
+    SshConfig,
     StateConfig,
     TunnelSettings,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "RouteConfig",
     "ServerConfig",
     "SessionConfig",
+    "SshConfig",
     "StateConfig",
     "TlsConfig",
     "TunnelSettings",

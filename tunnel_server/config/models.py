@@ -164,6 +164,25 @@ class ClusterConfig(StrictModel):
         return data
 
 
+class SshConfig(StrictModel):
+    """The SSH certificate authority (docs/ssh-certificates.md): short-lived user certificates
+    for the login names the policy grants, host certificates for VMs, a revocation list."""
+
+    # The signing user CA (OpenSSH private key file, e.g. a Kubernetes Secret mounted as a file),
+    # and the previous ones, still published and trusted during a rotation.
+    user_ca_key_file: Path
+    previous_user_ca_key_files: list[Path] = Field(default_factory=list)
+    # Signs VMs' host keys (tunnel-server ssh sign-host); clients trust it for every instance.
+    host_ca_key_file: Path | None = None
+    # Seconds a user certificate is valid (never beyond the token's own lifetime).
+    certificate_ttl: float = Field(default=3600.0, gt=0, le=7 * 86400, allow_inf_nan=False)
+    # The relay's egress addresses: certificates carry them as the source-address critical
+    # option, so that a stolen certificate is useless except through the relay.
+    source_addresses: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
+        default_factory=list
+    )
+
+
 class MetricsConfig(StrictModel):
     """Prometheus metrics (text exposition at /metrics) on their own listener."""
 
@@ -195,6 +214,8 @@ class ServerConfig(StrictModel):
     state: StateConfig = Field(default_factory=StateConfig)
     cluster: ClusterConfig | None = None
     metrics: MetricsConfig | None = None
+    # SSH certificates issued by the relay (docs/ssh-certificates.md).
+    ssh: SshConfig | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -137,6 +137,7 @@ class AdminApi:
         if "user" in body:
             subject = str(body["user"])
             at = self.revocations.revoke_user(subject)
+            relay.audit.record("user_revoked", principal=subject, at=at, by=admin)
             closed = relay.revoke_user(subject, by=admin)
             if self.on_revoke_user is not None:
                 closed += self.on_revoke_user(subject)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tunnel_protocol import CloseCode
-from tunnel_protocol.urls import ConnectRequest, HostTarget
+from tunnel_protocol.urls import ConnectRequest, HostTarget, Target
 
 from ..access.addresses import (
     DestinationDenied,
@@ -26,7 +26,14 @@ from ..access.current import CurrentPolicy
 from ..access.device import Device, device_attributes
 from ..access.identity import Authenticator, AuthError, Identity, bearer_token
 from ..access.inventory import Destination, Inventory, LookupFailed
-from ..access.policy import TUNNEL_USER, AccessRequest, Decision, evaluate
+from ..access.policy import (
+    TUNNEL_USER,
+    AccessRequest,
+    Binding,
+    Decision,
+    evaluate,
+    render_logins,
+)
 from ..audit import AuditLog
 from .denials import Denials
 from .events import RelayEvents
@@ -213,6 +220,37 @@ class Admission:
             tunnel_id=sid,
             **grant.fields,
         )
+
+    # -- SSH certificates ------------------------------------------------------------------------
+
+    def authorize_logins(
+        self, identity: Identity, target: Target, source_ip: str | None, device: Device | None
+    ) -> tuple[Binding, tuple[str, ...]]:
+        """The login names ``identity`` may use on ``target`` (a certificate's principals): the
+        logins of the binding that grants the target and port. Refused (audited, with a
+        reference) when none does, or it grants no login."""
+        resource = self.inventory.resource_for(target)
+        host = target.host if isinstance(target, HostTarget) else None
+        access = access_request(identity, resource, target.port, source_ip, device, host)
+        decision = evaluate(access, self.policies.policy, self.clock())
+        fields = {
+            "principal": identity.principal,
+            "source_ip": source_ip,
+            "resource": resource,
+            "port": target.port,
+            "binding": decision.binding,
+        }
+        if not decision.allowed or decision.rule is None:
+            raise self._refuse(
+                decision.category, decision.reason, access, fields, "native",
+                event="ssh_certificate",
+            )  # fmt: skip
+        binding = self.policies.policy.bindings[decision.rule]
+        logins = render_logins(binding.logins, email=identity.email, subject=identity.subject)
+        if not logins:
+            reason = f"{binding.name} grants no login names to {identity.principal}"
+            raise self._refuse("policy", reason, access, fields, "native", event="ssh_certificate")
+        return binding, logins
 
     # -- open tunnels ---------------------------------------------------------------------------
 

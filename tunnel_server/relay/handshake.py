@@ -14,15 +14,21 @@ from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.server import ServerConnection
+from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from tunnel_protocol.urls import (
     CONNECT_PATH,
     RECONNECT_PATH,
+    SSH_CA_PATH,
+    SSH_CERTIFICATE_PATH,
+    SSH_KRL_PATH,
+    SSH_PUBLIC_KEY_HEADER,
     ConnectRequest,
     ReconnectRequest,
     UrlError,
     parse_request_path,
+    parse_target_query,
 )
 
 from ..access.addresses import IPNetwork
@@ -35,13 +41,16 @@ from ..access.identity import (
     describe_refusal,
 )
 from ..access.source import client_address
+from ..access.ssh_ca import KeyRefused
 from ..audit import AuditLog
 from ..config import LoginConfig
 from ..state import StateUnavailable
 from .admission import Admission
+from .certificates import CertificateIssuer
 from .cluster import STATE_DOWN, Cluster
 from .connection import Admitted, RelayConnection
 from .forwarding import Forwarded, ForwardRefused, OwnerUnreachable
+from .refused import Refused
 from .registry import Registry
 
 WELL_KNOWN_LOGIN = "/.well-known/tunnel-client"
@@ -67,6 +76,17 @@ def respond(
     return response
 
 
+def _binary(body: bytes) -> Response:
+    headers = Headers(
+        [
+            ("Content-Type", "application/octet-stream"),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+        ]
+    )
+    return Response(HTTPStatus.OK, "OK", headers, body)
+
+
 def peer_ip(connection: ServerConnection) -> str | None:
     address = connection.remote_address
     if isinstance(address, tuple) and address:
@@ -85,6 +105,7 @@ class Handshake:
         audit: AuditLog,
         login: LoginConfig | None,
         trusted_proxies: Sequence[IPNetwork],
+        certificates: CertificateIssuer | None = None,
     ) -> None:
         self.admission = admission
         self.registry = registry
@@ -93,6 +114,7 @@ class Handshake:
         self.audit = audit
         self.login = login
         self.trusted_proxies = tuple(trusted_proxies)
+        self.certificates = certificates
 
     async def process_request(
         self, connection: ServerConnection, request: Request
@@ -106,6 +128,11 @@ class Handshake:
             return await self._readyz(connection)
         if path == WELL_KNOWN_LOGIN:
             return self._login_document(connection)
+        if path in (SSH_CERTIFICATE_PATH, SSH_CA_PATH, SSH_KRL_PATH):
+            try:
+                return await self._ssh(connection, request, path)
+            except _Refused as refused:
+                return refused.response
         if path not in (CONNECT_PATH, RECONNECT_PATH):
             return respond(connection, HTTPStatus.NOT_FOUND, "not found\n")
         try:
@@ -241,6 +268,37 @@ class Handshake:
             connection, 503, f"{STATE_DOWN}, retry later\n", STATE_DOWN, source_ip,
             {"Retry-After": "5"}, principal=identity.principal,
         )  # fmt: skip
+
+    async def _ssh(self, connection: ServerConnection, request: Request, path: str) -> Response:
+        """SSH certificates: the CA keys to trust and the revocation list (public), or a user
+        certificate for an authenticated member (docs/ssh-certificates.md)."""
+        issuer = self.certificates
+        if issuer is None:
+            return respond(connection, HTTPStatus.NOT_FOUND, "no SSH certificates here\n")
+        if path == SSH_CA_PATH:
+            return respond(connection, HTTPStatus.OK, issuer.ca_document())
+        if path == SSH_KRL_PATH:
+            return _binary(issuer.krl())
+        source_ip, _ = client_address(
+            peer_ip(connection), request.headers.get_all("X-Forwarded-For"), self.trusted_proxies
+        )
+        try:
+            target = parse_target_query(urlsplit(request.path).query)
+        except UrlError as exc:
+            self._deny(connection, 400, f"{exc}\n", f"bad request: {exc}", source_ip)
+        public_key = request.headers.get(SSH_PUBLIC_KEY_HEADER)
+        if not public_key:
+            self._deny(connection, 400, f"{SSH_PUBLIC_KEY_HEADER} missing\n",
+                       "no public key", source_ip)  # fmt: skip
+        identity = await self._authenticate(connection, request, source_ip)
+        device = peer_device(connection.transport.get_extra_info("ssl_object"))
+        try:
+            certificate = issuer.issue(identity, target, public_key, source_ip, device)
+        except KeyRefused as exc:
+            self._deny(connection, 400, f"{exc}\n", f"bad public key: {exc}", source_ip)
+        except Refused as refused:
+            return respond(connection, HTTPStatus.FORBIDDEN, refused.message + "\n")
+        return respond(connection, HTTPStatus.OK, certificate.certificate + "\n")
 
     def _login_document(self, connection: ServerConnection) -> Response:
         if self.login is None:

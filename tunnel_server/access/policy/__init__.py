@@ -18,7 +18,8 @@ from ._cel import VARIABLES, CelError, Condition, compile_condition
 from ._engine import NO_GRANT, access_levels_met, evaluate, next_change
 from ._explain import Check, Explanation, LevelState, explain
 from ._levels import AccessLevel, DevicePolicy, LevelCondition
-from ._model import Binding, Policy, ResourceSelector, labels_from_inventory
+from ._logins import render_logins
+from ._model import Binding, Policy, ResourceSelector, SshPermissions, labels_from_inventory
 from ._schema import load_policy, parse_policy
 from ._timewindow import TimeWindow
 from ._types import (
@@ -57,6 +58,7 @@ __all__ = [
     "Policy",
     "PortRange",
     "ResourceSelector",
+    "SshPermissions",
     "TimeWindow",
     "compile_condition",
     "evaluate",
@@ -66,4 +68,5 @@ __all__ = [
     "next_change",
     "parse_policy",
     "parse_ports",
+    "render_logins",
 ]

@@ -4,11 +4,12 @@ instances and destination groups they may reach, and port ranges."""
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
 
 from ...schema import Port, StrictModel, check_members
+from ._logins import LOGIN_TEMPLATE
 
 
 class PortRange(StrictModel):
@@ -49,6 +50,8 @@ class AllowRule(StrictModel):
     instances: list[str] = Field(default_factory=list)
     destination_groups: list[str] = Field(default_factory=list)
     ports: list[PortRange] = Field(min_length=1)
+    # SSH certificates: the login names granted with this rule (templates: docs/ssh-certificates.md)
+    logins: list[Annotated[str, Field(pattern=LOGIN_TEMPLATE)]] = Field(default_factory=list)
 
     _check_ports = field_validator("ports", mode="before")(parse_ports)
 

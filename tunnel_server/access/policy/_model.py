@@ -98,6 +98,16 @@ class ResourceSelector:
         return ", ".join(parts) or "nothing"
 
 
+@dataclass(frozen=True)
+class SshPermissions:
+    """What an SSH certificate issued under a binding permits (OpenSSH certificate extensions)."""
+
+    pty: bool = True
+    port_forwarding: bool = False
+    agent_forwarding: bool = False
+    x11_forwarding: bool = False
+
+
 @dataclass(frozen=True, eq=False)
 class Binding:
     """Members get ``roles`` on ``resources`` and ``ports`` (empty: every port), when all of
@@ -112,6 +122,11 @@ class Binding:
     condition: Condition | None = None
     access_levels: tuple[str, ...] = ()
     except_members: frozenset[str] = frozenset()
+    # SSH certificates issued under this binding (docs/ssh-certificates.md): the login names a
+    # member may use (templates: {email_local}, {email}, {sub}), and what the certificate
+    # permits beyond a shell.
+    logins: tuple[str, ...] = ()
+    ssh: SshPermissions = field(default_factory=lambda: SshPermissions())
 
     def port_matches(self, port: int) -> bool:
         if not self.ports:
@@ -142,6 +157,7 @@ def bindings_from_allow_rules(rules: Sequence[AllowRule]) -> list[Binding]:
                 destination_groups=tuple(rule.destination_groups),
             ),
             ports=tuple((r.first, r.last) for r in rule.ports),
+            logins=tuple(rule.logins),
         )
         for n, rule in enumerate(rules)
     ]

@@ -16,7 +16,15 @@ from ..inventory import InventoryConfig
 from ._allow import AllowRule, PortRange, parse_ports
 from ._cel import CelError, Condition, compile_condition
 from ._levels import AccessLevel, DevicePolicy, LevelCondition, check_graph
-from ._model import Binding, Policy, ResourceSelector, labels_from_inventory, normalize_member
+from ._logins import LOGIN_TEMPLATE
+from ._model import (
+    Binding,
+    Policy,
+    ResourceSelector,
+    SshPermissions,
+    labels_from_inventory,
+    normalize_member,
+)
 from ._timewindow import DAY_NAMES, TimeWindow, parse_clock
 from ._types import ADMIN, ROLES
 
@@ -204,9 +212,18 @@ class _Resources(_Model):
 _EVERYTHING = ResourceSelector(("*",), ("*",), ("*",), relay=True)
 
 
+class _Ssh(_Model):
+    pty: bool = True
+    port_forwarding: bool = False
+    agent_forwarding: bool = False
+    x11_forwarding: bool = False
+
+
 class _Rule(_Model):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")] | None = None
     members: list[str] = Field(min_length=1)
+    logins: list[Annotated[str, Field(pattern=LOGIN_TEMPLATE)]] = Field(default_factory=list)
+    ssh: _Ssh = Field(default_factory=_Ssh)
     resources: _Resources | None = None
     ports: list[PortRange] = Field(default_factory=list)
     condition: _Cel | None = None
@@ -317,6 +334,8 @@ class _Builder:
             condition=condition,
             access_levels=tuple(rule.access_levels),
             except_members=excepted,
+            logins=tuple(rule.logins),
+            ssh=SshPermissions(**rule.ssh.model_dump()),
         )
 
     def _inventory(self, where: str, resources: _Resources | None) -> None:
