@@ -216,7 +216,6 @@ class Client:
 async def _tunnel(options: ConnectOptions) -> AsyncIterator[socket.socket]:
     """A tunnel to ``options.target`` whose local end is one half of a socketpair (yielded, for
     the caller to wrap): established (SID received) before the block runs."""
-    await get_token(options)
     near, far = socket.socketpair()
     loop = asyncio.get_running_loop()
     try:
@@ -240,6 +239,8 @@ async def _tunnel(options: ConnectOptions) -> AsyncIterator[socket.socket]:
                 runner.cancel()
         with contextlib.suppress(asyncio.CancelledError, TunnelFailed):
             await runner
+        stream.close()
+        await stream.wait_closed()
 
 
 async def _established(session: TunnelSession, runner: asyncio.Task[None]) -> None:

@@ -156,7 +156,7 @@ class OidcClient:
         if self._metadata is None:
             url = self.config.issuer.rstrip("/") + "/.well-known/openid-configuration"
             try:
-                response = await self.oauth.get(url, withhold_token=True)
+                response = await self.oauth.request("GET", url, withhold_token=True)
             except httpx2.HTTPError as exc:
                 raise self._unreachable(exc, "cannot reach the identity provider") from None
             data = self._json(response)
@@ -255,7 +255,7 @@ class OidcClient:
             )
             params = await redirect.wait(wait_seconds)
         if "error" in params:
-            raise OidcError(f"login refused: {_describe(params)}")
+            raise OidcError(f"login refused: {params.get('error_description') or params['error']}")
         code = params.get("code")
         if not code:
             raise OidcError("the identity provider returned no authorization code")
@@ -288,7 +288,7 @@ class OidcClient:
             {"client_id": self.config.client_id, "scope": " ".join(self.config.scopes)}
         )
         try:
-            response = await self.oauth.post(url, data=form, withhold_token=True)
+            response = await self.oauth.request("POST", url, data=form, withhold_token=True)
         except httpx2.HTTPError as exc:
             raise self._unreachable(exc, "device authorization failed") from None
         data = self._json(response)

@@ -118,6 +118,10 @@ async def _carry(
     _, stream = await asyncio.get_running_loop().create_connection(TcpStream, sock=near)
     session = TunnelSession(options)
     runner = asyncio.create_task(session.run(stream))
-    await _established(session, runner)
-    ready.set_result(None)
-    await runner
+    try:
+        await _established(session, runner)
+        ready.set_result(None)
+        await runner
+    finally:
+        stream.close()
+        await stream.wait_closed()  # before this thread's loop closes

@@ -1,0 +1,105 @@
+"""A failed ``print-identity-token --audience`` must not cost the login, against the real dev
+IdP (npm oidc-provider), which rotates refresh tokens and spends the one it was sent *before* it
+refuses an unknown resource: replaying the spent token then revokes the whole grant."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tunnel_server.app import RunningServer
+
+from ..e2e.test_login import Cli, device_login
+from ..helpers import TcpTarget, relay_config_data, start_relay
+from ..idp import (
+    ALICE,
+    AUDIENCE,
+    CLI_CLIENT_ID,
+    RESOURCE,
+    USER_SCOPES,
+    DevIdp,
+    TokenError,
+    jwt_parts,
+    missing_tools,
+)
+from ..oidc_fixture import TestIssuer
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(missing_tools() is not None, reason=missing_tools() or ""),
+]
+
+OTHER = "urn:example:other-app"
+
+
+@pytest.fixture
+async def idp() -> AsyncIterator[DevIdp]:
+    async with DevIdp() as running:
+        yield running
+
+
+@pytest.fixture
+async def cli(
+    idp: DevIdp, issuer: TestIssuer, echo: TcpTarget, tmp_path: Path
+) -> AsyncIterator[Cli]:
+    data = relay_config_data(issuer, tmp_path, instances={"vm1": echo.port})
+    data["oidc"] = {"issuer": idp.issuer, "audiences": [AUDIENCE]}
+    data["login"] = {
+        "issuer": idp.issuer,
+        "client_id": CLI_CLIENT_ID,
+        "scopes": USER_SCOPES.split(),
+        "resource": RESOURCE,
+    }
+    relay: RunningServer
+    async with start_relay(data) as relay:
+        client = Cli(tmp_path / "client-home", relay.url, tmp_path / "relay-cert.pem")
+        yield client
+        await client.kill_all()
+
+
+async def test_the_idp_spends_a_refresh_token_on_a_refused_resource(idp: DevIdp) -> None:
+    """Why the client must be careful (the failure the fix avoids): one refused request for
+    another resource, and the refresh token is gone, and with it the grant."""
+    tokens = await idp.device_login(ALICE)
+    with pytest.raises(TokenError) as refused:
+        await idp.token(
+            {"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"],
+             "resource": OTHER}
+        )  # fmt: skip
+    assert refused.value.error == "invalid_target"
+    with pytest.raises(TokenError) as spent:
+        await idp.refresh(tokens["refresh_token"])
+    assert spent.value.error == "invalid_grant"
+
+
+async def test_failed_audience_exchange_keeps_the_login(cli: Cli, idp: DevIdp) -> None:
+    await device_login(cli, ALICE)
+    before = cli.cache()["tokens"]["refresh_token"]
+
+    refused = await cli.run("print-identity-token", f"--audience={OTHER}", *cli.relay_args)
+    assert refused.returncode == 1
+    assert refused.stdout == b""
+    assert "rotates refresh tokens" in refused.stderr
+    assert "nothing was sent" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    cached = cli.cache()["tokens"]
+    assert cached["rotates"] is True  # learned from a refresh the IdP surely grants
+    assert cached["refresh_token"] != before  # that refresh rotated it, and it was saved
+
+    # The login still works: a refresh with the cached token, then a token for the relay's own
+    # resource, then another refresh.
+    cli.expire()
+    token = await cli.access_token()
+    assert jwt_parts(token)[1]["aud"] == AUDIENCE
+    granted = await cli.run("print-identity-token", f"--audience={RESOURCE}", *cli.relay_args)
+    granted.check()
+    assert jwt_parts(granted.text.strip())[1]["aud"] == AUDIENCE
+    cli.expire()
+    assert await cli.access_token() != token
+    # Once more with the same bad audience: refused locally at once, login intact.
+    again = await cli.run("print-identity-token", f"--audience={OTHER}", *cli.relay_args)
+    assert again.returncode == 1
+    cli.expire()
+    await cli.access_token()
