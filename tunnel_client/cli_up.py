@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import sys
 import time
@@ -23,7 +24,7 @@ from tunnel_protocol.urls import Target
 
 from . import control
 from .api import Client
-from .cli_options import Settings, common_options, fail, resolve
+from .cli_options import Settings, fail, resolve, target_options
 from .config import ConfigError, ConfigFile, Forward
 from .errors import TunnelFailed, describe_target
 from .listener import LocalListener, PortUnavailable
@@ -135,8 +136,9 @@ class Up:
         out = sys.stderr
         if self._drawn:
             out.write(f"\033[{self._drawn}F")
+        width = max(20, shutil.get_terminal_size().columns - 1)
         for line in lines:
-            out.write("\033[2K" + line[: os.get_terminal_size(out.fileno()).columns - 1] + "\n")
+            out.write("\033[2K" + line[:width] + "\n")
         out.flush()
         self._drawn = len(lines)
 
@@ -153,7 +155,8 @@ class Up:
             await asyncio.sleep(REDRAW)
 
 
-async def _up(settings: Settings, client: Client, forwards: list[Forward]) -> None:
+async def _up(settings: Settings, client: Client, forwards: list[Forward]) -> bool:
+    """Run until a signal (True) or until every forward has failed (TunnelFailed)."""
     up = Up(client, forwards, sys.stderr.isatty())
     first = next((r.target for r in up.forwards if r.target is not None), None)
     if first is not None:
@@ -173,12 +176,15 @@ async def _up(settings: Settings, client: Client, forwards: list[Forward]) -> No
             await task
     total = sum(r.listener.connections for r in up.forwards if r.listener)
     click.echo(f"Closed {len(up.forwards)} forward(s) and their {total} connection(s).", err=True)
+    if not stop.is_set():  # every forward ended by itself: none could listen
+        raise TunnelFailed("no forward could be opened (see the errors above)")
+    return True
 
 
 def register(main: click.Group) -> None:
     @main.command("up", context_settings=CONTEXT)
     @click.argument("profile_name", metavar="[PROFILE]", required=False)
-    @common_options
+    @target_options
     @click.pass_context
     def up_command(ctx: click.Context, /, profile_name: str | None, **kw: Any) -> None:
         """Open every forward of PROFILE (default: --profile, TUNNEL_PROFILE or 'default')
@@ -209,3 +215,4 @@ def register(main: click.Group) -> None:
             run_tunnel(settings, client, lambda c: _up(settings, c, forwards))
         except control.AlreadyRunning as exc:
             fail(str(exc))
+        sys.exit(130)  # interrupted (Ctrl-C or SIGTERM), as start-tunnel reports it
