@@ -184,7 +184,7 @@ async def test_up_on_a_terminal_draws_a_table(
 
 
 def test_up_without_forwards_says_how_to_add_one(tmp_path: Path) -> None:
-    env = {k: None for k in os.environ if k.startswith("TUNNEL_")}
+    env: dict[str, str | None] = {k: None for k in os.environ if k.startswith("TUNNEL_")}
     env.update(TUNNEL_CLIENT_HOME=str(tmp_path), TUNNEL_SERVER="wss://relay.example")
     result = CliRunner().invoke(main, ["up"], env=env, prog_name="tunnel-client")
     assert result.exit_code == 2
