@@ -4,12 +4,13 @@ probe that tells a wrong relay URL from a login problem."""
 
 from __future__ import annotations
 
+import re
 import ssl
 
 import httpx2
 
 from .errors import ConnectionFailed, ProxyRefused, connection_failed
-from .proxies import redact
+from .proxies import redact, refusal
 
 __all__ = ["HTTP_TIMEOUT", "client_kwargs", "http_url", "probe", "request_failure"]
 
@@ -78,17 +79,14 @@ def _root_os_error(exc: BaseException) -> BaseException | None:
 def request_failure(exc: httpx2.HTTPError, where: str, proxy: str | None) -> ConnectionFailed:
     """A failed request as a ConnectionFailed naming the cause (DNS, refused, TLS, proxy)."""
     if isinstance(exc, httpx2.ProxyError):
-        text = str(exc)
-        for status, why in (
-            ("407", "it requires authentication: put USER:PASSWORD@ in the proxy URL"),
-            ("403", "it does not allow CONNECT to this host and port"),
-        ):
-            if status in text:
-                return ProxyRefused(
-                    f"Error while connecting [proxy {redact(proxy or '')} answered {status}]: "
-                    f"{why}.",
-                    status=int(status),
-                )
+        match = re.search(r"\b([1-5][0-9][0-9])\b", str(exc))
+        if match is not None:
+            status = int(match.group(1))
+            return ProxyRefused(
+                f"Error while connecting [proxy {redact(proxy or '')} answered {status}]: "
+                f"{refusal(status, proxy or '')}.",
+                status=status,
+            )
     root = _root_os_error(exc)
     if isinstance(exc, httpx2.TimeoutException) and root is None:
         root = TimeoutError()

@@ -108,3 +108,20 @@ def with_credentials(url: str, user: str, password: str) -> str:
 
 def has_credentials(url: str) -> bool:
     return urlsplit(url).username is not None
+
+
+def refusal(status: int, url: str) -> str:
+    """What a proxy's refusal of CONNECT means, in words."""
+    if status in (401, 407):
+        if has_credentials(url):
+            return "it refused the user name or password in the proxy URL"
+        return (
+            "it requires authentication: put USER:PASSWORD@ in the proxy URL "
+            "(--proxy or HTTPS_PROXY)"
+        )
+    if status == 403:
+        return (
+            "it does not allow CONNECT to the relay's host and port: ask the proxy's "
+            "administrator to allow it"
+        )
+    return "check the proxy settings (--proxy, HTTPS_PROXY, NO_PROXY)"

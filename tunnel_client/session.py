@@ -138,18 +138,13 @@ def closed_failure(
 
 
 def proxy_failure(exc: Exception, options: ConnectOptions) -> ConnectionFailed:
-    proxy = proxies.redact(options.proxy_url() or "the proxy")
+    url = options.proxy_url() or ""
+    proxy = proxies.redact(url) if url else "the proxy"
     if isinstance(exc, InvalidProxyStatus):
         status = exc.response.status_code
-        why = {
-            407: "it requires authentication: put USER:PASSWORD@ in the proxy URL "
-            "(--proxy or HTTPS_PROXY), or check them",
-            403: "it does not allow CONNECT to the relay's host and port: ask the proxy's "
-            "administrator to allow it",
-        }.get(status, "check the proxy settings (--proxy, HTTPS_PROXY, NO_PROXY)")
         return ProxyRefused(
             f"Error while connecting [proxy {proxy} answered {status} "
-            f"{exc.response.reason_phrase}]: {why}.",
+            f"{exc.response.reason_phrase}]: {proxies.refusal(status, url)}.",
             status=status,
         )
     cause = exc.__cause__ or exc.__context__

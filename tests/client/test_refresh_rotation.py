@@ -25,6 +25,7 @@ from ..idp import (
     missing_tools,
 )
 from ..oidc_fixture import TestIssuer
+from .tinyproxy import tinyproxy
 
 pytestmark = [
     pytest.mark.e2e,
@@ -103,3 +104,45 @@ async def test_failed_audience_exchange_keeps_the_login(cli: Cli, idp: DevIdp) -
     assert again.returncode == 1
     cli.expire()
     await cli.access_token()
+
+
+async def test_login_refresh_and_logout_go_through_an_authenticating_proxy(
+    idp: DevIdp,
+    issuer: TestIssuer,
+    echo: TcpTarget,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every OIDC request (discovery, device authorization, polling, refresh, revocation) and
+    the relay's login document go through the proxy named by HTTP(S)_PROXY, with Basic
+    credentials from the URL; the password is never printed."""
+    data = relay_config_data(issuer, tmp_path, instances={"vm1": echo.port})
+    data["oidc"] = {"issuer": idp.issuer, "audiences": [AUDIENCE]}
+    data["login"] = {"issuer": idp.issuer, "client_id": CLI_CLIENT_ID,
+                     "scopes": USER_SCOPES.split(), "resource": RESOURCE}  # fmt: skip
+    async with start_relay(data) as relay:
+        relay_port = int(relay.url.rsplit(":", 1)[1])
+        async with tinyproxy(tmp_path / "proxy", connect_ports=[relay_port], user="corp",
+                             password="corp-secret") as proxy:  # fmt: skip
+            for name in ("HTTPS_PROXY", "HTTP_PROXY"):
+                monkeypatch.setenv(name, proxy.url())
+            for name in ("NO_PROXY", "no_proxy", "https_proxy", "http_proxy"):
+                monkeypatch.delenv(name, raising=False)
+            cli = Cli(tmp_path / "client-home", relay.url, tmp_path / "relay-cert.pem")
+            try:
+                result = await device_login(cli, ALICE)
+                cli.expire()
+                await cli.access_token()
+                logout = (await cli.run("logout", *cli.relay_args)).check()
+            finally:
+                await cli.kill_all()
+    assert "corp-secret" not in result.stderr + logout.stderr
+    seen = proxy.requests()
+    assert f"CONNECT 127.0.0.1:{relay_port} HTTP/1.1" in seen  # /.well-known/tunnel-client
+    via_proxy = [line.split()[1] for line in seen if not line.startswith("CONNECT")]
+    metadata = await idp.metadata()
+    for endpoint in ("device_authorization_endpoint", "token_endpoint", "revocation_endpoint"):
+        assert metadata[endpoint] in via_proxy, (endpoint, seen)
+    assert f"{idp.issuer}/.well-known/openid-configuration" in via_proxy
+    # device polling (>= 1), refresh: every token request went through the proxy
+    assert via_proxy.count(metadata["token_endpoint"]) >= 2
