@@ -195,3 +195,13 @@ def test_every_command_takes_profile_and_ca_file(tmp_path: Path, command: str) -
     text = ok(invoke(tmp_path, command, "--help")).stdout
     for option in ("--profile", "--ca-file", "--insecure-skip-verify", "--proxy"):
         assert option in text, (command, option)
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_shell_completion_as_documented(tmp_path: Path, shell: str) -> None:
+    """README: eval "$(_TUNNEL_CLIENT_COMPLETE=bash_source tunnel-client)"."""
+    result = invoke(tmp_path, _TUNNEL_CLIENT_COMPLETE=f"{shell}_source")
+    assert result.exit_code == 0, result.output
+    assert "_TUNNEL_CLIENT_COMPLETE" in result.stdout
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    assert f"_TUNNEL_CLIENT_COMPLETE={shell}_source tunnel-client" in readme
