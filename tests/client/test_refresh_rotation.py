@@ -137,6 +137,8 @@ async def test_login_refresh_and_logout_go_through_an_authenticating_proxy(
             finally:
                 await cli.kill_all()
     assert "corp-secret" not in result.stderr + logout.stderr
+    assert "Logged in as alice@example.com (groups: ops, dev); token valid until" in result.stderr
+    assert "Waiting for approval...\n" in result.stderr  # not a terminal: one plain line
     seen = proxy.requests()
     assert f"CONNECT 127.0.0.1:{relay_port} HTTP/1.1" in seen  # /.well-known/tunnel-client
     via_proxy = [line.split()[1] for line in seen if not line.startswith("CONNECT")]
