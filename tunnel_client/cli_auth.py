@@ -97,109 +97,116 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         fail(str(exc))
 
 
+@click.command("login", context_settings=CONTEXT)
+@common_options
+@click.option("--no-browser", is_flag=True, help="Use the device flow (a code to enter).")
+@click.option("--issuer", help="Identity provider, when the relay publishes none.")
+@click.option("--client-id", help="OAuth client id, when the relay publishes none.")
+@click.pass_context
+def login_command(
+    ctx: click.Context,
+    /,
+    no_browser: bool,
+    issuer: str | None,
+    client_id: str | None,
+    **kw: Any,
+) -> None:
+    """Log in to the relay's identity provider (browser with PKCE, or device code).
+
+    \b
+    Example:
+      tunnel-client login --server wss://relay.example.com:8443
+      tunnel-client login --profile staging --no-browser
+    """
+    settings = resolve(ctx, kw)
+    canonical = _canonical(settings)
+    reason = device_flow_reason(no_browser)
+    if reason is not None and not no_browser:
+        click.echo(f"Using the device flow instead of a browser: {reason}.", err=True)
+    tokens = _run(_login(settings, canonical, reason is not None, issuer, client_id))
+    name, groups = who(tokens)
+    in_groups = f" (groups: {', '.join(groups)})" if groups else ""
+    click.echo(f"Logged in as {name}{in_groups}; token {expiry_text(tokens.expires_at)}.",
+               err=True)  # fmt: skip
+    click.echo(f"Logged in to {canonical}.", err=True)
+
+
+@click.command("logout", context_settings=CONTEXT)
+@common_options
+@click.pass_context
+def logout_command(ctx: click.Context, /, **kw: Any) -> None:
+    """Revoke and forget the login for the relay (and profile).
+
+    \b
+    Example:
+      tunnel-client logout --server wss://relay.example.com:8443
+    """
+    settings = resolve(ctx, kw)
+    canonical = _canonical(settings)
+    manager = CredentialManager(canonical, profile=settings.profile, proxy=proxy_setting(settings))
+    if _run(manager.logout()):
+        click.echo(f"Logged out of {canonical}.", err=True)
+    else:
+        click.echo(f"Not logged in to {canonical}.", err=True)
+
+
+@click.command("print-access-token", context_settings=CONTEXT)
+@common_options
+@click.option(
+    "--credential-file",
+    type=click.Path(path_type=Path),
+    envvar="TUNNEL_CREDENTIAL_FILE",
+    help="Service-account credential file (env TUNNEL_CREDENTIAL_FILE).",
+)
+@click.pass_context
+def print_access_token(ctx: click.Context, /, **kw: Any) -> None:
+    """Print a valid access token for the relay (refreshed if needed).
+
+    \b
+    Example:
+      curl -H "Authorization: Bearer $(tunnel-client print-access-token)" https://...
+    """
+    settings = resolve(ctx, kw)
+    proxy = proxy_setting(settings)
+    if settings.credential_file is not None:
+        account = ServiceAccount(settings.credential_file, proxy=proxy)
+        token = _run(account.access_token())
+    else:
+        manager = CredentialManager(_canonical(settings), profile=settings.profile, proxy=proxy)
+        token = _run(manager.access_token())
+    click.echo(token)
+
+
+@click.command("print-identity-token", context_settings=CONTEXT)
+@common_options
+@click.option(
+    "--audience",
+    help="Resource the token is for (RFC 8707 resource indicator); default: the ID token.",
+)
+@click.option(
+    "--credential-file",
+    type=click.Path(path_type=Path),
+    envvar="TUNNEL_CREDENTIAL_FILE",
+    help="Service-account credential file (env TUNNEL_CREDENTIAL_FILE).",
+)
+@click.pass_context
+def print_identity_token(ctx: click.Context, /, audience: str | None, **kw: Any) -> None:
+    """Print an identity token: the login's OIDC ID token, or with --audience a token
+    issued for that resource (for curl -H "Authorization: Bearer ...").
+
+    \b
+    Example:
+      tunnel-client print-identity-token --audience urn:identity-tunnel:relay
+    """
+    settings = resolve(ctx, kw)
+    click.echo(_run(_identity_token(settings, audience)))
+
+
 def register(main: click.Group) -> None:
-    @main.command("login", context_settings=CONTEXT)
-    @common_options
-    @click.option("--no-browser", is_flag=True, help="Use the device flow (a code to enter).")
-    @click.option("--issuer", help="Identity provider, when the relay publishes none.")
-    @click.option("--client-id", help="OAuth client id, when the relay publishes none.")
-    @click.pass_context
-    def login_command(
-        ctx: click.Context,
-        /,
-        no_browser: bool,
-        issuer: str | None,
-        client_id: str | None,
-        **kw: Any,
-    ) -> None:
-        """Log in to the relay's identity provider (browser with PKCE, or device code).
-
-        \b
-        Example:
-          tunnel-client login --server wss://relay.example.com:8443
-          tunnel-client login --profile staging --no-browser
-        """
-        settings = resolve(ctx, kw)
-        canonical = _canonical(settings)
-        reason = device_flow_reason(no_browser)
-        if reason is not None and not no_browser:
-            click.echo(f"Using the device flow instead of a browser: {reason}.", err=True)
-        tokens = _run(_login(settings, canonical, reason is not None, issuer, client_id))
-        name, groups = who(tokens)
-        in_groups = f" (groups: {', '.join(groups)})" if groups else ""
-        click.echo(f"Logged in as {name}{in_groups}; token {expiry_text(tokens.expires_at)}.",
-                   err=True)  # fmt: skip
-        click.echo(f"Logged in to {canonical}.", err=True)
-
-    @main.command("logout", context_settings=CONTEXT)
-    @common_options
-    @click.pass_context
-    def logout_command(ctx: click.Context, /, **kw: Any) -> None:
-        """Revoke and forget the login for the relay (and profile).
-
-        \b
-        Example:
-          tunnel-client logout --server wss://relay.example.com:8443
-        """
-        settings = resolve(ctx, kw)
-        canonical = _canonical(settings)
-        manager = CredentialManager(
-            canonical, profile=settings.profile, proxy=proxy_setting(settings)
-        )
-        if _run(manager.logout()):
-            click.echo(f"Logged out of {canonical}.", err=True)
-        else:
-            click.echo(f"Not logged in to {canonical}.", err=True)
-
-    @main.command("print-access-token", context_settings=CONTEXT)
-    @common_options
-    @click.option(
-        "--credential-file",
-        type=click.Path(path_type=Path),
-        envvar="TUNNEL_CREDENTIAL_FILE",
-        help="Service-account credential file (env TUNNEL_CREDENTIAL_FILE).",
-    )
-    @click.pass_context
-    def print_access_token(ctx: click.Context, /, **kw: Any) -> None:
-        """Print a valid access token for the relay (refreshed if needed).
-
-        \b
-        Example:
-          curl -H "Authorization: Bearer $(tunnel-client print-access-token)" https://...
-        """
-        settings = resolve(ctx, kw)
-        proxy = proxy_setting(settings)
-        if settings.credential_file is not None:
-            account = ServiceAccount(settings.credential_file, proxy=proxy)
-            token = _run(account.access_token())
-        else:
-            manager = CredentialManager(_canonical(settings), profile=settings.profile, proxy=proxy)
-            token = _run(manager.access_token())
-        click.echo(token)
-
-    @main.command("print-identity-token", context_settings=CONTEXT)
-    @common_options
-    @click.option(
-        "--audience",
-        help="Resource the token is for (RFC 8707 resource indicator); default: the ID token.",
-    )
-    @click.option(
-        "--credential-file",
-        type=click.Path(path_type=Path),
-        envvar="TUNNEL_CREDENTIAL_FILE",
-        help="Service-account credential file (env TUNNEL_CREDENTIAL_FILE).",
-    )
-    @click.pass_context
-    def print_identity_token(ctx: click.Context, /, audience: str | None, **kw: Any) -> None:
-        """Print an identity token: the login's OIDC ID token, or with --audience a token
-        issued for that resource (for curl -H "Authorization: Bearer ...").
-
-        \b
-        Example:
-          tunnel-client print-identity-token --audience urn:identity-tunnel:relay
-        """
-        settings = resolve(ctx, kw)
-        click.echo(_run(_identity_token(settings, audience)))
+    main.add_command(login_command)
+    main.add_command(logout_command)
+    main.add_command(print_access_token)
+    main.add_command(print_identity_token)
 
 
 def _canonical(settings: Settings) -> str:

@@ -56,163 +56,172 @@ profile_option = click.option(
 )
 
 
+@click.group("config", context_settings=CONTEXT)
+def config_group() -> None:
+    """Remember settings per profile (server, project, zone, ...) and forwards for `up`.
+
+    \b
+    Example:
+      tunnel-client config set server wss://relay.example.com:8443
+      tunnel-client config set zone europe-west1-b --profile staging
+      tunnel-client config list
+    """
+
+
+@config_group.command("set", context_settings=CONTEXT)
+@click.argument("key", metavar="KEY")
+@click.argument("value")
+@profile_option
+def config_set(key: str, value: str, profile: str | None) -> None:
+    """Set KEY to VALUE in the profile. KEY is one of: server, project, zone, region,
+    network, dest-group, ca-file, credential-file, access-token-file, device-cert,
+    device-key, insecure-skip-verify, proxy, verbosity.
+
+    \b
+    Example:
+      tunnel-client config set project prod
+    """
+    name, config = _profile(profile), ConfigFile()
+    try:
+        stored = config.set(name, _key(key), value)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(f"Set {_key(key)} = {stored} in profile {name} ({config.path}).", err=True)
+
+
+@config_group.command("get", context_settings=CONTEXT)
+@click.argument("key", metavar="KEY")
+@profile_option
+def config_get(key: str, profile: str | None) -> None:
+    """Print KEY's value in the profile (exit 1 when it is not set).
+
+    \b
+    Example:
+      tunnel-client config get server
+    """
+    name = _profile(profile)
+    try:
+        value = ConfigFile().get(name, _key(key))
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    if value is None:
+        fail(f"{_key(key)} is not set in profile {name}")
+    click.echo(str(value).lower() if isinstance(value, bool) else value)
+
+
+@config_group.command("unset", context_settings=CONTEXT)
+@click.argument("key", metavar="KEY")
+@profile_option
+def config_unset(key: str, profile: str | None) -> None:
+    """Remove KEY from the profile.
+
+    \b
+    Example:
+      tunnel-client config unset zone
+    """
+    name = _profile(profile)
+    try:
+        removed = ConfigFile().unset(name, _key(key))
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    word = "Unset" if removed else "Was not set:"
+    click.echo(f"{word} {_key(key)} in profile {name}.", err=True)
+
+
+@config_group.command("list", context_settings=CONTEXT)
+@click.option("--all", "all_profiles", is_flag=True, help="Every profile, not only one.")
+@profile_option
+def config_list(all_profiles: bool, profile: str | None) -> None:
+    """Print the profile's settings and forwards (KEY = VALUE lines).
+
+    \b
+    Example:
+      tunnel-client config list --all
+    """
+    config = ConfigFile()
+    try:
+        names = config.profiles() if all_profiles else [_profile(profile)]
+        for name in names:
+            click.echo(f"[{name}]")
+            for key, value in config.values(name).items():
+                click.echo(f"{key} = {str(value).lower() if isinstance(value, bool) else value}")
+            for forward in config.forwards(name):
+                click.echo(f"forward {forward.name} = {_forward_text(forward)}")
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+@config_group.command("add-forward", context_settings=CONTEXT)
+@click.argument("name")
+@click.argument("instance")
+@click.argument("port", type=click.IntRange(1, 65535))
+@click.option("--local", default="127.0.0.1:0", show_default=True, metavar="HOST:PORT",
+              help="Where `up` listens for this forward.")  # fmt: skip
+@click.option("--host", "is_host", is_flag=True,
+              help="INSTANCE is a destination-group host (needs region, network).")  # fmt: skip
+@click.option("--zone", help="Zone, when not the profile's.")
+@click.option("--project", help="Project, when not the profile's.")
+@profile_option
+def add_forward(
+    name: str, instance: str, port: int, local: str, is_host: bool,
+    zone: str | None, project: str | None, profile: str | None,
+) -> None:  # fmt: skip
+    """Add (or replace) forward NAME: `up` listens on --local for INSTANCE's PORT.
+
+    \b
+    Example:
+      tunnel-client config add-forward db db-1 5432 --local 127.0.0.1:5432
+    """
+    data: dict[str, Any] = {"name": name, "port": port, "local": local}
+    data["host" if is_host else "instance"] = instance
+    data.update({k: v for k, v in (("zone", zone), ("project", project)) if v})
+    config, pname = ConfigFile(), _profile(profile)
+    try:
+        config.add_forward(pname, Forward.from_data(data, "forward"))
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(f"Forward {name} saved in profile {pname}.", err=True)
+
+
+@config_group.command("remove-forward", context_settings=CONTEXT)
+@click.argument("name")
+@profile_option
+def remove_forward(name: str, profile: str | None) -> None:
+    """Remove forward NAME from the profile.
+
+    \b
+    Example:
+      tunnel-client config remove-forward db
+    """
+    pname = _profile(profile)
+    if not ConfigFile().remove_forward(pname, name):
+        fail(f"no forward {name!r} in profile {pname}")
+    click.echo(f"Removed forward {name} from profile {pname}.", err=True)
+
+
+@click.command("status", context_settings=CONTEXT)
+@common_options
+@click.option("--access-token-file", type=click.Path(), help="Show this token's identity.")
+@click.option("--credential-file", type=click.Path(), envvar="TUNNEL_CREDENTIAL_FILE",
+              help="Show this service account's identity.")  # fmt: skip
+@click.pass_context
+def status(ctx: click.Context, /, **kw: Any) -> None:
+    """Who you are for the relay, whether it is reachable, and the forwards of a running
+    `tunnel-client up`. Exit 0 when logged in and reachable, else 1.
+
+    \b
+    Example:
+      tunnel-client status --profile staging
+    """
+    settings = resolve(ctx, kw)
+    ok = run(_status(settings))
+    if not ok:
+        raise SystemExit(1)
+
+
 def register(main: click.Group) -> None:
-    @main.group("config", context_settings=CONTEXT)
-    def config_group() -> None:
-        """Remember settings per profile (server, project, zone, ...) and forwards for `up`.
-
-        \b
-        Example:
-          tunnel-client config set server wss://relay.example.com:8443
-          tunnel-client config set zone europe-west1-b --profile staging
-          tunnel-client config list
-        """
-
-    @config_group.command("set", context_settings=CONTEXT)
-    @click.argument("key", metavar="KEY")
-    @click.argument("value")
-    @profile_option
-    def config_set(key: str, value: str, profile: str | None) -> None:
-        """Set KEY to VALUE in the profile. KEY is one of: server, project, zone, region,
-        network, dest-group, ca-file, credential-file, access-token-file, device-cert,
-        device-key, insecure-skip-verify, proxy, verbosity.
-
-        \b
-        Example:
-          tunnel-client config set project prod
-        """
-        name, config = _profile(profile), ConfigFile()
-        try:
-            stored = config.set(name, _key(key), value)
-        except ConfigError as exc:
-            raise click.UsageError(str(exc)) from None
-        click.echo(f"Set {_key(key)} = {stored} in profile {name} ({config.path}).", err=True)
-
-    @config_group.command("get", context_settings=CONTEXT)
-    @click.argument("key", metavar="KEY")
-    @profile_option
-    def config_get(key: str, profile: str | None) -> None:
-        """Print KEY's value in the profile (exit 1 when it is not set).
-
-        \b
-        Example:
-          tunnel-client config get server
-        """
-        name = _profile(profile)
-        try:
-            value = ConfigFile().get(name, _key(key))
-        except ConfigError as exc:
-            raise click.UsageError(str(exc)) from None
-        if value is None:
-            fail(f"{_key(key)} is not set in profile {name}")
-        click.echo(str(value).lower() if isinstance(value, bool) else value)
-
-    @config_group.command("unset", context_settings=CONTEXT)
-    @click.argument("key", metavar="KEY")
-    @profile_option
-    def config_unset(key: str, profile: str | None) -> None:
-        """Remove KEY from the profile.
-
-        \b
-        Example:
-          tunnel-client config unset zone
-        """
-        name = _profile(profile)
-        try:
-            removed = ConfigFile().unset(name, _key(key))
-        except ConfigError as exc:
-            raise click.UsageError(str(exc)) from None
-        word = "Unset" if removed else "Was not set:"
-        click.echo(f"{word} {_key(key)} in profile {name}.", err=True)
-
-    @config_group.command("list", context_settings=CONTEXT)
-    @click.option("--all", "all_profiles", is_flag=True, help="Every profile, not only one.")
-    @profile_option
-    def config_list(all_profiles: bool, profile: str | None) -> None:
-        """Print the profile's settings and forwards (KEY = VALUE lines).
-
-        \b
-        Example:
-          tunnel-client config list --all
-        """
-        config = ConfigFile()
-        try:
-            names = config.profiles() if all_profiles else [_profile(profile)]
-            for name in names:
-                click.echo(f"[{name}]")
-                for key, value in config.values(name).items():
-                    click.echo(
-                        f"{key} = {str(value).lower() if isinstance(value, bool) else value}"
-                    )
-                for forward in config.forwards(name):
-                    click.echo(f"forward {forward.name} = {_forward_text(forward)}")
-        except ConfigError as exc:
-            raise click.UsageError(str(exc)) from None
-
-    @config_group.command("add-forward", context_settings=CONTEXT)
-    @click.argument("name")
-    @click.argument("instance")
-    @click.argument("port", type=click.IntRange(1, 65535))
-    @click.option("--local", default="127.0.0.1:0", show_default=True, metavar="HOST:PORT",
-                  help="Where `up` listens for this forward.")  # fmt: skip
-    @click.option("--host", "is_host", is_flag=True,
-                  help="INSTANCE is a destination-group host (needs region, network).")  # fmt: skip
-    @click.option("--zone", help="Zone, when not the profile's.")
-    @click.option("--project", help="Project, when not the profile's.")
-    @profile_option
-    def add_forward(
-        name: str, instance: str, port: int, local: str, is_host: bool,
-        zone: str | None, project: str | None, profile: str | None,
-    ) -> None:  # fmt: skip
-        """Add (or replace) forward NAME: `up` listens on --local for INSTANCE's PORT.
-
-        \b
-        Example:
-          tunnel-client config add-forward db db-1 5432 --local 127.0.0.1:5432
-        """
-        data: dict[str, Any] = {"name": name, "port": port, "local": local}
-        data["host" if is_host else "instance"] = instance
-        data.update({k: v for k, v in (("zone", zone), ("project", project)) if v})
-        config, pname = ConfigFile(), _profile(profile)
-        try:
-            config.add_forward(pname, Forward.from_data(data, "forward"))
-        except ConfigError as exc:
-            raise click.UsageError(str(exc)) from None
-        click.echo(f"Forward {name} saved in profile {pname}.", err=True)
-
-    @config_group.command("remove-forward", context_settings=CONTEXT)
-    @click.argument("name")
-    @profile_option
-    def remove_forward(name: str, profile: str | None) -> None:
-        """Remove forward NAME from the profile.
-
-        \b
-        Example:
-          tunnel-client config remove-forward db
-        """
-        pname = _profile(profile)
-        if not ConfigFile().remove_forward(pname, name):
-            fail(f"no forward {name!r} in profile {pname}")
-        click.echo(f"Removed forward {name} from profile {pname}.", err=True)
-
-    @main.command("status", context_settings=CONTEXT)
-    @common_options
-    @click.option("--access-token-file", type=click.Path(), help="Show this token's identity.")
-    @click.option("--credential-file", type=click.Path(), envvar="TUNNEL_CREDENTIAL_FILE",
-                  help="Show this service account's identity.")  # fmt: skip
-    @click.pass_context
-    def status(ctx: click.Context, /, **kw: Any) -> None:
-        """Who you are for the relay, whether it is reachable, and the forwards of a running
-        `tunnel-client up`. Exit 0 when logged in and reachable, else 1.
-
-        \b
-        Example:
-          tunnel-client status --profile staging
-        """
-        settings = resolve(ctx, kw)
-        ok = run(_status(settings))
-        if not ok:
-            raise SystemExit(1)
+    main.add_command(config_group)
+    main.add_command(status)
 
 
 def _forward_text(forward: Forward) -> str:

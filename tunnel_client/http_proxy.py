@@ -200,69 +200,72 @@ async def serve(
         await runner.cleanup()
 
 
-def register(main: click.Group) -> None:
-    @main.command("http", context_settings={"help_option_names": ["-h", "--help"]})
-    @click.argument("app_url")
-    @click.option(
-        "--local-host-port",
-        default="localhost:0",
-        show_default=True,
-        help="Where the local proxy listens.",
-    )
-    @common_options
-    @click.option("--audience", help="Resource to request a token for (the app's audience).")
-    @click.option(
-        "--credential-file",
-        type=click.Path(path_type=Path),
-        envvar="TUNNEL_CREDENTIAL_FILE",
-        help="Service-account credential file (env TUNNEL_CREDENTIAL_FILE).",
-    )
-    @click.option(
-        "--access-token-file",
-        type=click.Path(path_type=Path),
-        help="File holding the bearer token (re-read for every request).",
-    )
-    @click.pass_context
-    def http_command(
-        ctx: click.Context,
-        /,
-        app_url: str,
-        local_host_port: str,
-        audience: str | None,
-        **kw: Any,
-    ) -> None:
-        """Serve a local HTTP proxy to APP_URL (an app behind HTTP mode) that adds your token.
-        --ca-file and --insecure-skip-verify apply to APP_URL's certificate.
+@click.command("http", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("app_url")
+@click.option(
+    "--local-host-port",
+    default="localhost:0",
+    show_default=True,
+    help="Where the local proxy listens.",
+)
+@common_options
+@click.option("--audience", help="Resource to request a token for (the app's audience).")
+@click.option(
+    "--credential-file",
+    type=click.Path(path_type=Path),
+    envvar="TUNNEL_CREDENTIAL_FILE",
+    help="Service-account credential file (env TUNNEL_CREDENTIAL_FILE).",
+)
+@click.option(
+    "--access-token-file",
+    type=click.Path(path_type=Path),
+    help="File holding the bearer token (re-read for every request).",
+)
+@click.pass_context
+def http_command(
+    ctx: click.Context,
+    /,
+    app_url: str,
+    local_host_port: str,
+    audience: str | None,
+    **kw: Any,
+) -> None:
+    """Serve a local HTTP proxy to APP_URL (an app behind HTTP mode) that adds your token.
+    --ca-file and --insecure-skip-verify apply to APP_URL's certificate.
 
-        \b
-        Example:
-          tunnel-client http https://app.example.com/ --local-host-port=localhost:8080
-          curl http://localhost:8080/
-        """
-        if not app_url.startswith(("https://", "http://")):
-            raise click.UsageError("APP_URL must be http(s)://HOST[:PORT]")
-        host, sep, port_text = local_host_port.rpartition(":")
-        if not sep or not port_text.isdigit() or int(port_text) > 65535:
-            raise click.UsageError("--local-host-port must be HOST:PORT")
-        settings = resolve(ctx, kw)
-        proxy = proxy_setting(settings)
-        context = ssl_context(settings) if app_url.startswith("https:") else None
-        try:
-            source = make_token_source(
-                server=settings.server, profile=settings.profile, audience=audience,
-                credential_file=settings.credential_file,
-                access_token_file=settings.access_token_file, proxy=proxy,
-            )  # fmt: skip
-            with contextlib.suppress(KeyboardInterrupt):
-                run(
-                    serve(
-                        app_url,
-                        host.strip("[]") or "localhost",
-                        int(port_text),
-                        source,
-                        ssl_context=context,
-                        proxy=proxies.proxy_for(app_url, proxy),
-                    )  # fmt: skip
-                )
-        except (NoCredentials, OidcError, LoginRequired) as exc:
-            fail(str(exc))
+    \b
+    Example:
+      tunnel-client http https://app.example.com/ --local-host-port=localhost:8080
+      curl http://localhost:8080/
+    """
+    if not app_url.startswith(("https://", "http://")):
+        raise click.UsageError("APP_URL must be http(s)://HOST[:PORT]")
+    host, sep, port_text = local_host_port.rpartition(":")
+    if not sep or not port_text.isdigit() or int(port_text) > 65535:
+        raise click.UsageError("--local-host-port must be HOST:PORT")
+    settings = resolve(ctx, kw)
+    proxy = proxy_setting(settings)
+    context = ssl_context(settings) if app_url.startswith("https:") else None
+    try:
+        source = make_token_source(
+            server=settings.server, profile=settings.profile, audience=audience,
+            credential_file=settings.credential_file,
+            access_token_file=settings.access_token_file, proxy=proxy,
+        )  # fmt: skip
+        with contextlib.suppress(KeyboardInterrupt):
+            run(
+                serve(
+                    app_url,
+                    host.strip("[]") or "localhost",
+                    int(port_text),
+                    source,
+                    ssl_context=context,
+                    proxy=proxies.proxy_for(app_url, proxy),
+                )  # fmt: skip
+            )
+    except (NoCredentials, OidcError, LoginRequired) as exc:
+        fail(str(exc))
+
+
+def register(main: click.Group) -> None:
+    main.add_command(http_command)
