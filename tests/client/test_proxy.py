@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pty
+import signal
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,7 +20,7 @@ from tunnel_server.app import RunningServer
 
 from ..helpers import UNIT, TcpTarget, relay_config_data, start_relay
 from ..oidc_fixture import TestIssuer
-from .tinyproxy import Proxy, missing, tinyproxy
+from .tinyproxy import MICROSOCKS, Proxy, microsocks, missing, tinyproxy
 
 pytestmark = pytest.mark.skipif(missing() is not None, reason=missing() or "")
 
@@ -178,3 +180,70 @@ async def test_status_and_not_logged_in_probe_go_through_the_proxy(
                                           TUNNEL_CLIENT_TOKEN_STORE="file")  # fmt: skip
         assert "Relay:     reachable" in out.decode()
         assert connects(proxy, relay) == 2
+
+
+@pytest.mark.skipif(MICROSOCKS is None, reason="microsocks not installed (make system-deps)")
+async def test_tunnel_and_probe_through_socks5(
+    relay: RunningServer, issuer: TestIssuer, echo: TcpTarget, tmp_path: Path
+) -> None:
+    async with microsocks(user="alice", password=SECRET) as socks:
+        args = tunnel_args(relay, echo, tmp_path, issuer.mint())
+        payload = os.urandom(256 * 1024)
+        code, out, err = await run_client([*args, f"--proxy={socks.url()}"], payload, tmp_path)
+        assert (code, out == payload) == (0, True), err
+        status = ["status", f"--server={relay.url}", f"--ca-file={tmp_path / 'relay-cert.pem'}",
+                  f"--proxy={socks.url('socks5')}"]  # fmt: skip
+        _, out, err = await run_client(status, b"", tmp_path, TUNNEL_CLIENT_TOKEN_STORE="file")
+        assert "Relay:     reachable" in out.decode(), out.decode() + err
+        wrong = socks.url().replace(SECRET, "nope")
+        code, _, err = await run_client([*args, f"--proxy={wrong}"], b"x", tmp_path)
+        assert code == 1
+        assert "Error while connecting" in err
+        assert "nope" not in err
+    assert echo.connections == 1
+
+
+async def test_proxy_password_prompt_on_a_terminal(
+    relay: RunningServer, issuer: TestIssuer, echo: TcpTarget, tmp_path: Path
+) -> None:
+    """A proxy that answers 407 to a URL without credentials: on a terminal the client asks for
+    them (the password is not echoed) and carries on."""
+    async with tinyproxy(tmp_path / "proxy", connect_ports=[relay_port(relay)], user="alice",
+                         password=SECRET) as proxy:  # fmt: skip
+        token_file = tmp_path / "token"
+        token_file.write_text(issuer.mint())
+        controller, terminal = pty.openpty()
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("TUNNEL_")}
+        environ.update(HTTPS_PROXY=proxy.url(credentials=False),
+                       TUNNEL_CLIENT_HOME=str(tmp_path / "home"))  # fmt: skip
+        process = await asyncio.create_subprocess_exec(
+            *CLIENT, "start-tunnel", "vm1", str(echo.port), "--project=p", "--zone=z",
+            f"--server={relay.url}", f"--ca-file={tmp_path / 'relay-cert.pem'}",
+            f"--access-token-file={token_file}", "--local-host-port=127.0.0.1:0",
+            env=environ, stdin=terminal, stderr=terminal, stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        os.close(terminal)
+        screen = ""
+        try:
+            for prompt, answer in (("Proxy user:", "alice"), ("Proxy password:", SECRET)):
+                async with asyncio.timeout(LIMIT):
+                    while prompt not in screen:
+                        screen += (await asyncio.to_thread(os.read, controller, 4096)).decode()
+                os.write(controller, f"{answer}\n".encode())
+            assert process.stdout is not None
+            line = await asyncio.wait_for(process.stdout.readline(), LIMIT)
+            port = int(line.decode().split("[")[1].split("]")[0])
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"prompted")
+            assert await asyncio.wait_for(reader.readexactly(8), LIMIT) == b"prompted"
+            writer.close()
+            process.send_signal(signal.SIGINT)
+            await asyncio.wait_for(process.wait(), LIMIT)
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            os.close(controller)
+    assert "asks for a user name and password" in screen
+    assert SECRET not in screen  # typed without echo
+    assert connects(proxy, relay) >= 2  # refused without credentials, then accepted

@@ -90,10 +90,7 @@ async def tinyproxy(
         try:
             async with asyncio.timeout(200 * UNIT):
                 await ready.wait()
-                while not await _listening(port):
-                    if process.returncode is not None:
-                        break
-                    await asyncio.sleep(UNIT)
+            await _wait_listening(port, process)
             if process.returncode is None:
                 try:
                     yield proxy
@@ -105,6 +102,15 @@ async def tinyproxy(
             raise
         await _stop(process, drain)  # lost the port race: try another
     raise RuntimeError("tinyproxy did not start:\n" + "\n".join(proxy.log))
+
+
+async def _wait_listening(port: int, process: asyncio.subprocess.Process) -> None:
+    """Until the port accepts connections or the process ended (bounded: 200 units)."""
+    for _ in range(200):
+        if process.returncode is not None or await _listening(port):
+            return
+        await asyncio.sleep(UNIT)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
 
 
 async def _listening(port: int) -> bool:
@@ -129,3 +135,46 @@ async def _stop(process: asyncio.subprocess.Process, drain: asyncio.Task[None]) 
             await process.wait()
     with contextlib.suppress(asyncio.CancelledError):
         await drain
+
+
+MICROSOCKS = shutil.which("microsocks")
+
+
+@dataclass
+class Socks:
+    port: int
+    user: str | None
+    password: str | None
+
+    def url(self, scheme: str = "socks5h") -> str:
+        auth = f"{self.user}:{self.password}@" if self.user is not None else ""
+        return f"{scheme}://{auth}127.0.0.1:{self.port}"
+
+
+@contextlib.asynccontextmanager
+async def microsocks(user: str | None = None, password: str | None = None) -> AsyncIterator[Socks]:
+    """Debian's microsocks (a SOCKS5 server) on a free loopback port."""
+    assert MICROSOCKS is not None
+    for _ in range(ATTEMPTS):
+        port = _free_port()
+        args = ["-i", "127.0.0.1", "-p", str(port)]
+        if user is not None:
+            args += ["-u", user, "-P", str(password)]
+        process = await asyncio.create_subprocess_exec(
+            MICROSOCKS, *args, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        drain: asyncio.Task[None] = asyncio.create_task(asyncio.sleep(0))
+        try:
+            await _wait_listening(port, process)
+            if process.returncode is None:
+                try:
+                    yield Socks(port, user, password)
+                finally:
+                    await _stop(process, drain)
+                return
+        except BaseException:
+            await _stop(process, drain)
+            raise
+        await _stop(process, drain)
+    raise RuntimeError("microsocks did not start")
