@@ -16,6 +16,7 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any
 
+from tunnel_protocol import CloseCode
 from tunnel_protocol.aio.runtime import run
 from tunnel_protocol.aio.stream import TcpStream
 
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
 __all__ = ["SyncForward", "TunnelSocket"]
 
 JOIN_TIMEOUT = 30.0
+# After the socket is closed: how long the target may take to finish its side before the
+# tunnel is closed from ours (1001, going away).
+LINGER = 5.0
 
 
 class SyncForward:
@@ -71,11 +75,12 @@ class TunnelSocket(socket.socket):
     """A connected stream socket whose peer is the tunnel's target."""
 
     _thread: threading.Thread | None = None
+    _stop: Callable[[], None] | None = None
 
     @classmethod
     def open(cls, options: ConnectOptions, timeout: float) -> TunnelSocket:
         near, far = socket.socketpair()
-        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        ready: concurrent.futures.Future[Callable[[], None]] = concurrent.futures.Future()
 
         def main() -> None:
             try:
@@ -89,27 +94,35 @@ class TunnelSocket(socket.socket):
         thread = threading.Thread(target=main, name="tunnel-socket", daemon=True)
         thread.start()
         try:
-            ready.result(timeout)
+            stop = ready.result(timeout)
         except BaseException:
             far.close()
             thread.join(JOIN_TIMEOUT)
             raise
         sock = cls(far.family, far.type, far.proto, fileno=far.detach())
-        sock._thread = thread
+        sock._thread, sock._stop = thread, stop
         return sock
 
     def close(self) -> None:
+        """Close the socket; the tunnel ends when the target has finished its side, or after
+        LINGER seconds (closed from here), and the thread is joined."""
         super().close()
         thread, self._thread = self._thread, None
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(JOIN_TIMEOUT)
+        if thread is None or thread is threading.current_thread():
+            return
+        thread.join(LINGER)
+        if thread.is_alive() and self._stop is not None:
+            self._stop()
+        thread.join(JOIN_TIMEOUT)
 
     def __exit__(self, *args: Any) -> None:
         self.close()
 
 
 async def _carry(
-    options: ConnectOptions, near: socket.socket, ready: concurrent.futures.Future[None]
+    options: ConnectOptions,
+    near: socket.socket,
+    ready: concurrent.futures.Future[Callable[[], None]],
 ) -> None:
     from .api import _established  # the same "open, then wait for the SID" as the async forms
     from .session import TunnelSession, get_token
@@ -118,9 +131,15 @@ async def _carry(
     _, stream = await asyncio.get_running_loop().create_connection(TcpStream, sock=near)
     session = TunnelSession(options)
     runner = asyncio.create_task(session.run(stream))
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:  # from the caller's thread
+        with contextlib.suppress(RuntimeError):  # the loop already ended
+            loop.call_soon_threadsafe(session.close, CloseCode.GOING_AWAY, "socket closed")
+
     try:
         await _established(session, runner)
-        ready.set_result(None)
+        ready.set_result(stop)
         await runner
     finally:
         stream.close()

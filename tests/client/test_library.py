@@ -316,3 +316,36 @@ async def run_example(
             await process.communicate()
     assert process.returncode == 0, err.decode(errors="replace")
     assert out.decode().splitlines() == expected, err.decode(errors="replace")
+
+
+async def test_open_socket_close_ends_a_tunnel_whose_target_lingers(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A target that never closes its side after our EOF: close() still returns, the tunnel
+    is closed from our side after LINGER, and the thread is joined."""
+    from tunnel_client import sync
+
+    monkeypatch.setattr(sync, "LINGER", 2 * UNIT)
+    held: list[asyncio.StreamWriter] = []
+    eof = asyncio.Event()
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        await reader.read()
+        eof.set()  # and never close our side
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    try:
+        client = env.client()
+        target = client.instance("vm1", server.sockets[0].getsockname()[1])
+        sock = await asyncio.to_thread(client.open_socket, target)
+        thread = sock._thread
+        await asyncio.wait_for(asyncio.to_thread(sock.close), LIMIT)
+        assert thread is not None
+        assert not thread.is_alive()
+        await asyncio.wait_for(eof.wait(), LIMIT)
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
