@@ -4,6 +4,7 @@ the stdin/stdout mode used as an ssh ProxyCommand."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import signal
@@ -129,6 +130,9 @@ class LocalListener:
             self.closed_up += stream.bytes_read
             self.closed_down += stream.bytes_written
             stream.close()
+            with contextlib.suppress(TimeoutError):  # closed before the loop may end
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await stream.wait_closed()
             if self.on_event is not None:
                 self.on_event(
                     f"connection closed ({stream.bytes_read} bytes sent, "
@@ -136,6 +140,8 @@ class LocalListener:
                 )
 
 
+# How long a local connection may take to finish closing after its tunnel ended.
+CLOSE_TIMEOUT = 1.0
 # After SIGHUP/SIGTERM in stdin mode: how long the close handshake with the relay may take.
 HANGUP_CLOSE_TIMEOUT = 5.0
 

@@ -9,6 +9,7 @@ followed by what it means: who the token names, the target, the denial category 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -62,6 +63,7 @@ log = logging.getLogger("tunnel.client")
 TokenProvider = Callable[[], Awaitable[str]]
 
 MAX_MESSAGE = NATIVE.max_data + 1024
+CANCEL_CLOSE_TIMEOUT = 1.0
 DENIAL_CODES = frozenset({CloseCode.NOT_AUTHORIZED, CloseCode.LOOKUP_FAILED})
 
 
@@ -229,6 +231,7 @@ class TunnelSession:
         """Open (or resume) until the stream completes. Raises TunnelFailed."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.options.resume_timeout
+        ws: ClientConnection | None = None
         try:
             while True:
                 self.reconnecting = self.tunnel.sid is not None
@@ -257,6 +260,15 @@ class TunnelSession:
                 self.resumes += 1
                 deadline = loop.time() + self.options.resume_timeout
                 log.info("tunnel interrupted (%s); resuming", outcome.reason or outcome.end.value)
+        except asyncio.CancelledError:
+            # Cancelled (a library block left, Ctrl-C): drop the WebSocket now and let its
+            # transport finish closing, so that no connection outlives the event loop.
+            if ws is not None:
+                ws.transport.abort()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(CANCEL_CLOSE_TIMEOUT):
+                        await ws.wait_closed()
+            raise
         finally:
             stream.close()
 
