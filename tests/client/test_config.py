@@ -205,3 +205,21 @@ def test_shell_completion_as_documented(tmp_path: Path, shell: str) -> None:
     assert "_TUNNEL_CLIENT_COMPLETE" in result.stdout
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     assert f"_TUNNEL_CLIENT_COMPLETE={shell}_source tunnel-client" in readme
+
+
+def test_bad_proxy_url_is_a_usage_error(tmp_path: Path) -> None:
+    result = invoke(tmp_path, "start-tunnel", "vm1", "22", "--zone", "z", "--server", SERVER,
+                    "--listen-on-stdin", "--proxy", "ftp://user:pw@proxy:21")  # fmt: skip
+    assert result.exit_code == 2
+    assert "unsupported proxy 'ftp://user:***@proxy:21'" in result.stderr
+    assert "pw" not in result.stderr.replace("proxy", "")
+
+
+def test_proxy_password_is_never_written_into_a_proxy_command(tmp_path: Path) -> None:
+    args = ["--zone", "z", "--server", SERVER, "--proxy", "http://u:secretpw@proxy:3128"]
+    result = invoke(tmp_path, "ssh", "vm1", *args, "--dry-run")
+    assert result.exit_code == 2
+    assert "a proxy password would be written into the ssh command line" in result.stderr
+    assert "secretpw" not in result.output
+    plain = invoke(tmp_path, "ssh-config", "vm1", "--zone", "z", "--proxy", "http://proxy:3128")
+    assert "--proxy=http://proxy:3128" in ok(plain).stdout
