@@ -14,6 +14,11 @@ command -v socat >/dev/null 2>&1 || need+=(socat)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 # deploy/haproxy/haproxy.cfg is checked (`haproxy -c`) and run in front of two relays.
 { command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ]; } || need+=(haproxy)
+# Corporate-proxy tests: the client reaches the relay and the IdP only through a real HTTP
+# CONNECT proxy (with and without Basic authentication).
+{ command -v tinyproxy >/dev/null 2>&1 || [ -x /usr/bin/tinyproxy ]; } || need+=(tinyproxy)
+# ... and through a real SOCKS5 proxy.
+command -v microsocks >/dev/null 2>&1 || need+=(microsocks)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

@@ -1,12 +1,12 @@
-"""``tunnel-client``: thin click CLI. Human messages go to stderr; stdout carries data (stdin
-mode) or the one line wrappers wait for (``Listening on port [N].``)."""
+"""``tunnel-client``: thin click CLI over the library API (tunnel_client.api). Human messages go
+to stderr; stdout carries data (stdin mode) or the one line wrappers wait for
+(``Listening on port [N].``). Options resolve flag > env > profile > default
+(tunnel_client.cli_options); failures print ``ERROR: ...`` and exit 1, usage errors exit 2."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import shlex
-import ssl
 import subprocess
 import sys
 from collections.abc import Callable
@@ -16,183 +16,93 @@ from typing import Any, TypeVar
 import click
 
 from tunnel_protocol.urls import HostTarget, InstanceTarget, Target
-from tunnel_runtime.loop import run
 
-from . import cli_auth, http_proxy, launchers
-from .listener import LocalListener, PortUnavailable, run_stdio
-from .session import ConnectOptions, TunnelFailed, check_connection, get_token
-from .tokens import NoCredentials, token_provider
+from . import cli_auth, cli_config, cli_up, http_proxy, launchers, proxies
+from .api import Client
+from .cli_options import (
+    Settings,
+    resolve,
+    target_options,
+)
+from .cli_run import make_client, run_tunnel
+from .listener import LocalListener, run_stdio
+from .session import ConnectOptions, check_connection, get_token
 
-F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
-DEFAULT_PROJECT = "default"
+CONTEXT = {"help_option_names": ["-h", "--help"]}
 
 
 def _err(message: str) -> None:
     click.echo(message, err=True)
 
 
-def _fail(message: str, code: int = 1) -> None:
-    _err(f"ERROR: {message}")
-    sys.exit(code)
-
-
-def tunnel_options(func: F) -> F:
-    """The options every command that opens a tunnel accepts (gcloud's names where they exist)."""
-    options = [
-        click.option(
-            "--server",
-            envvar="TUNNEL_SERVER",
-            metavar="URL",
-            help="Relay URL, wss://HOST[:PORT] (env TUNNEL_SERVER).",
-        ),
-        click.option(
-            "--project",
-            envvar="TUNNEL_PROJECT",
-            default=DEFAULT_PROJECT,
-            show_default=True,
-            help="Project of the instance (env TUNNEL_PROJECT).",
-        ),
-        click.option("--zone", help="Zone of the instance."),
-        click.option("--region", help="Region of the destination group (host form)."),
-        click.option("--network", help="Network of the destination group (host form)."),
-        click.option("--dest-group", help="Destination group of the host."),
-        click.option(
-            "--credential-file",
-            envvar="TUNNEL_CREDENTIAL_FILE",
-            type=click.Path(path_type=Path),
-            help="Service-account credential file (env TUNNEL_CREDENTIAL_FILE).",
-        ),
-        click.option(
-            "--access-token-file",
-            type=click.Path(path_type=Path),
-            help="File holding the bearer token (re-read on every connect).",
-        ),
-        click.option(
-            "--ca-file",
-            envvar="TUNNEL_CA_FILE",
-            type=click.Path(path_type=Path),
-            help="CA bundle to verify the relay's certificate (env TUNNEL_CA_FILE).",
-        ),
-        click.option(
-            "--device-cert",
-            envvar="TUNNEL_DEVICE_CERT",
-            type=click.Path(path_type=Path),
-            help="Device certificate for relays that check devices (env TUNNEL_DEVICE_CERT).",
-        ),
-        click.option(
-            "--device-key",
-            envvar="TUNNEL_DEVICE_KEY",
-            type=click.Path(path_type=Path),
-            help="Key of --device-cert (default: in the same file).",
-        ),
-        click.option(
-            "--insecure-skip-verify",
-            is_flag=True,
-            help="Do not verify the relay's TLS certificate (development only).",
-        ),
-        click.option("-v", "--verbose", count=True, help="More logging on stderr."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def _ssl_context(
-    ca_file: Path | None,
-    insecure: bool,
-    device_cert: Path | None = None,
-    device_key: Path | None = None,
-) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
-    if device_cert is not None:
-        try:
-            context.load_cert_chain(device_cert, device_key)
-        except (OSError, ssl.SSLError) as exc:
-            raise click.UsageError(f"cannot load the device certificate: {exc}") from None
-    if insecure:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-def _target(instance: str, port: int, kw: dict[str, Any]) -> Target:
+def target_for(instance: str, port: int, settings: Settings) -> Target:
+    s = settings
     try:
         launchers.validate_name("instance", instance)
-        project = launchers.validate_name("project", kw["project"])
-        if kw["region"] or kw["network"]:
-            if not (kw["region"] and kw["network"]):
+        project = launchers.validate_name("project", s.project_or_default)
+        if s.region or s.network:
+            if not (s.region and s.network):
                 raise launchers.LauncherError("--region and --network go together")
-            if kw["zone"]:
+            if s.zone and s.sources.get("zone") != "profile":
                 raise launchers.LauncherError("--zone conflicts with --region/--network")
-            return HostTarget(
-                project,
-                launchers.validate_name("region", kw["region"]),
-                launchers.validate_name("network", kw["network"]),
-                instance,
-                kw["dest_group"],
-                port,
-            )
-        if kw["dest_group"]:
+            region = launchers.validate_name("region", s.region)
+            network = launchers.validate_name("network", s.network)
+            return HostTarget(project, region, network, instance, s.dest_group, port)
+        if s.dest_group:
             raise launchers.LauncherError("--dest-group needs --region and --network")
-        if not kw["zone"]:
-            raise launchers.LauncherError("--zone is required (or --region and --network)")
-        return InstanceTarget(
-            project, launchers.validate_name("zone", kw["zone"]), instance, "nic0", port
-        )
+        if not s.zone:
+            raise launchers.LauncherError(
+                "--zone is required (or --region and --network); "
+                "`tunnel-client config set zone ZONE` remembers it"
+            )
+        zone = launchers.validate_name("zone", s.zone)
+        return InstanceTarget(project, zone, instance, "nic0", port)
     except launchers.LauncherError as exc:
         raise click.UsageError(str(exc)) from None
 
 
 def _options(instance: str, port: int, kw: dict[str, Any]) -> ConnectOptions:
-    if not kw["server"]:
-        raise click.UsageError("no relay: pass --server wss://HOST:PORT or set TUNNEL_SERVER")
-    server: str = kw["server"]
-    if not server.startswith(("ws://", "wss://")):
-        if server.startswith(("http://", "https://")):
-            server = "ws" + server[4:]
-        else:
-            raise click.UsageError(f"--server must be a wss:// URL, got {server!r}")
-    try:
-        token = token_provider(
-            kw["access_token_file"], server=server, credential_file=kw["credential_file"]
-        )
-    except NoCredentials as exc:
-        raise click.UsageError(str(exc)) from None
-    logging.basicConfig(
-        level=[logging.WARNING, logging.INFO, logging.DEBUG][min(kw["verbose"], 2)],
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if kw["verbose"] < 2:
-        logging.getLogger("websockets").setLevel(logging.WARNING)
-    return ConnectOptions(
-        server=server,
-        target=_target(instance, port, kw),
-        token=token,
-        ssl_context=_ssl_context(
-            kw["ca_file"], kw["insecure_skip_verify"], kw["device_cert"], kw["device_key"]
-        ),
-    )
+    """The ConnectOptions of one command's tunnels, from ``kw`` = {"settings", "client"}: the
+    one place they are built (tests/reliability wraps it to shorten the keepalive)."""
+    settings: Settings = kw["settings"]
+    client: Client = kw["client"]
+    return client.options(target_for(instance, port, settings))
 
 
-def _launcher_args(kw: dict[str, Any]) -> launchers.TunnelArgs:
-    def s(value: Any) -> str | None:
+def launcher_args(settings: Settings) -> launchers.TunnelArgs:
+    """What a ProxyCommand must pass on: values from flags and the environment (the child
+    resolves the profile's own values itself, from ``--profile``)."""
+
+    def given(name: str) -> str | None:
+        if settings.sources.get(name) not in ("flag", "env"):
+            return None
+        value = getattr(settings, name)
         return None if value is None else str(value)
 
+    proxy = given("proxy")
+    if proxy is not None and proxies.has_credentials(proxy):
+        raise click.UsageError(
+            "a proxy password would be written into the ssh command line: put the proxy in "
+            "the profile (`tunnel-client config set proxy URL`) or in HTTPS_PROXY instead"
+        )
     return launchers.TunnelArgs(
-        server=kw["server"],
-        project=kw["project"] if kw["project"] != DEFAULT_PROJECT else None,
-        zone=kw["zone"],
-        region=kw["region"],
-        network=kw["network"],
-        dest_group=kw["dest_group"],
-        credential_file=s(kw["credential_file"]),
-        access_token_file=s(kw["access_token_file"]),
-        insecure_skip_verify=kw["insecure_skip_verify"],
-        ca_file=s(kw["ca_file"]),
-        device_cert=s(kw["device_cert"]),
-        device_key=s(kw["device_key"]),
+        server=given("server"),
+        project=given("project"),
+        zone=given("zone"),
+        region=given("region"),
+        network=given("network"),
+        dest_group=given("dest_group"),
+        credential_file=given("credential_file"),
+        access_token_file=given("access_token_file"),
+        insecure_skip_verify=settings.insecure_skip_verify
+        and settings.sources.get("insecure_skip_verify") == "flag",
+        ca_file=given("ca_file"),
+        device_cert=given("device_cert"),
+        device_key=given("device_key"),
+        profile=settings.profile if settings.profile != "default" else None,
+        proxy=proxy,
     )
 
 
@@ -205,17 +115,29 @@ def _parse_local(value: str) -> tuple[str, int]:
     return host or "localhost", int(port_text)
 
 
-@click.group()
+@click.group(context_settings=CONTEXT)
 @click.version_option(package_name="identity-tunnel")
 def main() -> None:
-    """Identity-aware tunnel client: reach private SSH, RDP and TCP services through the relay."""
+    """Identity-aware tunnel client: reach private SSH, RDP and TCP services through the relay.
+
+    \b
+    Example:
+      tunnel-client config set server wss://relay.example.com:8443
+      tunnel-client login
+      tunnel-client ssh bastion --zone europe-west1-b
+
+    Shell completion (bash; zsh and fish likewise, see README):
+      eval "$(_TUNNEL_CLIENT_COMPLETE=bash_source tunnel-client)"
+    """
 
 
-cli_auth.register(main, lambda ca_file, insecure: _ssl_context(ca_file, insecure))
+cli_auth.register(main)
+cli_config.register(main)
+cli_up.register(main)
 http_proxy.register(main)
 
 
-@main.command("start-tunnel")
+@main.command("start-tunnel", context_settings=CONTEXT)
 @click.argument("instance")
 @click.argument("port", type=click.IntRange(1, 65535))
 @click.option(
@@ -230,10 +152,17 @@ http_proxy.register(main)
     help="Carry stdin/stdout instead of listening (ssh ProxyCommand).",
 )
 @click.option(
-    "--disable-connection-check", is_flag=True, help="Skip opening a test tunnel before listening."
+    "--disable-connection-check",
+    "--iap-tunnel-disable-connection-check",
+    "disable_connection_check",
+    is_flag=True,
+    help="Skip opening a test tunnel before listening (gcloud's spelling works too).",
 )
-@tunnel_options
+@target_options
+@click.pass_context
 def start_tunnel(
+    ctx: click.Context,
+    /,
     instance: str,
     port: int,
     local_host_port: str | None,
@@ -241,23 +170,29 @@ def start_tunnel(
     disable_connection_check: bool,
     **kw: Any,
 ) -> None:
-    """Forward a local port (or stdin/stdout) to PORT on INSTANCE through the relay."""
+    """Forward a local port (or stdin/stdout) to PORT on INSTANCE through the relay.
+
+    \b
+    Example:
+      tunnel-client start-tunnel db-1 5432 --zone europe-west1-b --local-host-port=localhost:5432
+      ssh -o ProxyCommand='tunnel-client start-tunnel %h %p --listen-on-stdin --zone Z' vm1
+    """
     if listen_on_stdin and local_host_port is not None:
         raise click.UsageError("--listen-on-stdin conflicts with --local-host-port")
-    options = _options(instance, port, kw)
+    settings = resolve(ctx, kw)
+    client = make_client(settings)
+    target_for(instance, port, settings)  # usage errors before anything else
+
+    def options(c: Client) -> ConnectOptions:
+        return _options(instance, port, {"settings": settings, "client": c})
+
     if listen_on_stdin:
-        try:
-            run(run_stdio(options))
-        except TunnelFailed as exc:
-            _fail(str(exc))
+        run_tunnel(settings, client, lambda c: run_stdio(options(c)))
         return
     host, local_port = _parse_local(local_host_port or "localhost:0")
+    check = not disable_connection_check
     try:
-        run(_listen(options, host, local_port, not disable_connection_check))
-    except TunnelFailed as exc:
-        _fail(str(exc))
-    except PortUnavailable as exc:
-        _fail(str(exc))
+        run_tunnel(settings, client, lambda c: _listen(options(c), host, local_port, check))
     except KeyboardInterrupt:
         # Ctrl-C is how this mode ends; "Closed [N] local connection(s)." was printed.
         sys.exit(130)
@@ -278,7 +213,11 @@ async def _listen(
         await listener.start()
     if check:
         _err("Testing if tunnel connection works.")
-        await check_connection(options)
+        try:
+            await check_connection(options)
+        except BaseException:
+            listener.close()
+            raise
     click.echo(f"Listening on port [{port}].")
     sys.stdout.flush()
     if ready is not None:
@@ -290,15 +229,25 @@ async def _listen(
         raise
 
 
-@main.command(context_settings={"ignore_unknown_options": True})
-@click.argument("instance")
+@main.command(context_settings={**CONTEXT, "ignore_unknown_options": True})
+@click.argument("instance", metavar="[USER@]INSTANCE")
 @click.argument("ssh_args", nargs=-1, type=click.UNPROCESSED)
-@click.option("--user", help="Remote user name (default: ssh's).")
-@click.option("--port", "ssh_port", type=click.IntRange(1, 65535), default=22, show_default=True)
+@click.option("--user", help="Remote user name (default: ssh's; or USER@INSTANCE).")
+@click.option(
+    "--port",
+    "ssh_port",
+    type=click.IntRange(1, 65535),
+    default=22,
+    show_default=True,
+    help="SSH port on the instance.",
+)
 @click.option("--ssh-binary", default="ssh", show_default=True, help="OpenSSH client to run.")
 @click.option("--dry-run", is_flag=True, help="Print the ssh command instead of running it.")
-@tunnel_options
+@target_options
+@click.pass_context
 def ssh(
+    ctx: click.Context,
+    /,
     instance: str,
     ssh_args: tuple[str, ...],
     user: str | None,
@@ -307,29 +256,38 @@ def ssh(
     dry_run: bool,
     **kw: Any,
 ) -> None:
-    """Run OpenSSH to INSTANCE through the relay (arguments after -- go to ssh)."""
-    options = _options(instance, ssh_port, kw)  # validate everything before ssh starts
+    """Run OpenSSH to INSTANCE through the relay (arguments after -- go to ssh).
+
+    \b
+    Example:
+      tunnel-client ssh alice@bastion --zone europe-west1-b -- -L 8080:localhost:80
+    """
+    if "@" in instance:
+        at_user, _, instance = instance.rpartition("@")
+        if user is not None and user != at_user:
+            raise click.UsageError("give the user once: USER@INSTANCE or --user")
+        user = at_user
+    settings = resolve(ctx, kw)
+    client = make_client(settings)  # validate everything before ssh starts
+    target = target_for(instance, ssh_port, settings)
     extra = list(ssh_args)
     if ssh_port != 22:
         extra = ["-p", str(ssh_port), *extra]
     try:
         argv = launchers.ssh_argv(
-            instance, extra, _launcher_args(kw), user=user, ssh_binary=ssh_binary
+            instance, extra, launcher_args(settings), user=user, ssh_binary=ssh_binary
         )
     except launchers.LauncherError as exc:
         raise click.UsageError(str(exc)) from None
     if dry_run:
         click.echo(subprocess.list2cmdline(argv) if sys.platform == "win32" else shlex.join(argv))
         return
-    try:
-        # A stale login fails here with one clear message, not inside ssh's ProxyCommand.
-        run(get_token(options))
-    except TunnelFailed as exc:
-        _fail(str(exc))
+    # A stale login fails here with one clear message, not inside ssh's ProxyCommand.
+    run_tunnel(settings, client, lambda c: get_token(c.options(target)))
     sys.exit(subprocess.call(argv))
 
 
-@main.command("ssh-config")
+@main.command("ssh-config", context_settings=CONTEXT)
 @click.argument("instances", nargs=-1, required=True)
 @click.option(
     "--write",
@@ -338,10 +296,18 @@ def ssh(
     default=None,
     help="Merge the block into this ssh_config file instead of printing it.",
 )
-@tunnel_options
-def ssh_config(instances: tuple[str, ...], write_path: Path | None, **kw: Any) -> None:
-    """Print (or merge into a file) a marked Host block per INSTANCE using this client."""
-    args = _launcher_args(kw)
+@target_options
+@click.pass_context
+def ssh_config(
+    ctx: click.Context, /, instances: tuple[str, ...], write_path: Path | None, **kw: Any
+) -> None:
+    """Print (or merge into a file) a marked Host block per INSTANCE using this client.
+
+    \b
+    Example:
+      tunnel-client ssh-config bastion db-1 --zone europe-west1-b --write ~/.ssh/config
+    """
+    args = launcher_args(resolve(ctx, kw))
     try:
         block = launchers.ssh_config_block([(i, args) for i in instances])
     except launchers.LauncherError as exc:
@@ -354,27 +320,53 @@ def ssh_config(instances: tuple[str, ...], write_path: Path | None, **kw: Any) -
     _err(f"Updated {write_path}.")
 
 
-@main.command()
+@main.command(context_settings=CONTEXT)
 @click.argument("instance")
-@click.option("--port", "rdp_port", type=click.IntRange(1, 65535), default=3389, show_default=True)
-@click.option("--local-host-port", default="localhost:0", metavar="[HOST:]PORT")
+@click.option(
+    "--port",
+    "rdp_port",
+    type=click.IntRange(1, 65535),
+    default=3389,
+    show_default=True,
+    help="RDP port on the instance.",
+)
+@click.option(
+    "--local-host-port",
+    default="localhost:0",
+    metavar="[HOST:]PORT",
+    help="Where to listen (default: a free port).",
+)
 @click.option(
     "--exec",
     "exec_template",
     default=None,
     help="Command to run instead of the platform's RDP client; {host} and {port} are replaced.",
 )
-@tunnel_options
+@target_options
+@click.pass_context
 def rdp(
-    instance: str, rdp_port: int, local_host_port: str, exec_template: str | None, **kw: Any
+    ctx: click.Context,
+    /,
+    instance: str,
+    rdp_port: int,
+    local_host_port: str,
+    exec_template: str | None,
+    **kw: Any,
 ) -> None:
-    """Open a tunnel to INSTANCE's RDP port and launch an RDP client on it."""
-    options = _options(instance, rdp_port, kw)
+    """Open a tunnel to INSTANCE's RDP port and launch an RDP client on it.
+
+    \b
+    Example:
+      tunnel-client rdp win-desktop --zone europe-west1-b --exec 'xfreerdp /v:{host}:{port}'
+    """
+    settings = resolve(ctx, kw)
+    client = make_client(settings)
+    target = target_for(instance, rdp_port, settings)
     host, port = _parse_local(local_host_port)
     try:
-        status = run(_rdp(options, host, port, exec_template))
-    except (TunnelFailed, PortUnavailable) as exc:
-        _fail(str(exc))
+        status = run_tunnel(
+            settings, client, lambda c: _rdp(c.options(target), host, port, exec_template)
+        )
     except launchers.LauncherError as exc:
         raise click.UsageError(str(exc)) from None
     except KeyboardInterrupt:

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import aiohttp
 from filelock import AsyncFileLock
 
 from .oidc import HTTP_TIMEOUT, LoginConfig, LoginRequired, OidcClient, OidcError, TokenSet
+from .proxies import ProxySetting, proxy_for
 
 log = logging.getLogger("tunnel.client")
 
@@ -155,20 +155,29 @@ class Profile:
         }
 
 
-def not_logged_in_message(server: str) -> str:
-    return f"Not logged in to {server}. Run:\n\n    tunnel-client login --server {server}\n"
+def login_command(server: str, profile: str = "default") -> str:
+    extra = f" --profile {profile}" if profile != "default" else ""
+    return f"tunnel-client login --server {server}{extra}"
 
 
-def relogin_message(server: str) -> str:
+def not_logged_in_message(server: str, profile: str = "default") -> str:
+    return f"Not logged in to {server}. Run:\n\n    {login_command(server, profile)}\n"
+
+
+def relogin_message(server: str, profile: str = "default") -> str:
     return (
         f"Your login for {server} has expired or was revoked. Run:\n\n"
-        f"    tunnel-client login --server {server}\n"
+        f"    {login_command(server, profile)}\n"
     )
 
 
 class CredentialManager:
     """Hands out access tokens: cached, refreshed when close to expiry, under a file lock so
-    that parallel processes (several ssh ProxyCommands) refresh once and share the result."""
+    that parallel processes (several ssh ProxyCommands) refresh once and share the result.
+
+    The stored refresh token is precious: with an IdP that rotates refresh tokens, sending it
+    spends it, and replaying a spent one revokes the whole login. So it is only ever sent in a
+    request the IdP is expected to grant, and a new one is saved before anything else happens."""
 
     def __init__(
         self,
@@ -177,18 +186,18 @@ class CredentialManager:
         profile: str = "default",
         directory: Path | None = None,
         store: TokenStore | None = None,
-        session_factory: type[aiohttp.ClientSession] = aiohttp.ClientSession,
+        proxy: ProxySetting = None,
     ) -> None:
         self.server = server.rstrip("/")
         self.profile = profile
         self.directory = directory or state_dir()
         self.store = store or default_store(self.directory)
         self.key = cache_key(self.server, profile)
-        self._session_factory = session_factory
+        self.proxy = proxy
 
-    def _session(self) -> aiohttp.ClientSession:
+    def _client(self, login: LoginConfig) -> OidcClient:
         # Every request to the IdP is bounded: a hung IdP gives a clear error, not a 5-min wait.
-        return self._session_factory(timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT))
+        return OidcClient(login, proxy=proxy_for(login.issuer, self.proxy), timeout=HTTP_TIMEOUT)
 
     def _lock(self) -> AsyncFileLock:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -210,53 +219,80 @@ class CredentialManager:
     def save(self, profile: Profile, tokens: TokenSet) -> None:
         self.store.save(self.key, {"profile": profile.to_json(), "tokens": tokens.to_json()})
 
+    def relogin_hint(self) -> str:
+        return relogin_message(self.server, self.profile).rstrip()
+
     async def access_token(self) -> str:
         """A token valid for at least REFRESH_MARGIN seconds. Raises LoginRequired."""
         return (await self.tokens()).access_token
+
+    def _login_required(self, cached: tuple[Profile, TokenSet] | None) -> tuple[Profile, TokenSet]:
+        if cached is None:
+            raise LoginRequired(not_logged_in_message(self.server, self.profile))
+        return cached
 
     async def tokens(self, *, force_refresh: bool = False) -> TokenSet:
         cached = self.load()
         if cached is not None and not force_refresh and cached[1].valid_for(REFRESH_MARGIN):
             return cached[1]
         async with self._lock():
-            cached = self.load()  # another process may have refreshed while we waited
-            if cached is None:
-                raise LoginRequired(not_logged_in_message(self.server))
-            profile, tokens = cached
+            # Another process may have refreshed while we waited.
+            profile, tokens = self._login_required(self.load())
             if not force_refresh and tokens.valid_for(REFRESH_MARGIN):
                 return tokens
-            async with self._session() as session:
-                client = OidcClient(profile.login, session)
-                try:
-                    fresh = await client.refresh(tokens)
-                except LoginRequired:
-                    raise LoginRequired(relogin_message(self.server)) from None
-                except OidcError as exc:
-                    raise OidcError(
-                        f"{exc}. If this persists: tunnel-client login --server {self.server}"
-                    ) from None
+            fresh = await self._refresh(profile, tokens)
             self.save(profile, fresh)
             return fresh
 
+    async def _refresh(
+        self, profile: Profile, tokens: TokenSet, resource: str | None = None
+    ) -> TokenSet:
+        async with self._client(profile.login) as client:
+            try:
+                return await client.refresh(tokens, resource=resource)
+            except LoginRequired:
+                raise LoginRequired(relogin_message(self.server, self.profile)) from None
+            except OidcError as exc:
+                if resource is not None:
+                    raise
+                raise OidcError(
+                    f"{exc}. If this persists: {login_command(self.server, self.profile)}"
+                ) from None
+
+    def _granted(self, profile: Profile, tokens: TokenSet, resource: str) -> bool:
+        return resource == profile.login.resource or resource in tokens.resources
+
     async def token_for(self, resource: str) -> str:
         """An access token for another resource (RFC 8707) from the refresh token, under the
-        lock: the IdP may rotate the refresh token, and replaying a spent one revokes the grant."""
+        lock. A resource the login was not granted is only asked for when the IdP is known not
+        to rotate refresh tokens: oidc-provider, for one, spends the refresh token before it
+        refuses an unknown resource, and the login would be lost with it."""
         async with self._lock():
-            cached = self.load()
-            if cached is None:
-                raise LoginRequired(not_logged_in_message(self.server))
-            profile, tokens = cached
-            async with self._session() as session:
-                try:
-                    fresh = await OidcClient(profile.login, session).refresh(
-                        tokens, resource=resource
+            profile, tokens = self._login_required(self.load())
+            if not self._granted(profile, tokens, resource):
+                if tokens.rotates is None:
+                    # Learn whether the IdP rotates with a refresh it will surely grant.
+                    tokens = await self._refresh(profile, tokens)
+                    self.save(profile, tokens)
+                if tokens.rotates is not False:
+                    granted = profile.login.resource or "the relay"
+                    raise OidcError(
+                        f"the login for {self.server} was granted tokens for {granted}, not "
+                        f"{resource}, and its identity provider rotates refresh tokens: asking "
+                        "it anyway could end the login, so nothing was sent. Use a service "
+                        "account (--credential-file) for that audience, or ask the relay's "
+                        "operator which audience to use"
                     )
-                except LoginRequired:
-                    raise LoginRequired(relogin_message(self.server)) from None
+            fresh = await self._refresh(profile, tokens, resource)
+            # Save the rotated refresh token at once: the one we sent is spent now.
             if fresh.refresh_token and fresh.refresh_token != tokens.refresh_token:
-                # Rotated: keep the new one (the old one is now spent).
                 tokens.refresh_token = fresh.refresh_token
-                self.save(profile, tokens)
+                tokens.rotates = True
+            elif fresh.refresh_token == tokens.refresh_token:
+                tokens.rotates = False
+            if resource not in tokens.resources and resource != profile.login.resource:
+                tokens.resources.append(resource)
+            self.save(profile, tokens)
             return fresh.access_token
 
     async def logout(self) -> bool:
@@ -267,10 +303,8 @@ class CredentialManager:
         profile, tokens = cached
         if tokens.refresh_token:
             try:
-                async with self._session() as session:
-                    await OidcClient(profile.login, session).revoke(
-                        tokens.refresh_token, "refresh_token"
-                    )
+                async with self._client(profile.login) as client:
+                    await client.revoke(tokens.refresh_token, "refresh_token")
             except OidcError as exc:
                 log.info("could not revoke the refresh token: %s", exc)
         self.store.delete(self.key)

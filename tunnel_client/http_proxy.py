@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import click
@@ -20,6 +22,8 @@ from yarl import URL
 from tunnel_runtime.loop import run
 from tunnel_runtime.wsbridge import forward_messages
 
+from . import proxies
+from .cli_options import common_options, fail, proxy_setting, resolve, ssl_context
 from .credentials import CredentialManager
 from .login import ServiceAccount, canonical_server
 from .oidc import LoginRequired, OidcError
@@ -44,12 +48,22 @@ def _clean(
     return out
 
 
-def proxy_app(app_url: str, token: TokenSource) -> web.Application:
+def proxy_app(
+    app_url: str,
+    token: TokenSource,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    proxy: str | None = None,
+) -> web.Application:
+    """``ssl_context`` verifies the app's certificate (``--ca-file``, ``--insecure-skip-verify``);
+    ``proxy`` is the corporate proxy to reach it through (tunnel_client.proxies decides)."""
     base = app_url.rstrip("/")
     session: dict[str, aiohttp.ClientSession] = {}
 
     async def startup(app: web.Application) -> None:
         session["s"] = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=ssl_context if ssl_context is not None else True),
+            proxy=proxy,
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=30),
@@ -137,13 +151,20 @@ def make_token_source(
     audience: str | None,
     credential_file: Path | None,
     access_token_file: Path | None,
+    proxy: str | None = None,
 ) -> TokenSource:
     """``--audience``: a token for that resource (as ``print-identity-token --audience``);
     otherwise the same token as tunnels use."""
     if audience is None:
-        return token_provider(access_token_file, server=server, credential_file=credential_file)
+        return token_provider(
+            access_token_file,
+            server=server,
+            credential_file=credential_file,
+            profile=profile,
+            proxy=proxy,
+        )
     if credential_file is not None:
-        account = ServiceAccount(credential_file)
+        account = ServiceAccount(credential_file, proxy=proxy)
 
         async def from_account() -> str:
             return (await account.tokens(resource=audience)).access_token
@@ -151,13 +172,22 @@ def make_token_source(
         return from_account
     if server is None:
         raise NoCredentials("--audience needs --server (the login to use) or --credential-file")
-    manager = CredentialManager(canonical_server(server), profile=profile)
+    manager = CredentialManager(canonical_server(server), profile=profile, proxy=proxy)
     return lambda: manager.token_for(audience)
 
 
-async def serve(app_url: str, host: str, port: int, token: TokenSource) -> None:
+async def serve(
+    app_url: str,
+    host: str,
+    port: int,
+    token: TokenSource,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    proxy: str | None = None,
+) -> None:
     await token()  # fail now (not on the first request) when there are no credentials
-    runner = web.AppRunner(proxy_app(app_url, token), access_log=None)
+    app = proxy_app(app_url, token, ssl_context=ssl_context, proxy=proxy)
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
@@ -170,41 +200,72 @@ async def serve(app_url: str, host: str, port: int, token: TokenSource) -> None:
         await runner.cleanup()
 
 
+@click.command("http", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("app_url")
+@click.option(
+    "--local-host-port",
+    default="localhost:0",
+    show_default=True,
+    help="Where the local proxy listens.",
+)
+@common_options
+@click.option("--audience", help="Resource to request a token for (the app's audience).")
+@click.option(
+    "--credential-file",
+    type=click.Path(path_type=Path),
+    envvar="TUNNEL_CREDENTIAL_FILE",
+    help="Service-account credential file (env TUNNEL_CREDENTIAL_FILE).",
+)
+@click.option(
+    "--access-token-file",
+    type=click.Path(path_type=Path),
+    help="File holding the bearer token (re-read for every request).",
+)
+@click.pass_context
+def http_command(
+    ctx: click.Context,
+    /,
+    app_url: str,
+    local_host_port: str,
+    audience: str | None,
+    **kw: Any,
+) -> None:
+    """Serve a local HTTP proxy to APP_URL (an app behind HTTP mode) that adds your token.
+    --ca-file and --insecure-skip-verify apply to APP_URL's certificate.
+
+    \b
+    Example:
+      tunnel-client http https://app.example.com/ --local-host-port=localhost:8080
+      curl http://localhost:8080/
+    """
+    if not app_url.startswith(("https://", "http://")):
+        raise click.UsageError("APP_URL must be http(s)://HOST[:PORT]")
+    host, sep, port_text = local_host_port.rpartition(":")
+    if not sep or not port_text.isdigit() or int(port_text) > 65535:
+        raise click.UsageError("--local-host-port must be HOST:PORT")
+    settings = resolve(ctx, kw)
+    proxy = proxy_setting(settings)
+    context = ssl_context(settings) if app_url.startswith("https:") else None
+    try:
+        source = make_token_source(
+            server=settings.server, profile=settings.profile, audience=audience,
+            credential_file=settings.credential_file,
+            access_token_file=settings.access_token_file, proxy=proxy,
+        )  # fmt: skip
+        with contextlib.suppress(KeyboardInterrupt):
+            run(
+                serve(
+                    app_url,
+                    host.strip("[]") or "localhost",
+                    int(port_text),
+                    source,
+                    ssl_context=context,
+                    proxy=proxies.proxy_for(app_url, proxy),
+                )  # fmt: skip
+            )
+    except (NoCredentials, OidcError, LoginRequired) as exc:
+        fail(str(exc))
+
+
 def register(main: click.Group) -> None:
-    @main.command("http")
-    @click.argument("app_url")
-    @click.option("--local-host-port", default="localhost:0", show_default=True)
-    @click.option(
-        "--server", envvar="TUNNEL_SERVER", metavar="URL", help="Relay whose login to use."
-    )
-    @click.option("--profile", default="default", show_default=True)
-    @click.option("--audience", help="Resource to request a token for (the app's audience).")
-    @click.option(
-        "--credential-file", type=click.Path(path_type=Path), envvar="TUNNEL_CREDENTIAL_FILE"
-    )
-    @click.option("--access-token-file", type=click.Path(path_type=Path))
-    def http_command(
-        app_url: str,
-        local_host_port: str,
-        server: str | None,
-        profile: str,
-        audience: str | None,
-        credential_file: Path | None,
-        access_token_file: Path | None,
-    ) -> None:
-        """Serve a local HTTP proxy to APP_URL (an app behind HTTP mode) that adds your token."""
-        if not app_url.startswith(("https://", "http://")):
-            raise click.UsageError("APP_URL must be http(s)://HOST[:PORT]")
-        host, sep, port_text = local_host_port.rpartition(":")
-        if not sep or not port_text.isdigit() or int(port_text) > 65535:
-            raise click.UsageError("--local-host-port must be HOST:PORT")
-        try:
-            source = make_token_source(
-                server=server, profile=profile, audience=audience,
-                credential_file=credential_file, access_token_file=access_token_file,
-            )  # fmt: skip
-            with contextlib.suppress(KeyboardInterrupt):
-                run(serve(app_url, host.strip("[]") or "localhost", int(port_text), source))
-        except (NoCredentials, OidcError, LoginRequired) as exc:
-            click.echo(f"ERROR: {exc}", err=True)
-            sys.exit(1)
+    main.add_command(http_command)

@@ -37,6 +37,7 @@ USER_RE = re.compile(r"(?!-)[A-Za-z0-9._@\\-]{1,256}")
 
 # Option names of `start-tunnel`, in the order they are emitted (fixed order: deterministic output).
 _VALUE_OPTIONS: tuple[tuple[str, str], ...] = (
+    ("profile", "--profile"),
     ("server", "--server"),
     ("project", "--project"),
     ("zone", "--zone"),
@@ -48,8 +49,9 @@ _VALUE_OPTIONS: tuple[tuple[str, str], ...] = (
     ("ca_file", "--ca-file"),
     ("device_cert", "--device-cert"),
     ("device_key", "--device-key"),
+    ("proxy", "--proxy"),
 )
-_NAME_FIELDS = frozenset({"project", "zone", "region", "network", "dest_group"})
+_NAME_FIELDS = frozenset({"profile", "project", "zone", "region", "network", "dest_group"})
 _PATH_FIELDS = frozenset(
     {"access_token_file", "credential_file", "ca_file", "device_cert", "device_key"}
 )
@@ -103,6 +105,8 @@ class TunnelArgs:
     ca_file: str | None = None
     device_cert: str | None = None
     device_key: str | None = None
+    profile: str | None = None
+    proxy: str | None = None
 
 
 def client_argv() -> list[str]:

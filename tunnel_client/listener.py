@@ -4,6 +4,7 @@ the stdin/stdout mode used as an ssh ProxyCommand."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import signal
@@ -55,7 +56,11 @@ class LocalListener:
         self.port = port
         self.report = report
         self.connections = 0
-        self.active: set[TunnelSession] = set()
+        self.active: dict[TunnelSession, TcpStream] = {}
+        # Bytes of connections already closed (the live ones are read from their streams).
+        self.closed_up = 0
+        self.closed_down = 0
+        self.on_event: Callable[[str], None] | None = None
         self._servers: list[asyncio.Server] = []
         self._pending: asyncio.Queue[TcpStream] = asyncio.Queue()
 
@@ -93,12 +98,27 @@ class LocalListener:
                     self.connections += 1
                     tg.create_task(self._handle(stream))
         finally:
-            for server in self._servers:
-                server.close()
+            self.close()
+
+    def close(self) -> None:
+        """Stop listening (idempotent); connections already accepted are not touched."""
+        for server in self._servers:
+            server.close()
+        while not self._pending.empty():  # accepted, never served
+            self._pending.get_nowait().close()
+
+    def stats(self) -> tuple[int, int, int, int]:
+        """(open connections, resuming now, bytes sent to the target, bytes received)."""
+        up = self.closed_up + sum(s.bytes_read for s in self.active.values())
+        down = self.closed_down + sum(s.bytes_written for s in self.active.values())
+        resuming = sum(1 for session in self.active if session.reconnecting)
+        return len(self.active), resuming, up, down
 
     async def _handle(self, stream: TcpStream) -> None:
         session = TunnelSession(self.options)
-        self.active.add(session)
+        self.active[session] = stream
+        if self.on_event is not None:
+            self.on_event("connection opened")
         try:
             await session.run(stream)
         except TunnelFailed as exc:
@@ -106,10 +126,22 @@ class LocalListener:
         except Exception:  # one tunnel's bug must not take the listener down
             log.exception("tunnel failed")
         finally:
-            self.active.discard(session)
+            del self.active[session]
+            self.closed_up += stream.bytes_read
+            self.closed_down += stream.bytes_written
             stream.close()
+            with contextlib.suppress(TimeoutError):  # closed before the loop may end
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await stream.wait_closed()
+            if self.on_event is not None:
+                self.on_event(
+                    f"connection closed ({stream.bytes_read} bytes sent, "
+                    f"{stream.bytes_written} received)"
+                )
 
 
+# How long a local connection may take to finish closing after its tunnel ended.
+CLOSE_TIMEOUT = 1.0
 # After SIGHUP/SIGTERM in stdin mode: how long the close handshake with the relay may take.
 HANGUP_CLOSE_TIMEOUT = 5.0
 

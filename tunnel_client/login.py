@@ -13,10 +13,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import aiohttp
+import httpx2
 
 from .credentials import CredentialManager, Profile
+from .http import client_kwargs, http_url, request_failure
 from .oidc import LoginConfig, OidcClient, OidcError, TokenSet
+from .proxies import ProxySetting, proxy_for
 
 WELL_KNOWN = "/.well-known/tunnel-client"
 REFRESH_MARGIN = 60.0
@@ -33,28 +35,28 @@ def canonical_server(server: str) -> str:
     return server
 
 
-def _http_url(server: str) -> str:
-    return "https://" + server[6:] if server.startswith("wss://") else "http://" + server[5:]
-
-
-async def fetch_login_config(server: str, ssl_context: ssl.SSLContext | None) -> LoginConfig:
+async def fetch_login_config(
+    server: str, ssl_context: ssl.SSLContext | None, proxy: ProxySetting = None
+) -> LoginConfig:
     """What the relay says a client needs to log in (issuer, client id, scopes, resource)."""
-    url = _http_url(canonical_server(server)) + WELL_KNOWN
+    url = http_url(canonical_server(server)) + WELL_KNOWN
+    chosen = proxy_for(url, proxy)
+    kwargs = client_kwargs(ssl_context=ssl_context, proxy=chosen)
     try:
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session,
-            session.get(url, ssl=ssl_context or True) as response,
-        ):
-            if response.status == 404:
-                raise OidcError(
-                    f"{server} publishes no login configuration: ask its operator for the issuer "
-                    "and client id, and pass --issuer and --client-id"
-                )
-            if response.status != 200:
-                raise OidcError(f"{url} answered HTTP {response.status}")
-            data = json.loads(await response.content.read(64 * 1024))
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise OidcError(f"cannot reach {url}: {str(exc) or 'timed out'}") from None
+        async with httpx2.AsyncClient(**kwargs) as client:  # type: ignore[arg-type]
+            response = await client.get(url)
+    except httpx2.HTTPError as exc:
+        where = url.split("://", 1)[1].split("/", 1)[0]
+        raise OidcError(str(request_failure(exc, where, chosen))) from None
+    if response.status_code == 404:
+        raise OidcError(
+            f"{server} publishes no login configuration: ask its operator for the issuer "
+            "and client id, and pass --issuer and --client-id"
+        )
+    if response.status_code != 200:
+        raise OidcError(f"{url} answered HTTP {response.status_code}")
+    try:
+        data = json.loads(response.content[: 64 * 1024])
     except ValueError:
         raise OidcError(f"{url} did not answer JSON") from None
     try:
@@ -68,17 +70,25 @@ async def fetch_login_config(server: str, ssl_context: ssl.SSLContext | None) ->
         raise OidcError(f"{url} is missing the issuer or client id") from None
 
 
+def device_flow_reason(
+    no_browser: bool, environ: Mapping[str, str] = os.environ, platform: str = sys.platform
+) -> str | None:
+    """Why the device flow is used instead of the browser (None: use the browser)."""
+    if no_browser:
+        return "--no-browser was given"
+    if environ.get("SSH_CONNECTION") or environ.get("SSH_TTY"):
+        return "this is an SSH session, where a browser here could not reach you"
+    if platform.startswith("linux") or platform.startswith("freebsd"):
+        if not (environ.get("DISPLAY") or environ.get("WAYLAND_DISPLAY")):
+            return "there is no display to open a browser on (DISPLAY and WAYLAND_DISPLAY unset)"
+    return None
+
+
 def use_device_flow(
     no_browser: bool, environ: Mapping[str, str] = os.environ, platform: str = sys.platform
 ) -> bool:
     """The device flow when asked, inside an SSH session, or with no display to open."""
-    if no_browser:
-        return True
-    if environ.get("SSH_CONNECTION") or environ.get("SSH_TTY"):
-        return True
-    if platform.startswith("linux") or platform.startswith("freebsd"):
-        return not (environ.get("DISPLAY") or environ.get("WAYLAND_DISPLAY"))
-    return False
+    return device_flow_reason(no_browser, environ, platform) is not None
 
 
 async def login(
@@ -90,14 +100,16 @@ async def login(
     open_browser: Callable[[str], bool] = webbrowser.open,
     manager: CredentialManager | None = None,
     profile: str = "default",
+    proxy: ProxySetting = None,
+    waiting: Callable[[], None] = lambda: None,
 ) -> TokenSet:
     """Run a flow and store its tokens for ``server``."""
     server = canonical_server(server)
-    manager = manager or CredentialManager(server, profile=profile)
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-        client = OidcClient(login_config, session)
+    manager = manager or CredentialManager(server, profile=profile, proxy=proxy)
+    chosen = proxy_for(login_config.issuer, proxy)
+    async with OidcClient(login_config, proxy=chosen, timeout=60) as client:
         if device:
-            tokens = await client.device_code(report=report)
+            tokens = await client.device_code(report=report, waiting=waiting)
         else:
             tokens = await client.authorization_code(open_browser=open_browser, report=report)
     manager.save(Profile(server, login_config, profile), tokens)
@@ -112,7 +124,9 @@ class ServiceAccount:
 
     Tokens are kept in memory and renewed when fewer than 60 s remain."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, proxy: ProxySetting = None) -> None:
+        self.path = path
+        self.proxy = proxy
         try:
             data: Any = json.loads(path.read_text(encoding="utf-8"))
         except OSError as exc:
@@ -137,8 +151,9 @@ class ServiceAccount:
         if resource is None and self._tokens is not None:
             if self._tokens.valid_for(REFRESH_MARGIN):
                 return self._tokens
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-            tokens = await OidcClient(self.config, session).client_credentials(resource=resource)
+        chosen = proxy_for(self.config.issuer, self.proxy)
+        async with OidcClient(self.config, proxy=chosen) as client:
+            tokens = await client.client_credentials(resource=resource)
         if resource is None:
             self._tokens = tokens
         return tokens

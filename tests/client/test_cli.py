@@ -120,14 +120,16 @@ def test_port_out_of_range() -> None:
     usage_error(invoke("start-tunnel", "vm1", "70000", "--zone", "z", *SERVER))
 
 
-def test_not_logged_in_says_what_to_run(tmp_path: Path) -> None:
-    result = invoke("start-tunnel", "vm1", "22", "--listen-on-stdin", "--zone", "z", *SERVER,
-                    token=None, TUNNEL_CLIENT_HOME=str(tmp_path),
-                    TUNNEL_CLIENT_TOKEN_STORE="file")  # fmt: skip
+async def test_not_logged_in_says_what_to_run(relay: RunningServer, tmp_path: Path) -> None:
+    server = ["--server", relay.url, f"--ca-file={tmp_path / 'relay-cert.pem'}"]
+    result = await asyncio.to_thread(
+        invoke, "start-tunnel", "vm1", "22", "--local-host-port=127.0.0.1:0", "--zone", "z",
+        *server, token=None, TUNNEL_CLIENT_HOME=str(tmp_path), TUNNEL_CLIENT_TOKEN_STORE="file",
+    )  # fmt: skip
     assert result.exit_code == 1
     assert result.stdout == ""
-    assert "Not logged in to wss://relay.example:8443" in result.stderr
-    assert "tunnel-client login --server wss://relay.example:8443" in result.stderr
+    assert f"Not logged in to {relay.url}" in result.stderr
+    assert f"tunnel-client login --server {relay.url}" in result.stderr
 
 
 def test_no_server_and_no_credentials_names_every_source() -> None:
@@ -172,16 +174,18 @@ def test_ssh_dry_run(tmp_path: Path) -> None:
     assert argv[destination + 1 :] == ["-p", "2222", "-i", "key", "-v", "uname -a"]
 
 
-def test_ssh_needs_a_login_before_running_ssh(tmp_path: Path) -> None:
+async def test_ssh_needs_a_login_before_running_ssh(relay: RunningServer, tmp_path: Path) -> None:
     marker = tmp_path / "ssh-ran"
     fake_ssh = tmp_path / "fake-ssh"
     fake_ssh.write_text(f"#!/bin/sh\ntouch {marker}\n")
     fake_ssh.chmod(0o755)
-    result = invoke("ssh", "vm1", "--zone", "z", *SERVER, "--ssh-binary", str(fake_ssh),
-                    token=None, TUNNEL_CLIENT_HOME=str(tmp_path),
-                    TUNNEL_CLIENT_TOKEN_STORE="file")  # fmt: skip
+    server = ["--server", relay.url, f"--ca-file={tmp_path / 'relay-cert.pem'}"]
+    result = await asyncio.to_thread(
+        invoke, "ssh", "vm1", "--zone", "z", *server, "--ssh-binary", str(fake_ssh),
+        token=None, TUNNEL_CLIENT_HOME=str(tmp_path), TUNNEL_CLIENT_TOKEN_STORE="file",
+    )  # fmt: skip
     assert result.exit_code == 1
-    assert "tunnel-client login --server wss://relay.example:8443" in result.stderr
+    assert f"tunnel-client login --server {relay.url}" in result.stderr
     assert not marker.exists()
 
 

@@ -66,6 +66,8 @@ class TcpStream(asyncio.BufferedProtocol):
         self._write_paused = False
         self._closed: asyncio.Future[None] | None = None
         self.transport: asyncio.Transport | None = None
+        # Counted for the client's per-connection summary ("N bytes sent, M received").
+        self.bytes_read = 0
         self.bytes_written = 0
 
     # -- protocol callbacks ---------------------------------------------------------------------
@@ -138,6 +140,7 @@ class TcpStream(asyncio.BufferedProtocol):
             self._chunks[0] = head[max_bytes:]
             head = head[:max_bytes]
         self._buffered -= len(head)
+        self.bytes_read += len(head)
         if self._read_paused and self._buffered < HIGH_WATER // 2 and self.transport:
             self._read_paused = False
             self.transport.resume_reading()
