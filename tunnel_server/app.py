@@ -37,9 +37,11 @@ from .access.inventory import Inventory
 from .access.policy import ADMIN, AccessRequest, Policy, evaluate, load_policy
 from .access.revocations import Revocations
 from .audit import AuditLog
+from .audit_store import AuditStoreError, AuditWriter
 from .config import ConfigError, HttpModeConfig, ListenConfig, OidcConfig, ServerConfig
 from .ops.admin import admin_app
 from .ops.admin import serving as admin_serving
+from .ops.auditdb import build_audit_store
 from .ops.metrics import Metrics
 from .ops.metrics import serving as metrics_serving
 from .ops.tls import server_context
@@ -75,6 +77,7 @@ class RunningServer:
     http: HttpProxy | None = None
     http_port: int | None = None
     metrics_port: int | None = None
+    audit_store: AuditWriter | None = None
 
     @property
     def port(self) -> int:
@@ -256,7 +259,10 @@ async def running(config: ServerConfig, *, node: str | None = None) -> AsyncIter
     revocations = Revocations()
     relay, verifier = build_relay(config, node=node, revocations=revocations)
     ssl_context = server_context(config.tls) if config.tls is not None else None
+    store = build_audit_store(config.audit_store) if config.audit_store is not None else None
     try:
+        if store is not None:  # first in, last out: it gets the records of the last closes
+            await _start_audit_store(store, relay)
         async with contextlib.AsyncExitStack() as stack:
             server = await stack.enter_async_context(_serve_relay(config, relay, ssl_context))
             # The relay never tunnels to its own listeners (SSRF), whatever the policy says.
@@ -264,7 +270,7 @@ async def running(config: ServerConfig, *, node: str | None = None) -> AsyncIter
                 relay.destinations.add_own_endpoint(*sock.getsockname()[:2])
             running_server = RunningServer(
                 relay, server, verifier, ssl_context is not None, revocations,
-                policy_file=config.policy_file,
+                policy_file=config.policy_file, audit_store=store,
             )  # fmt: skip
             if config.http is not None:
                 await _serve_http(stack, config, config.http, running_server)
@@ -287,7 +293,19 @@ async def running(config: ServerConfig, *, node: str | None = None) -> AsyncIter
         # Handlers have returned; anything left (parked tunnels) ends now.
         relay.close_all(CloseCode.GOING_AWAY, "relay shutting down")
     finally:
+        if store is not None:
+            await store.aclose()
         await verifier.aclose()
+
+
+async def _start_audit_store(store: AuditWriter, relay: Relay) -> None:
+    """Open the audit store (migrations; one that is down is retried in the background) and
+    give it every audit record from now on."""
+    try:
+        await store.start()
+    except AuditStoreError as exc:
+        raise ConfigError(f"audit_store: {exc}") from None
+    relay.audit.listeners.append(store.offer)
 
 
 async def _serve_http(
@@ -322,7 +340,12 @@ async def _serve_metrics(
     stack: contextlib.AsyncExitStack, listen: ListenConfig, running: RunningServer
 ) -> None:
     relay = running.relay
-    metrics = Metrics(relay, state_available=lambda: relay.state.available)
+    store = running.audit_store
+    metrics = Metrics(
+        relay,
+        state_available=lambda: relay.state.available,
+        audit_store=store.stats if store is not None else None,
+    )
     relay.audit.observers.append(metrics.observe_audit)
     relay.events.subscribe(metrics)
     running.metrics_port = await stack.enter_async_context(

@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..schema import ConfigError, format_location, read_yaml
+from .base import TlsConfig
 from .models import ServerConfig
 
 # Values that may come from the environment instead of the file (secrets from a Kubernetes
@@ -22,6 +23,7 @@ ENV_OVERRIDES = {
     # Per-node values on a shared config (a Kubernetes Deployment: the pod name and IP).
     "TUNNEL_NODE_ID": ("cluster", "node_id"),
     "TUNNEL_ADVERTISE_URL": ("cluster", "advertise_url"),
+    "TUNNEL_AUDIT_DSN": ("audit_store", "dsn"),
 }
 
 
@@ -57,28 +59,41 @@ def parse_config(
     except ValidationError as exc:
         lines = [f"{source}: {format_location(err['loc'])}: {err['msg']}" for err in exc.errors()]
         raise ConfigError("\n".join(lines)) from None
-    if config.policy_file is not None and base_dir is not None:
-        config = config.model_copy(update={"policy_file": base_dir / config.policy_file})
-    if config.tls is not None and base_dir is not None:
-        tls = config.tls.model_copy(
+    return config if base_dir is None else _resolve_paths(config, base_dir)
+
+
+def _tls_paths(tls: TlsConfig, base_dir: Path) -> TlsConfig:
+    return tls.model_copy(
+        update={
+            "cert_file": base_dir / tls.cert_file,
+            "key_file": base_dir / tls.key_file,
+            "device_ca": base_dir / tls.device_ca if tls.device_ca else None,
+        }
+    )
+
+
+def _resolve_paths(config: ServerConfig, base_dir: Path) -> ServerConfig:
+    """Relative file names in the config are relative to the config file's directory."""
+    update: dict[str, Any] = {}
+    if config.policy_file is not None:
+        update["policy_file"] = base_dir / config.policy_file
+    if config.tls is not None:
+        update["tls"] = _tls_paths(config.tls, base_dir)
+    if config.admin is not None and config.admin.tls is not None:
+        tls = _tls_paths(config.admin.tls, base_dir)
+        update["admin"] = config.admin.model_copy(update={"tls": tls})
+    if config.audit_store is not None:
+        store = config.audit_store
+        update["audit_store"] = store.model_copy(update={"path": base_dir / store.path})
+    if config.cluster is not None:
+        cluster = config.cluster
+        update["cluster"] = cluster.model_copy(
             update={
-                "cert_file": base_dir / config.tls.cert_file,
-                "key_file": base_dir / config.tls.key_file,
-                "device_ca": base_dir / config.tls.device_ca if config.tls.device_ca else None,
+                "secret_file": base_dir / cluster.secret_file if cluster.secret_file else None,
+                "ca_file": base_dir / cluster.ca_file if cluster.ca_file else None,
             }
         )
-        config = config.model_copy(update={"tls": tls})
-    if config.cluster is not None and base_dir is not None:
-        cluster = config.cluster.model_copy(
-            update={
-                "secret_file": base_dir / config.cluster.secret_file
-                if config.cluster.secret_file
-                else None,
-                "ca_file": base_dir / config.cluster.ca_file if config.cluster.ca_file else None,
-            }
-        )
-        config = config.model_copy(update={"cluster": cluster})
-    return config
+    return config.model_copy(update=update)
 
 
 def load_config(path: Path) -> ServerConfig:
