@@ -145,7 +145,7 @@ class SqliteBackend:
         return list(self._read_db.execute(sql, params).fetchall())
 
     async def search(self, query: AuditQuery) -> AuditPage:
-        sql, params = query.sql("?")
+        sql, params = query.sql("?", indexed_by=True)
         rows = await self._on(self._reader, lambda: self._read(sql, params))
         return page_from_rows(rows, query.limit)
 
