@@ -39,7 +39,9 @@ from .access.revocations import Revocations
 from .audit import AuditLog
 from .audit_store import AuditStoreError, AuditWriter
 from .config import ConfigError, HttpModeConfig, ListenConfig, OidcConfig, ServerConfig
-from .ops.admin import admin_app
+from .console import Console, running_console
+from .console import mount as mount_console
+from .ops.admin import AdminApi
 from .ops.admin import serving as admin_serving
 from .ops.auditdb import build_audit_store
 from .ops.metrics import Metrics
@@ -78,6 +80,7 @@ class RunningServer:
     http_port: int | None = None
     metrics_port: int | None = None
     audit_store: AuditWriter | None = None
+    console: Console | None = None
 
     @property
     def port(self) -> int:
@@ -321,7 +324,9 @@ async def _serve_http(
     proxy = HttpProxy(
         http,
         authenticator=running.verifier,
-        login_verifier=await stack.enter_async_context(_login_verifier(config, running.verifier)),
+        login_verifier=await stack.enter_async_context(
+            _http_login_verifier(http, running.verifier)
+        ),
         policy=lambda: policies.policy,
         audit=relay.audit,
         is_revoked=running.revocations.is_revoked,
@@ -360,8 +365,9 @@ async def _serve_admin(
     listen: ListenConfig,
     running: RunningServer,
 ) -> None:
+    """The admin API, and the console beside it when ``admin.console`` is configured."""
     relay = running.relay
-    app = admin_app(
+    api = AdminApi(
         relay,
         running.verifier,
         _admin_check(config, relay),
@@ -369,31 +375,55 @@ async def _serve_admin(
         on_revoke_user=running.http.revoke_user if running.http else None,
         publish=relay.state.revoke,
     )
+    app = api.app()
+    admin = config.admin
+    if admin is not None and admin.console is not None:
+        login = admin.console.login
+        verifier = await stack.enter_async_context(
+            _login_verifier(running.verifier, login.issuer, login.client_id)
+        )
+        console = await stack.enter_async_context(
+            running_console(
+                admin.console, api=api, verifier=verifier, state=config.state,
+                inventory=config.inventory, store=running.audit_store,
+                advertise_url=config.cluster.advertise_url if config.cluster else "",
+            )
+        )  # fmt: skip
+        mount_console(app, console)
+        running.console = console
+    ssl_context = server_context(admin.tls) if admin is not None and admin.tls else None
     running.admin_port = await stack.enter_async_context(
-        admin_serving(app, listen.host, listen.port)
+        admin_serving(app, listen.host, listen.port, ssl_context)
     )
     relay.destinations.add_own_endpoint(listen.host, running.admin_port)
 
 
 @asynccontextmanager
 async def _login_verifier(
-    config: ServerConfig, authenticator: Authenticator
-) -> AsyncIterator[TokenVerifier | None]:
-    """What checks HTTP mode's browser-login ID tokens (audience: the login client): the
-    relay's verifier of that issuer when it is one of the relay's issuers, or one of its own."""
-    login = config.http.login if config.http is not None else None
-    if login is None:
-        yield None
-        return
-    shared = authenticator.verifiers.get(login.issuer)
+    authenticator: Authenticator, issuer: str, client_id: str
+) -> AsyncIterator[TokenVerifier]:
+    """What checks a browser login's ID tokens (audience: the login client): the relay's
+    verifier of that issuer when it is one of the relay's issuers, or one of its own."""
+    shared = authenticator.verifiers.get(issuer)
     if shared is not None:
-        yield Audience(shared, [login.client_id])
+        yield Audience(shared, [client_id])
         return
-    own = build_verifier(OidcConfig(issuer=login.issuer, audiences=[login.client_id]))
+    own = build_verifier(OidcConfig(issuer=issuer, audiences=[client_id]))
     try:
         yield own
     finally:
         await own.aclose()
+
+
+@asynccontextmanager
+async def _http_login_verifier(
+    http: HttpModeConfig, authenticator: Authenticator
+) -> AsyncIterator[TokenVerifier | None]:
+    if http.login is None:
+        yield None
+        return
+    async with _login_verifier(authenticator, http.login.issuer, http.login.client_id) as found:
+        yield found
 
 
 async def _addresses(url: str, default_port: int) -> list[tuple[str, int]]:
