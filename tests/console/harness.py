@@ -21,7 +21,8 @@ import aiohttp
 
 from tunnel_protocol import NATIVE
 from tunnel_server.access.identity import Identity
-from tunnel_server.app import RunningServer
+from tunnel_server.app import RunningServer, running
+from tunnel_server.config import parse_config
 from tunnel_server.console import Console
 from tunnel_server.console.auth import SESSION_COOKIE
 from tunnel_server.web.sessions import WebSession
@@ -139,3 +140,23 @@ async def closed_code(client: RawTunnelClient, limit: float = 40 * UNIT) -> int 
     async with asyncio.timeout(limit):
         await client.finish()
     return client.result.close_code
+
+
+SECRET = "cluster-secret-for-tests-0123456789abcdef"
+
+
+@asynccontextmanager
+async def cluster_node(
+    issuer: TestIssuer, tmp_path: Path, redis_url: str, name: str
+) -> AsyncIterator[ConsoleStack]:
+    """One relay of a cluster sharing ``redis_url``, with the console (in-process)."""
+    port, admin_port = free_port(), free_port()
+    base = relay_config_data(issuer, tmp_path / name, tls=False)
+    base["listen"]["port"] = port
+    base["state"] = {"backend": "redis", "redis_url": redis_url, "lease_ttl": 2}
+    base["cluster"] = {"advertise_url": f"ws://127.0.0.1:{port}", "secret": SECRET}
+    (tmp_path / name).mkdir()
+    data = console_config_data(issuer.issuer, tmp_path / name, admin_port, base=base)
+    async with running(parse_config(data), node=name) as server:
+        assert server.console is not None
+        yield ConsoleStack(server, server.console, f"http://127.0.0.1:{admin_port}")

@@ -92,18 +92,27 @@ def bar_chart(chart_id: str, title: str, values: Sequence[int], start: float, wi
 
 
 def line_chart(chart_id: str, title: str, samples: Sequence[tuple[float, int]], now: float) -> str:
-    """Open tunnels sampled over the last hour."""
+    """Open tunnels sampled over the last hour; the latest value is drawn on to "now"."""
     w, h, pad = 600, 120, 24
     start = now - 3600
-    top = max((v for _, v in samples), default=0) or 1
-    points = " ".join(
-        f"{pad + (w - 2 * pad) * (t - start) / 3600:.1f},{h - pad - (h - 2 * pad) * v / top:.1f}"
-        for t, v in samples
-        if t >= start
-    )
+    recent = [(t, v) for t, v in samples if t >= start]
+    if recent:
+        recent.append((now, recent[-1][1]))
+    top = max((v for _, v in recent), default=0) or 1
+
+    def xy(t: float, v: int) -> tuple[str, str]:
+        x = pad + (w - 2 * pad) * (t - start) / 3600
+        return f"{x:.1f}", f"{h - pad - (h - 2 * pad) * v / top:.1f}"
+
+    points = " ".join(",".join(xy(t, v)) for t, v in recent)
     line = f"<polyline points='{points}' fill='none' stroke='#3b6ea5' stroke-width='2'/>"
-    latest = samples[-1][1] if samples else 0
-    return _svg(chart_id, title, latest, top, line, start, w, h, pad)
+    dots = "".join(
+        "<circle cx='{}' cy='{}' r='2.5' fill='#3b6ea5'>".format(*xy(t, v))
+        + f"<title>{e(iso(t))}: {v}</title></circle>"
+        for t, v in recent[:-1]
+    )
+    latest = recent[-1][1] if recent else 0
+    return _svg(chart_id, title, latest, top, line + dots, start, w, h, pad)
 
 
 def _svg(
