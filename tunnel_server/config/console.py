@@ -55,7 +55,7 @@ class ConsoleConfig(StrictModel):
     # The console's origin as browsers reach it (scheme://host[:port], no path): the sign-in
     # redirect URI is EXTERNAL_URL/console/callback, and state-changing requests must come from
     # this origin. Session cookies are Secure: use https, or http on localhost/127.0.0.1.
-    external_url: str = Field(pattern=r"^https?://[^/?#\s]+$")
+    external_url: str = Field(pattern=r"^(?i:https?)://[^/?#\s]+/?$")
     login: WebLoginConfig
     session: SessionConfig = Field(default_factory=lambda: SessionConfig(max_age=8 * 3600))
     # Seconds between the pages' live updates (JSON polling).
