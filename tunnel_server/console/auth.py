@@ -216,7 +216,11 @@ class ConsoleAuth:
         except SessionStoreUnavailable:
             raise Refusal(503, "The session store is unavailable; try again shortly.") from None
         browser = request.cookies.get(LOGIN_COOKIE, "")
-        if pending is None or not hmac.compare_digest(pending.browser, browser):
+        if (
+            pending is None
+            or not hmac.compare_digest(pending.browser, browser)
+            or pending.host != self.origin  # a pending HTTP-mode login (a shared store)
+        ):
             self._deny("bad state", 400)
             raise Refusal(400, "This sign-in link is invalid or has expired.")
         if "error" in request.query or "code" not in request.query:
