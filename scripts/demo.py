@@ -1,6 +1,7 @@
 """``make demo``: the whole stack on loopback until Ctrl-C: the development identity provider
 (deploy/dev-idp), an unprivileged sshd as the demo target, the demo web app (scripts/demo_web)
-and the relay in front of both (tunnels, and HTTP mode for the web app on its own listener).
+and the relay in front of both (tunnels, and HTTP mode for the web app on its own listener),
+with the admin console on its admin listener and the audit store in .demo/audit.db.
 ``--check`` starts everything, runs the printed commands end to end, stops and exits 0 or 1.
 Keys, certificate, configuration and logs live in ``.demo/``; see docs/demo.md."""
 
@@ -40,6 +41,7 @@ PROJECT, ZONE, INSTANCE = "demo", "demo-zone", "demo-vm"
 RELAY_PORT = 8443  # when free, else any free port
 LOCAL_PORT = 2222  # the local end of the printed start-tunnel command
 HTTP_PORT = 8080  # HTTP mode's listener when free, else any free port
+ADMIN_PORT = 8444  # the admin listener (API and console) when free, else any free port
 WEB_APP = "demo"  # the HTTP-mode route: policy resource app:demo, host demo.localhost
 WEB_CLIENT, WEB_SECRET = "tunnel-web", "tunnel-web-secret"  # the dev IdP's confidential client
 PASSWORD = "demo-password"
@@ -78,6 +80,13 @@ http:
       upstream: "http://127.0.0.1:$web_port"
       audiences: [tunnel]  # the dev IdP's access tokens (users and svc-backup)
   login: {issuer: "$issuer", client_id: $web_client, client_secret: $web_secret}
+admin:  # the admin API and the console (docs/console.md): group ops (alice) are admins
+  listen: {host: 127.0.0.1, port: $admin_port}
+  members: [group:ops]
+  console:
+    external_url: "http://127.0.0.1:$admin_port"
+    login: {issuer: "$issuer", client_id: $web_client, client_secret: $web_secret}
+audit_store: {path: audit.db}
 log_format: text
 """)
 POLICY = Template("""\
@@ -155,8 +164,10 @@ def sshd_config(state: Path, port: int, user: str) -> Path:
 
 
 def relay_config(
-    state: Path, issuer: str, relay_port: int, ssh_port: int, http_port: int, web_port: int
+    state: Path, issuer: str, relay_port: int, ssh_port: int, ports: tuple[int, int, int]
 ) -> Path:
+    """``ports``: HTTP mode's listener, the demo web app, the admin listener."""
+    http_port, web_port, admin_port = ports
     cert, key = state / "relay-cert.pem", state / "relay-key.pem"
     try:  # the relay writes a new self-signed pair (valid 30 days) when one is missing
         expires = x509.load_pem_x509_certificate(cert.read_bytes()).not_valid_after_utc
@@ -168,8 +179,9 @@ def relay_config(
         key.unlink(missing_ok=True)
     values = {"project": PROJECT, "zone": ZONE, "instance": INSTANCE, "issuer": issuer}
     values |= {"app": WEB_APP, "web_client": WEB_CLIENT, "web_secret": WEB_SECRET}
-    ports = {"relay_port": relay_port, "ssh_port": ssh_port, "http_port": http_port}
-    text = RELAY_CONFIG.substitute(values, **ports, web_port=web_port)
+    numbers = {"relay_port": relay_port, "ssh_port": ssh_port, "http_port": http_port}
+    numbers |= {"web_port": web_port, "admin_port": admin_port}
+    text = RELAY_CONFIG.substitute(values, **numbers)
     (state / "policy.yaml").write_text(POLICY.substitute(app=WEB_APP), encoding="utf-8")
     config = state / "relay.yaml"
     config.write_text(text, encoding="utf-8")
@@ -229,11 +241,14 @@ async def wait_ready(service: Service, ready: Callable[[], Awaitable[bool]]) -> 
         delay = min(delay * 2, 0.5)
 
 
-async def start_idp(stack: AsyncExitStack, state: Path, http_port: int) -> tuple[Service, str]:
+async def start_idp(
+    stack: AsyncExitStack, state: Path, http_port: int, admin_port: int
+) -> tuple[Service, str]:
     if not (IDP_SERVER.parent / "node_modules" / "oidc-provider").is_dir():
         raise DemoError("deploy/dev-idp/node_modules is missing: run make system-deps")
     argv = [tool("node"), str(IDP_SERVER), "--host", "127.0.0.1", "--port", "0"]
     argv += ["--web-redirect", f"{web_url(http_port)}/_tunnel/callback"]  # browser sign-in
+    argv += ["--web-redirect", f"{console_url(admin_port)}callback"]  # the console's
     argv.append("--exit-on-stdin-close")  # it stops even if we die without cleaning up
     for attempt in (1, 2):  # rarely a start prints nothing in time on a loaded machine
         service = await spawn(stack, "identity provider", argv, state / "idp.log", pipes=True)
@@ -317,6 +332,10 @@ async def start_relay(stack: AsyncExitStack, state: Path, config: Path, port: in
 # -- what the user runs -----------------------------------------------------------------------
 
 
+def console_url(admin_port: int) -> str:
+    return f"http://127.0.0.1:{admin_port}/console/"
+
+
 def web_url(http_port: int) -> str:
     """The demo web app as browsers reach it (*.localhost is loopback: RFC 6761)."""
     return f"http://{WEB_APP}.localhost:{http_port}"
@@ -329,6 +348,7 @@ class Demo:
     relay_port: int
     ssh_port: int
     http_port: int
+    admin_port: int
     user: str
     services: list[Service]
 
@@ -370,6 +390,7 @@ class Demo:
                 "          bob@example.com (group dev), mallory@example.com (none): denied",
                 f"  target  {PROJECT}/{ZONE}/{INSTANCE}, SSH as {self.user}, only via the relay",
                 f"  web app {app}  (HTTP mode; alice allowed, bob and mallory denied)",
+                f"  console {console_url(self.admin_port)}  (admins: group ops, i.e. alice)",
                 f"  logs    {'  '.join(show(service.log) for service in self.services)}",
                 "",
                 "In another terminal:",
@@ -384,6 +405,8 @@ class Demo:
                 f"  {shlex.join(via_local)}",
                 f"  # 4. Open {app} in a browser (sign in as alice), or after step 1:",
                 f'  curl -H "Authorization: Bearer $({token})" {app}',
+                f"  # 5. Open {console_url(self.admin_port)} (sign in as alice): live tunnels,",
+                "  #    revoke, audit search, policy explain",
                 "",
             ]
         )  # fmt: skip
@@ -499,6 +522,19 @@ async def check_web(demo: Demo, env: dict[str, str]) -> None:
         raise DemoError(f"{web_url(demo.http_port)}/: HTTP {answer.status} {text[:300]}")
 
 
+async def check_console(demo: Demo) -> None:
+    """The console asks for sign-in, and sign-in goes to the IdP."""
+    async with aiohttp.ClientSession() as session:
+        async with session.get(console_url(demo.admin_port), allow_redirects=False) as answer:
+            location = answer.headers.get("Location", "")
+        if answer.status != 302 or not location.startswith("/console/sign_in"):
+            raise DemoError(f"console: HTTP {answer.status} {location}")
+        url = urljoin(console_url(demo.admin_port), location)
+        async with session.get(url, allow_redirects=False) as answer:
+            if not answer.headers.get("Location", "").startswith(demo.issuer):
+                raise DemoError(f"console sign-in: HTTP {answer.status}, not to the IdP")
+
+
 async def check(demo: Demo) -> None:
     client_home = demo.state / "check-client"  # not the user's own logins
     shutil.rmtree(client_home, ignore_errors=True)
@@ -512,6 +548,7 @@ async def check(demo: Demo) -> None:
         ("device-flow login as alice", lambda: check_login(demo, env)),
         ("tunnel-client ssh ... 'echo demo-ok'", lambda: check_ssh(demo, env)),
         ("HTTP mode (demo web app)", lambda: check_web(demo, env)),
+        ("admin console sign-in", lambda: check_console(demo)),
     ]
     for name, step in steps:
         try:
@@ -528,15 +565,17 @@ async def check(demo: Demo) -> None:
 async def start(stack: AsyncExitStack, state: Path) -> Demo:
     """IdP, sshd, web app, relay, in this order; the stack stops them in reverse."""
     user = pwd.getpwuid(os.getuid()).pw_name
-    http_port = free_port(HTTP_PORT)  # before the IdP: its tunnel-web redirect URI names it
-    idp, issuer = await start_idp(stack, state, http_port)
+    http_port = free_port(HTTP_PORT)  # before the IdP: its tunnel-web redirect URIs name them
+    admin_port = free_port(ADMIN_PORT)
+    idp, issuer = await start_idp(stack, state, http_port, admin_port)
     sshd, ssh_port = await start_sshd(stack, state, user)
     web, web_port = await start_web(stack, state, http_port)
     relay_port = free_port(RELAY_PORT)
-    config = relay_config(state, issuer, relay_port, ssh_port, http_port, web_port)
+    ports = (http_port, web_port, admin_port)
+    config = relay_config(state, issuer, relay_port, ssh_port, ports)
     relay = await start_relay(stack, state, config, relay_port)
     services = [idp, sshd, web, relay]
-    return Demo(state, issuer, relay_port, ssh_port, http_port, user, services)
+    return Demo(state, issuer, relay_port, ssh_port, http_port, admin_port, user, services)
 
 
 async def supervise(demo: Demo) -> None:

@@ -12,6 +12,9 @@ command -v socat >/dev/null 2>&1 || need+=(socat)
 [ -x /usr/bin/chromium ] || need+=(chromium)
 # Scale-out tests run three relays sharing state in a real Redis.
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+# The audit store's PostgreSQL backend is tested against a real server (tests/postgres_fixture.py
+# runs Debian's server binaries in a temporary directory on a loopback port).
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
 # deploy/haproxy/haproxy.cfg is checked (`haproxy -c`) and run in front of two relays.
 { command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ]; } || need+=(haproxy)
 # Corporate-proxy tests: the client reaches the relay and the IdP only through a real HTTP

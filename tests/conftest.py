@@ -15,6 +15,8 @@ import pytest
 
 from .helpers import LOG_LINES, TcpTarget
 from .oidc_fixture import MINTED, TestIssuer
+from .postgres_fixture import postgres_cluster as postgres_cluster  # Debian's PostgreSQL
+from .postgres_fixture import postgres_dsn as postgres_dsn  # a fresh database on it per test
 from .redis_fixture import redis as redis  # the `redis` fixture: a real redis-server on loopback
 
 

@@ -39,6 +39,7 @@ from .access.policy import ADMIN, AccessRequest, Policy, evaluate, load_policy
 from .access.revocations import Revocations
 from .access.ssh_ca import CertificateAuthority, load_ca_key
 from .audit import AuditLog
+from .audit_store import AuditStoreError, AuditWriter
 from .config import (
     ConfigError,
     HttpModeConfig,
@@ -47,8 +48,11 @@ from .config import (
     ServerConfig,
     SshConfig,
 )
-from .ops.admin import admin_app
+from .console import Console, running_console
+from .console import mount as mount_console
+from .ops.admin import AdminApi
 from .ops.admin import serving as admin_serving
+from .ops.auditdb import build_audit_store
 from .ops.metrics import Metrics
 from .ops.metrics import serving as metrics_serving
 from .ops.tls import server_context
@@ -86,6 +90,8 @@ class RunningServer:
     http: HttpProxy | None = None
     http_port: int | None = None
     metrics_port: int | None = None
+    audit_store: AuditWriter | None = None
+    console: Console | None = None
 
     @property
     def port(self) -> int:
@@ -299,7 +305,10 @@ async def running(config: ServerConfig, *, node: str | None = None) -> AsyncIter
     revocations = Revocations()
     relay, verifier = build_relay(config, node=node, revocations=revocations)
     ssl_context = server_context(config.tls) if config.tls is not None else None
+    store = build_audit_store(config.audit_store) if config.audit_store is not None else None
     try:
+        if store is not None:  # first in, last out: it gets the records of the last closes
+            await _start_audit_store(store, relay)
         async with contextlib.AsyncExitStack() as stack:
             with _listening("listen", config.listen):
                 server = await stack.enter_async_context(_serve_relay(config, relay, ssl_context))
@@ -308,7 +317,7 @@ async def running(config: ServerConfig, *, node: str | None = None) -> AsyncIter
                 relay.destinations.add_own_endpoint(*sock.getsockname()[:2])
             running_server = RunningServer(
                 relay, server, verifier, ssl_context is not None, revocations,
-                policy_file=config.policy_file,
+                policy_file=config.policy_file, audit_store=store,
             )  # fmt: skip
             if config.http is not None:
                 await _serve_http(stack, config, config.http, running_server)
@@ -331,6 +340,8 @@ async def running(config: ServerConfig, *, node: str | None = None) -> AsyncIter
         # Handlers have returned; anything left (parked tunnels) ends now.
         relay.close_all(CloseCode.GOING_AWAY, "relay shutting down")
     finally:
+        if store is not None:
+            await store.aclose()
         await verifier.aclose()
 
 
@@ -351,6 +362,16 @@ def _listening(key: str, listen: ListenConfig) -> Iterator[None]:
         ) from None
 
 
+async def _start_audit_store(store: AuditWriter, relay: Relay) -> None:
+    """Open the audit store (migrations; one that is down is retried in the background) and
+    give it every audit record from now on."""
+    try:
+        await store.start()
+    except AuditStoreError as exc:
+        raise ConfigError(f"audit_store: {exc}") from None
+    relay.audit.listeners.append(store.offer)
+
+
 async def _serve_http(
     stack: contextlib.AsyncExitStack,
     config: ServerConfig,
@@ -364,7 +385,9 @@ async def _serve_http(
     proxy = HttpProxy(
         http,
         authenticator=running.verifier,
-        login_verifier=await stack.enter_async_context(_login_verifier(config, running.verifier)),
+        login_verifier=await stack.enter_async_context(
+            _http_login_verifier(http, running.verifier)
+        ),
         policy=lambda: policies.policy,
         audit=relay.audit,
         is_revoked=running.revocations.is_revoked,
@@ -384,7 +407,12 @@ async def _serve_metrics(
     stack: contextlib.AsyncExitStack, listen: ListenConfig, running: RunningServer
 ) -> None:
     relay = running.relay
-    metrics = Metrics(relay, state_available=lambda: relay.state.available)
+    store = running.audit_store
+    metrics = Metrics(
+        relay,
+        state_available=lambda: relay.state.available,
+        audit_store=store.stats if store is not None else None,
+    )
     relay.audit.observers.append(metrics.observe_audit)
     relay.events.subscribe(metrics)
     with _listening("metrics.listen", listen):
@@ -400,8 +428,9 @@ async def _serve_admin(
     listen: ListenConfig,
     running: RunningServer,
 ) -> None:
+    """The admin API, and the console beside it when ``admin.console`` is configured."""
     relay = running.relay
-    app = admin_app(
+    api = AdminApi(
         relay,
         running.verifier,
         _admin_check(config, relay),
@@ -409,32 +438,58 @@ async def _serve_admin(
         on_revoke_user=running.http.revoke_user if running.http else None,
         publish=relay.state.revoke,
     )
+    app = api.app()
+    admin = config.admin
+    if admin is not None and admin.console is not None:
+        login = admin.console.login
+        verifier = await stack.enter_async_context(
+            _login_verifier(running.verifier, login.issuer, login.client_id)
+        )
+        console = await stack.enter_async_context(
+            running_console(
+                admin.console, api=api, verifier=verifier, state=config.state,
+                inventory=config.inventory, store=running.audit_store,
+                advertise_url=config.cluster.advertise_url if config.cluster else "",
+            )
+        )  # fmt: skip
+        mount_console(app, console)
+        running.console = console
+    ssl_context = (
+        server_context(admin.tls, "admin.tls") if admin is not None and admin.tls else None
+    )
     with _listening("admin.listen", listen):
         running.admin_port = await stack.enter_async_context(
-            admin_serving(app, listen.host, listen.port)
+            admin_serving(app, listen.host, listen.port, ssl_context)
         )
     relay.destinations.add_own_endpoint(listen.host, running.admin_port)
 
 
 @asynccontextmanager
 async def _login_verifier(
-    config: ServerConfig, authenticator: Authenticator
-) -> AsyncIterator[TokenVerifier | None]:
-    """What checks HTTP mode's browser-login ID tokens (audience: the login client): the
-    relay's verifier of that issuer when it is one of the relay's issuers, or one of its own."""
-    login = config.http.login if config.http is not None else None
-    if login is None:
-        yield None
-        return
-    shared = authenticator.verifiers.get(login.issuer)
+    authenticator: Authenticator, issuer: str, client_id: str
+) -> AsyncIterator[TokenVerifier]:
+    """What checks a browser login's ID tokens (audience: the login client): the relay's
+    verifier of that issuer when it is one of the relay's issuers, or one of its own."""
+    shared = authenticator.verifiers.get(issuer)
     if shared is not None:
-        yield Audience(shared, [login.client_id])
+        yield Audience(shared, [client_id])
         return
-    own = build_verifier(OidcConfig(issuer=login.issuer, audiences=[login.client_id]))
+    own = build_verifier(OidcConfig(issuer=issuer, audiences=[client_id]))
     try:
         yield own
     finally:
         await own.aclose()
+
+
+@asynccontextmanager
+async def _http_login_verifier(
+    http: HttpModeConfig, authenticator: Authenticator
+) -> AsyncIterator[TokenVerifier | None]:
+    if http.login is None:
+        yield None
+        return
+    async with _login_verifier(authenticator, http.login.issuer, http.login.client_id) as found:
+        yield found
 
 
 async def _addresses(url: str, default_port: int) -> list[tuple[str, int]]:

@@ -100,6 +100,8 @@ def check_config(config_argument: Path | None, config_option: Path | None) -> No
             check_tls(config.tls, "tls")
         if config.http is not None and config.http.tls is not None:
             check_tls(config.http.tls, "http.tls")
+        if config.admin is not None and config.admin.tls is not None:
+            check_tls(config.admin.tls, "admin.tls")
         if config.ssh is not None:
             build_ca(config.ssh)  # the CA keys are readable SSH private keys
     except ConfigError as exc:

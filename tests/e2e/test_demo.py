@@ -67,6 +67,7 @@ async def test_demo_check(tmp_path: Path) -> None:
     assert process.returncode == 0, output
     assert "ok: tunnel-client ssh ... 'echo demo-ok'" in output
     assert "ok: HTTP mode (demo web app)" in output
+    assert "ok: admin console sign-in" in output
     assert output.rstrip().endswith("Demo check passed.\nDemo stopped.")
     relay = re.search(r"TUNNEL_SERVER=wss://127\.0\.0\.1:(\d+)", output)
     issuer = re.search(r"IdP +http://127\.0\.0\.1:(\d+)", output)
@@ -86,5 +87,9 @@ async def test_demo_check(tmp_path: Path) -> None:
     assert await _refused(int(issuer[1])), "the IdP still listens"
     assert await _refused(int(web[1])), "HTTP mode still listens"
     assert await _refused(int(upstream[1])), "the demo web app still listens"
+    console = re.search(r"console +http://127\.0\.0\.1:(\d+)/console/ ", output)
+    assert console is not None
+    assert await _refused(int(console[1])), "the admin listener still listens"
+    assert (tmp_path / "demo" / "audit.db").is_file()
     # The web app's own port is never printed: it is reached only through HTTP mode.
     assert f"127.0.0.1:{upstream[1]}" not in output

@@ -8,6 +8,7 @@ from ..access.inventory import DestinationGroupConfig, InstanceConfig, Inventory
 from ..access.policy import AllowRule, PortRange
 from ..schema import ConfigError, read_yaml
 from .base import ListenConfig, TlsConfig
+from .console import AuditStoreConfig, ConsoleConfig
 from .http import HttpModeConfig, RouteConfig, SessionConfig, WebLoginConfig
 from .load import ENV_OVERRIDES, load_config, parse_config
 from .models import (
@@ -27,8 +28,10 @@ __all__ = [
     "ENV_OVERRIDES",
     "AdminConfig",
     "AllowRule",
+    "AuditStoreConfig",
     "ClusterConfig",
     "ConfigError",
+    "ConsoleConfig",
     "DestinationGroupConfig",
     "HttpModeConfig",
     "InstanceConfig",

@@ -22,6 +22,7 @@ ENV_OVERRIDES = {
     # Per-node values on a shared config (a Kubernetes Deployment: the pod name and IP).
     "TUNNEL_NODE_ID": ("cluster", "node_id"),
     "TUNNEL_ADVERTISE_URL": ("cluster", "advertise_url"),
+    "TUNNEL_AUDIT_DSN": ("audit_store", "dsn"),
 }
 
 

@@ -15,6 +15,7 @@ from ..access.inventory import InventoryConfig
 from ..access.policy import AllowRule
 from ..schema import NAME_PATTERN, ConfigError, StrictModel, check_members
 from .base import ListenConfig, TlsConfig
+from .console import AuditStoreConfig, ConsoleConfig
 from .http import HttpModeConfig
 
 
@@ -80,10 +81,13 @@ class TunnelSettings(StrictModel):
 
 
 class AdminConfig(StrictModel):
-    """The admin listener (sessions list / revoke). Plain HTTP: keep it on a private address."""
+    """The admin listener (sessions list / revoke, and the console when ``console`` is set).
+    Plain HTTP unless ``tls`` is given: keep it on a private address."""
 
     listen: ListenConfig = Field(default_factory=lambda: ListenConfig(port=8444))
     members: list[str] = Field(min_length=1)
+    tls: TlsConfig | None = None
+    console: ConsoleConfig | None = None
 
     @field_validator("members")
     @classmethod
@@ -216,6 +220,8 @@ class ServerConfig(StrictModel):
     metrics: MetricsConfig | None = None
     # SSH certificates issued by the relay (docs/ssh-certificates.md).
     ssh: SshConfig | None = None
+    # Audit records in a database too (SQLite or PostgreSQL): docs/audit.md.
+    audit_store: AuditStoreConfig | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -1,13 +1,16 @@
-"""The admin listener (its own address): list and revoke tunnels, authenticated by a bearer token
-whose identity holds the admin role. JSON over HTTP, served with aiohttp."""
+"""The admin listener (its own address): list and revoke tunnels under ``/admin/``, authenticated
+by a bearer token whose identity holds the admin role. JSON over HTTP, served with aiohttp. The
+console (``tunnel_server.console``), when configured, is mounted beside it under ``/console/``
+and revokes through the same ``AdminApi.revoke_subject``."""
 
 from __future__ import annotations
 
 import json
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web
 
@@ -68,11 +71,15 @@ class AdminApi:
         self.publish = publish
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self.authenticate], client_max_size=64 * 1024)
-        app.router.add_get("/admin/sessions", self.list_sessions)
-        app.router.add_post("/admin/revoke", self.revoke)
-        app.router.add_get("/admin/explain", self.explain_refusal)
-        return app
+        """The listener's root application: the JSON API under ``/admin/`` (bearer tokens);
+        other parts (the console) may be mounted beside it with ``add_subapp``."""
+        api = web.Application(middlewares=[self.authenticate], client_max_size=64 * 1024)
+        api.router.add_get("/sessions", self.list_sessions)
+        api.router.add_post("/revoke", self.revoke)
+        api.router.add_get("/explain", self.explain_refusal)
+        root = web.Application(client_max_size=64 * 1024)
+        root.add_subapp("/admin/", api)
+        return root
 
     @web.middleware
     async def authenticate(
@@ -133,9 +140,20 @@ class AdminApi:
             return _json({"error": "JSON body required"}, 400)
         if not isinstance(body, dict) or len(body.keys() & {"user", "session"}) != 1:
             return _json({"error": 'give exactly one of "user" or "session"'}, 400)
-        admin, relay = request[_PRINCIPAL], self.relay
+        admin = request[_PRINCIPAL]
         if "user" in body:
-            subject = str(body["user"])
+            closed = await self.revoke_subject("user", str(body["user"]), admin)
+        else:
+            closed = await self.revoke_subject("session", str(body["session"]), admin)
+        return _json({"closed": closed})
+
+    async def revoke_subject(
+        self, kind: Literal["user", "session"], subject: str, admin: str
+    ) -> int:
+        """Revoke a user (their tunnels close and their current tokens are refused) or one
+        tunnel, here and, through the shared state, on every node; how many closed here."""
+        relay = self.relay
+        if kind == "user":
             at = self.revocations.revoke_user(subject)
             relay.audit.record("user_revoked", principal=subject, at=at, by=admin)
             closed = relay.revoke_user(subject, by=admin)
@@ -143,14 +161,13 @@ class AdminApi:
                 closed += self.on_revoke_user(subject)
             revocation = Revocation("user", subject, at, admin, relay.node)
         else:
-            subject = str(body["session"])
             closed = relay.revoke_session(subject, by=admin)
             revocation = Revocation("session", subject, time.time(), admin, relay.node)
         relay.events.revocation("local")
         if self.publish is not None:
             # Never fails: kept and pushed again when the shared state is back.
             await self.publish(revocation)
-        return _json({"closed": closed})
+        return closed
 
 
 def admin_app(
@@ -185,7 +202,9 @@ def _json(
 
 
 @asynccontextmanager
-async def serving(app: web.Application, host: str, port: int) -> AsyncIterator[int]:
-    """Run the admin app on host:port; yields the bound port."""
-    async with serve_app(app, host, port) as bound:
+async def serving(
+    app: web.Application, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+) -> AsyncIterator[int]:
+    """Run the admin app on host:port (HTTPS with ``ssl_context``); yields the bound port."""
+    async with serve_app(app, host, port, ssl_context=ssl_context) as bound:
         yield bound

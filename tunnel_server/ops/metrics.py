@@ -27,6 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from ..audit_store import StoreStats
 from .listeners import serve_app
 
 __all__ = [
@@ -159,7 +160,8 @@ class Metrics:
 
     ``source``: the relay (its ``sessions`` are read at scrape time). ``state_available``: cheap,
     non-blocking answer to "is the shared state store reachable right now", read at scrape time
-    (``tunnel_state_store_up``); without it that metric is not exported.
+    (``tunnel_state_store_up``); without it that metric is not exported. ``audit_store``: the
+    audit store writer's counters (``tunnel_audit_store_*``), when there is one.
 
     Call everything from the event loop's thread (the scrape handler runs there too)."""
 
@@ -168,6 +170,7 @@ class Metrics:
         source: SessionSource,
         *,
         state_available: Callable[[], bool] | None = None,
+        audit_store: Callable[[], StoreStats] | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         self._source = source
@@ -217,6 +220,8 @@ class Metrics:
             for value in values:
                 counter.labels(value)
         r.register(_LiveCollector(self))
+        if audit_store is not None:
+            r.register(_StoreCollector(audit_store))
         ProcessCollector(registry=r)  # process_* (CPU, memory, open file descriptors)
 
     # -- called by the relay --------------------------------------------------------------------
@@ -340,6 +345,35 @@ class _LiveCollector(Collector):
             state.add_metric([], up)
             families.append(state)
         return families
+
+
+class _StoreCollector(Collector):
+    """The audit store writer's counters, read at scrape time."""
+
+    def __init__(self, stats: Callable[[], StoreStats]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterable[Metric]:
+        stats = self._stats()
+        up = GaugeMetricFamily(
+            "tunnel_audit_store_up", "1 if the last write to the audit store succeeded, else 0."
+        )
+        up.add_metric([], 1.0 if stats.up else 0.0)
+        written = CounterMetricFamily(
+            "tunnel_audit_store_written", "Audit records written to the audit store."
+        )
+        written.add_metric([], stats.written)
+        dropped = CounterMetricFamily(
+            "tunnel_audit_store_dropped",
+            "Audit records not written to the audit store (queue full, store down): they are "
+            "in the JSON audit log only.",
+        )
+        dropped.add_metric([], stats.dropped)
+        queued = GaugeMetricFamily(
+            "tunnel_audit_store_queued", "Audit records waiting to be written to the store."
+        )
+        queued.add_metric([], stats.queued)
+        return [up, written, dropped, queued]
 
 
 def metrics_app(metrics: Metrics) -> web.Application:
