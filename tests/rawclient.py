@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
 import ssl
 from dataclasses import dataclass, field
 
@@ -45,8 +46,14 @@ class RawTunnelClient:
         subprotocol: str,
         *,
         ssl_context: ssl.SSLContext | None = None,
+        local_address: str | None = None,
+        preamble: bytes = b"",
     ) -> None:
+        """``local_address``: connect from this loopback address; ``preamble``: bytes sent
+        before everything else, TLS included (a PROXY protocol header)."""
         self.dialect = DIALECTS[subprotocol]
+        self._local_address = local_address
+        self._preamble = preamble
         self.subprotocol = subprotocol
         self.tunnel = Tunnel(Side.CLIENT, self.dialect, buffer_limit=64 * 1024 * 1024)
         self._url = url
@@ -99,9 +106,24 @@ class RawTunnelClient:
 
     async def _handshake(self) -> None:
         uri = parse_uri(self._url)
-        self._reader, self._writer = await asyncio.open_connection(
-            uri.host, uri.port, ssl=self._ssl if uri.secure else None
-        )
+        tls = self._ssl if uri.secure else None
+        if self._local_address is None and not self._preamble:
+            self._reader, self._writer = await asyncio.open_connection(uri.host, uri.port, ssl=tls)
+        else:
+            loop = asyncio.get_running_loop()
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                if self._local_address is not None:
+                    sock.bind((self._local_address, 0))
+                await loop.sock_connect(sock, (uri.host, uri.port))
+                await loop.sock_sendall(sock, self._preamble)
+            except BaseException:
+                sock.close()
+                raise
+            self._reader, self._writer = await asyncio.open_connection(
+                sock=sock, ssl=tls, server_hostname=uri.host if tls else None
+            )
         request = self.ws.connect()
         request.headers["Authorization"] = f"Bearer {self._token}"
         request.headers["Origin"] = "bot:iap-tunneler"

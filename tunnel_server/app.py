@@ -55,6 +55,7 @@ from .ops.admin import serving as admin_serving
 from .ops.auditdb import build_audit_store
 from .ops.metrics import Metrics
 from .ops.metrics import serving as metrics_serving
+from .ops.proxied import ProxiedListener, listening_socket, websockets_factory
 from .ops.tls import server_context
 from .relay import Relay
 from .relay.admission import Admission
@@ -394,6 +395,8 @@ async def _serve_http(
         store=build_session_store(config.state),
     )
     running.http = proxy
+    # Destinations with proxy_protocol get the caller's identity signed with these keys.
+    relay.tunnels.sign_identity = proxy.signer.sign
     policies.subscribe(lambda _policy: proxy.redecide_all())
     http_ssl = server_context(http.tls, "http.tls") if http.tls else None
     with _listening("http.listen", http.listen):
@@ -545,7 +548,7 @@ def _admin_check(config: ServerConfig, relay: Relay) -> Callable[[Identity], boo
 
 
 def _serve_relay(config: ServerConfig, relay: Relay, ssl_context: ssl.SSLContext | None) -> Server:
-    return serve(
+    server = serve(
         relay.tunnels.handler,
         config.listen.host,
         config.listen.port,
@@ -560,6 +563,23 @@ def _serve_relay(config: ServerConfig, relay: Relay, ssl_context: ssl.SSLContext
         close_timeout=5,
         server_header="identity-tunnel",
     )
+    if config.proxy_protocol:
+        factory = websockets_factory(server)
+
+        def refused(peer: str, why: str) -> None:
+            relay.audit.record("proxy_header", decision="deny", reason=why, source_ip=peer)
+
+        async def create_server() -> ProxiedListener:
+            listener = ProxiedListener(
+                listening_socket(config.listen.host, config.listen.port), factory,
+                trusted=config.trusted_proxies, ssl_context=ssl_context,
+                header_timeout=config.tunnel.handshake_timeout, on_refused=refused,
+            )  # fmt: skip
+            await listener.start_serving()
+            return listener
+
+        server.create_server = create_server  # type: ignore[assignment]
+    return server
 
 
 # Names that lived here before the process runtime and the logs left the composition root: kept

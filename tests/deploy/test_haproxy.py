@@ -1,7 +1,8 @@
 """deploy/haproxy/haproxy.cfg: `haproxy -c`, the settings long-lived tunnels depend on, and (e2e)
-the real file in front of real relays on loopback: TLS passes through, round robin reaches
-every node, a dead node and a draining node (/readyz 503) are taken out by the health check,
-and a tunnel already open on the draining node is not cut."""
+the real file in front of real relays on loopback: TLS passes through, the relays see the
+client's address (PROXY v2), round robin reaches every node, a dead node and a draining node
+(/readyz 503) are taken out by the health check, and a tunnel already open on the draining node
+is not cut."""
 
 from __future__ import annotations
 
@@ -16,16 +17,18 @@ import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tunnel_server.app import RunningServer
 
-from ..helpers import relay_config_data, start_relay
+from ..helpers import capture_audit, relay_config_data, start_relay
 from ..oidc_fixture import TestIssuer
 from ..ports import free_port
 from .files import HAPROXY_CFG, haproxy_seconds, haproxy_sections, haproxy_servers
 
+CLIENT = "127.0.0.5"  # where the test's clients connect from (HAProxy itself: 127.0.0.1)
 HAPROXY = shutil.which("haproxy") or (
     "/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None
 )
@@ -78,6 +81,8 @@ def test_tunnels_are_long_lived_and_checked_on_readyz() -> None:
     words = default_server.split()
     assert {"check", "check-ssl"} <= set(words), "the relay port speaks TLS"
     assert "ssl" not in words, "passthrough: HAProxy must not open TLS to the relays itself"
+    # The relays learn the client's address (proxy_protocol: true on their side).
+    assert {"send-proxy-v2", "check-send-proxy"} <= set(words)
     # A draining node keeps its tunnels until drain_grace ends.
     assert "shutdown-sessions" not in HAPROXY_CFG.read_text().replace(
         "No `on-marked-down shutdown-sessions`", ""
@@ -136,12 +141,12 @@ class Connection:
         self.cert: bytes = ssl_object.getpeercert(binary_form=True)
 
     @classmethod
-    async def open(cls, port: int) -> Connection:
+    async def open(cls, port: int, source: str = CLIENT) -> Connection:
         context = ssl.create_default_context()
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE  # two self-signed relays; identified by cert below
         reader, writer = await asyncio.open_connection(
-            "127.0.0.1", port, ssl=context, server_hostname="localhost"
+            "127.0.0.1", port, ssl=context, server_hostname="localhost", local_addr=(source, 0)
         )
         return cls(reader, writer)
 
@@ -176,6 +181,12 @@ async def haproxy(config: Path) -> AsyncIterator[asyncio.subprocess.Process]:
         log.close()
 
 
+def behind_haproxy(data: dict[str, Any]) -> dict[str, Any]:
+    """A relay config as deploy/relay.cluster.example.yaml has it: HAProxy (connecting from
+    127.0.0.1 here) sends PROXY v2 headers and is the only peer trusted to."""
+    return {**data, "proxy_protocol": True, "trusted_proxies": ["127.0.0.1/32"]}
+
+
 def cert_der(data: dict[str, object]) -> bytes:
     tls = data["tls"]
     assert isinstance(tls, dict)
@@ -193,7 +204,7 @@ async def test_haproxy_in_front_of_relays(issuer: TestIssuer, tmp_path: Path) ->
         for name in ("relay-1", "relay-2"):
             directory = tmp_path / name
             directory.mkdir()
-            data = relay_config_data(issuer, directory)
+            data = behind_haproxy(relay_config_data(issuer, directory))
             relays[name] = await stack.enter_async_context(start_relay(data))
             certs[cert_der(data)] = name
         config = tmp_path / "haproxy.cfg"
@@ -215,6 +226,17 @@ async def test_haproxy_in_front_of_relays(issuer: TestIssuer, tmp_path: Path) ->
             assert await conn.get("/healthz") == "HTTP/1.1 200 OK"
             await conn.close()
         assert sorted(set(seen)) == ["relay-1", "relay-2"], seen
+
+        # The relays see the client's own address (PROXY v2), not HAProxy's: a connect without
+        # a token is refused, and the audit record names the client.
+        audits = {name: capture_audit(relay) for name, relay in relays.items()}
+        conn = await Connection.open(front)
+        assert (await conn.get("/v4/connect?project=p&zone=z&instance=vm1&port=22")).startswith(
+            "HTTP/1.1 4"
+        )
+        await conn.close()
+        [record] = [r for name in audits for r in audits[name] if r["event"] == "handshake"]
+        assert record["source_ip"] == CLIENT
 
         # A connection open on a node that starts draining...
         held = await Connection.open(front)

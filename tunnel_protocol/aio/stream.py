@@ -159,6 +159,13 @@ class TcpStream(asyncio.BufferedProtocol):
             finally:
                 self._drain = None
 
+    def write_preamble(self, data: bytes) -> None:
+        """Bytes the relay itself sends before any of the tunnel's (a PROXY header): written
+        at once, not counted in ``bytes_written`` (that is what the tunnel delivered)."""
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("connection closed")
+        self.transport.write(data)
+
     async def write_eof(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             if self.transport.can_write_eof():

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -18,6 +18,22 @@ from ..schema import Name, StrictModel
 from .addresses import InvalidAddress, IPAddress, IPNetwork, canonical_ip, within
 
 
+class ProxyProtocolConfig(StrictModel):
+    """The relay writes a PROXY v2 header, with the tunnel id and a signed identity, to this
+    destination before the first byte of a tunnel (docs/upstream-identity.md). ``ports``: only
+    these (empty: every port); ``audience``: the assertion's ``aud`` (default: the policy
+    resource, ``instance:P/Z/N`` or ``group:P/R/N/G``)."""
+
+    version: Literal["v2"] = "v2"
+    ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(default_factory=list)
+    audience: str | None = Field(default=None, min_length=1, max_length=256)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {"version": data} if isinstance(data, str) else data
+
+
 class InstanceConfig(StrictModel):
     """An instance of the inventory: ``interfaces`` maps nic0.. to a private address."""
 
@@ -26,6 +42,7 @@ class InstanceConfig(StrictModel):
     name: Name
     interfaces: dict[Name, str] = Field(min_length=1)
     labels: dict[str, str] = Field(default_factory=dict)
+    proxy_protocol: ProxyProtocolConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -53,6 +70,7 @@ class DestinationGroupConfig(StrictModel):
     fqdns: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9.-]{1,253}$")]] = Field(
         default_factory=list
     )
+    proxy_protocol: ProxyProtocolConfig | None = None
 
     @property
     def key(self) -> str:
@@ -95,6 +113,14 @@ class Destination:
     port: int
     networks: tuple[IPNetwork, ...] = ()
     any_address: bool = False
+    # Set when the destination wants a PROXY v2 header with the caller's identity: its audience.
+    proxy_audience: str | None = None
+
+
+def _proxy_audience(config: ProxyProtocolConfig | None, resource: str, port: int) -> str | None:
+    if config is None or (config.ports and port not in config.ports):
+        return None
+    return config.audience or resource
 
 
 def _literal(host: str) -> IPAddress | None:
@@ -147,15 +173,19 @@ class Inventory:
             address = instance.interfaces.get(target.interface)
             if address is None:
                 raise LookupFailed(f"instance {target.name} has no interface {target.interface}")
+            resource = f"instance:{target.name}"
+            audience = _proxy_audience(instance.proxy_protocol, resource, target.port)
             literal = _literal(address)
             if literal is None:  # the operator named a DNS name for this instance
-                return Destination(f"instance:{target.name}", address, target.port, (), True)
+                return Destination(resource, address, target.port, (), True, audience)
             network = ipaddress.ip_network(literal)
-            return Destination(f"instance:{target.name}", address, target.port, (network,))
+            return Destination(resource, address, target.port, (network,), False, audience)
         group = self._find_group(target)
         if group is None:
             raise LookupFailed(f"host {target.host} is in no destination group of {target.name}")
         by_name = _literal(target.host) is None
+        resource = f"group:{group.key}"
+        audience = _proxy_audience(group.proxy_protocol, resource, target.port)
         return Destination(
-            f"group:{group.key}", target.host, target.port, tuple(group.cidrs), by_name
+            resource, target.host, target.port, tuple(group.cidrs), by_name, audience
         )

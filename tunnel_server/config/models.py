@@ -214,6 +214,9 @@ class ServerConfig(StrictModel):
     trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
         default_factory=list
     )
+    # The relay listener reads a PROXY protocol header (v1 or v2) from trusted_proxies (a
+    # TCP-passthrough balancer: HAProxy send-proxy-v2, AWS NLB, ...): docs/operations.md.
+    proxy_protocol: bool = False
     # Shared state and clustering (docs/scale-out.md); metrics (docs/operations.md).
     state: StateConfig = Field(default_factory=StateConfig)
     cluster: ClusterConfig | None = None
@@ -247,6 +250,17 @@ class ServerConfig(StrictModel):
             raise ValueError(
                 "state.backend 'redis' needs a cluster section (advertise_url and secret)"
             )
+        if self.proxy_protocol and not self.trusted_proxies:
+            raise ValueError("proxy_protocol needs trusted_proxies (the balancers that send it)")
+        if self.http is None:
+            wanting = [i.key for i in self.inventory.instances if i.proxy_protocol] + [
+                g.key for g in self.inventory.destination_groups if g.proxy_protocol
+            ]
+            for key in wanting:
+                raise ValueError(
+                    f"inventory {key}: proxy_protocol signs the caller's identity with "
+                    "HTTP mode's keys: add an http section (its issuer_url and JWKS)"
+                )
         for n, rule in enumerate(self.access):
             for key in rule.instances:
                 if key != "*" and key not in instances:

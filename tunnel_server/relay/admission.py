@@ -31,6 +31,7 @@ from ..access.policy import (
     AccessRequest,
     Binding,
     Decision,
+    access_levels_met,
     evaluate,
     render_logins,
 )
@@ -180,6 +181,10 @@ class Admission:
             decision.category, decision.reason, access, fields,
             session.tunnel.dialect.name, event="resume",
         )  # fmt: skip
+
+    def access_levels(self, grant: Grant) -> list[str]:
+        """The access levels the granted request meets now (for a signed identity)."""
+        return access_levels_met(grant.access, self.policies.policy, self.clock())
 
     def dial_filter(self, grant: Grant) -> Callable[[IPAddress], bool]:
         """Which resolved addresses the tunnel may dial: inside what the operator named for

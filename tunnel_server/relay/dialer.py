@@ -29,6 +29,8 @@ from ..access.addresses import (
 Resolver: TypeAlias = Callable[[str, int], Awaitable[Sequence[str]]]
 # Connect a TCP stream to exactly this address; tests inject one to record attempts.
 Connector: TypeAlias = Callable[[IPAddress, int], Awaitable[TcpStream]]
+# What to write first on the connection to the address dialed (a PROXY header).
+Preamble: TypeAlias = Callable[[IPAddress, int], bytes]
 
 
 async def system_resolver(host: str, port: int) -> list[str]:
@@ -88,15 +90,25 @@ async def _resolve(
     return vet(host, port, answers, policy, allowed)
 
 
-async def _dial(resolution: Resolution, connect: Connector) -> tuple[TcpStream, IPAddress]:
+async def _dial(
+    resolution: Resolution, connect: Connector, preamble: Preamble | None = None
+) -> tuple[TcpStream, IPAddress]:
     if not resolution.addresses:
         raise DestinationDenied("no address left to dial")
     failures: list[str] = []
     for address in resolution.addresses:
         try:
-            return await connect(address, resolution.port), address
+            stream = await connect(address, resolution.port)
         except OSError as exc:
             failures.append(f"{address}: {exc.strerror or exc}")
+            continue
+        if preamble is not None:
+            try:
+                stream.write_preamble(preamble(address, resolution.port))
+            except BaseException:
+                stream.abort()
+                raise
+        return stream, address
     raise DialFailed("dial failed: " + "; ".join(failures), resolution.addresses[0])
 
 
@@ -147,15 +159,17 @@ async def resolve_and_dial(
     resolver: Resolver | None = None,
     timeout: float,  # noqa: ASYNC109
     connect: Connector | None = None,
+    preamble: Preamble | None = None,
 ) -> tuple[TcpStream, IPAddress]:
-    """``resolve_destination`` then ``dial_resolution`` within one ``timeout``.
+    """``resolve_destination`` then ``dial_resolution`` within one ``timeout``; ``preamble``
+    gives the bytes to send first on the connection made.
 
     Raises DestinationDenied (nothing dialed) or DialFailed / ResolutionFailed."""
     resolution: Resolution | None = None
     try:
         async with asyncio.timeout(timeout):
             resolution = await _resolve(host, port, policy, allowed, resolver or system_resolver)
-            return await _dial(resolution, connect or dial_ip)
+            return await _dial(resolution, connect or dial_ip, preamble)
     except TimeoutError:
         if resolution is None:
             raise ResolutionFailed("resolution timeout") from None

@@ -14,7 +14,7 @@ from tunnel_protocol.aio.pump import End, Pump
 from tunnel_protocol.tunnel import Event, ReauthReceived
 from tunnel_protocol.urls import ConnectRequest, HostTarget, ReconnectRequest
 
-from ..access.addresses import DestinationError
+from ..access.addresses import DestinationError, IPAddress
 from ..audit import AuditLog
 from ..config import TunnelSettings
 from ..state import new_sid
@@ -22,10 +22,11 @@ from .admission import Admission
 from .cluster import Cluster
 from .connection import Admitted, RelayConnection
 from .continuous import Reauthorizer
-from .dialer import resolve_and_dial
+from .dialer import Preamble, resolve_and_dial
 from .refused import Refused
 from .registry import Registry
 from .session import Session
+from .upstream_identity import IdentitySigner, proxy_header
 
 # Closes we send that expect the client to come back on /v4/reconnect: the tunnel is parked.
 _PARK_AFTER = frozenset({CloseCode.SID_IN_USE, CloseCode.REAUTHENTICATION_REQUIRED})
@@ -41,6 +42,7 @@ class Tunnels:
         cluster: Cluster,
         settings: TunnelSettings,
         audit: AuditLog,
+        sign_identity: IdentitySigner | None = None,
     ) -> None:
         self.admission = admission
         self.registry = registry
@@ -48,6 +50,9 @@ class Tunnels:
         self.cluster = cluster
         self.settings = settings
         self.audit = audit
+        # HTTP mode's signer, for destinations with proxy_protocol; the composition root sets
+        # it once HTTP mode runs (its keys and JWKS are the ones upstreams trust).
+        self.sign_identity = sign_identity
 
     async def handler(self, ws: ServerConnection) -> None:
         """websockets' connection handler, for connections the handshake admitted."""
@@ -104,6 +109,19 @@ class Tunnels:
             admitted.identity, request, admitted.source_ip, admitted.device, dialect
         )
         destination = grant.destination
+        target = request.target
+        preamble: Preamble | None = None
+        if destination.proxy_audience is not None:
+            audience, levels = destination.proxy_audience, self.admission.access_levels(grant)
+            name = target.host if isinstance(target, HostTarget) else target.name
+
+            def preamble(dialed: IPAddress, port: int) -> bytes:
+                return proxy_header(
+                    self.sign_identity, identity=admitted.identity, audience=audience,
+                    access_levels=levels, tunnel_id=sid, target=name,
+                    source_ip=admitted.source_ip, dialed=dialed, port=port,
+                )  # fmt: skip
+
         try:
             # Resolve once, check every answer, connect to exactly the address checked.
             stream, dialed = await resolve_and_dial(
@@ -112,6 +130,7 @@ class Tunnels:
                 policy=self.admission.destinations.scoped(destination.networks),
                 allowed=self.admission.dial_filter(grant),
                 timeout=self.settings.dial_timeout,
+                preamble=preamble,
             )
         except DestinationError as exc:
             raise self.admission.dial_refused(grant, exc, dialect) from None
@@ -119,7 +138,6 @@ class Tunnels:
             Side.SERVER, DIALECTS[subprotocol], buffer_limit=self.settings.resume_buffer
         )
         tunnel.attach_server(sid.encode())
-        target = request.target
         session = Session(
             sid,
             admitted.identity,
