@@ -66,6 +66,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench
 	$(BIN)/python -m bench.cluster --out docs/benchmarks-cluster.md
 	$(BIN)/python -m bench.audit_search --out docs/benchmarks-audit.md
+	$(BIN)/python -m bench.proxy_header --out docs/benchmarks-proxy-header.md
 
 demo: venv system-deps
 	$(BIN)/python -m scripts.demo
