@@ -106,10 +106,11 @@ class ConsoleStack:
 
 @asynccontextmanager
 async def console_stack(
-    issuer: TestIssuer, tmp_path: Path, **relay: Any
+    issuer: TestIssuer, tmp_path: Path, extra: dict[str, Any] | None = None, **relay: Any
 ) -> AsyncIterator[ConsoleStack]:
+    """``extra``: top-level config sections added to the relay's (``ssh``, ...)."""
     port = free_port()
-    base = relay_config_data(issuer, tmp_path, tls=False, **relay)
+    base = relay_config_data(issuer, tmp_path, tls=False, **relay) | (extra or {})
     data = console_config_data(issuer.issuer, tmp_path, port, base=base)
     async with start_relay(data) as server:
         assert server.console is not None

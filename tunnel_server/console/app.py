@@ -23,7 +23,7 @@ from ..access.policy import Explanation, explain
 from ..audit_store import MAX_PAGE, AuditQuery, AuditStoreUnavailable, AuditWriter
 from ..ops.admin import AdminApi
 from ..relay import Relay
-from . import pages
+from . import certificates, pages
 from .auth import CSRF_HEADER, Admin, ConsoleAuth, Refusal, redirect
 from .cluster import ClusterSnapshot
 from .views import (
@@ -105,6 +105,7 @@ class Console:
         r.add_get("/tunnels", self._admin(self.tunnels_page))
         r.add_get("/audit", self._admin(self.audit_page))
         r.add_get("/audit/export", self._admin(self.export))
+        r.add_get("/certificates", self._admin(self.certificates_page))
         r.add_get("/policy", self._admin(self.policy_page))
         r.add_post("/policy/explain", self._admin(self.explain))
         r.add_post("/revoke", self._admin(self.revoke_form))
@@ -291,6 +292,27 @@ class Console:
         await _stream_records(self.store, query, fmt, response)
         await response.write_eof()
         return response
+
+    # -- SSH certificates -----------------------------------------------------------------------
+
+    async def certificates_page(self, request: web.Request, admin: Admin) -> web.Response:
+        params = {k: v for k, v in request.query.items() if k in ("user", "range", "before")}
+        params = {k: v for k, v in params.items() if len(v) <= 600}
+        issuer = self.relay.certificates
+        status = issuer.status if issuer is not None else None
+        found, error = None, None
+        if self.store is None:
+            error = "No audit store is configured (audit_store: in the config)."
+        elif status is not None:
+            try:
+                query = audit_query({**params, "event": certificates.EVENT}, self.clock())
+                found = await self.store.search(query)
+            except FormError as exc:
+                error = str(exc)
+            except AuditStoreUnavailable:
+                error = "The audit store is unavailable; records are still in the JSON audit log."
+        body = certificates.page(params, found, status, error)
+        return self._page("SSH certificates", body, admin, "certificates")
 
     # -- policy ---------------------------------------------------------------------------------
 

@@ -18,7 +18,8 @@ from .cluster import ClusterSnapshot, NodeRow, TunnelRow
 from .views import FILTERS, OUTCOMES, RANGES, ExplainForm, iso
 
 NAV = (("overview", "/console/", "Overview"), ("tunnels", "/console/tunnels", "Live tunnels"),
-       ("audit", "/console/audit", "Audit"), ("policy", "/console/policy", "Policy"))  # fmt: skip
+       ("audit", "/console/audit", "Audit"), ("certificates", "/console/certificates",
+       "SSH certificates"), ("policy", "/console/policy", "Policy"))  # fmt: skip
 TUNNEL_COLUMNS = (
     ("principal", "User"), ("target", "Target"), ("port", "Port"), ("client", "Client"),
     ("node", "Node"), ("dialect", "Dialect"), ("bytes", "Bytes in / out"),

@@ -26,6 +26,7 @@ from ..access.policy import Policy
 from ..audit import AuditLog
 from ..state import Revocation, StateStore
 from .admission import Admission
+from .certificates import CertificateIssuer
 from .cluster import Cluster
 from .connection import RelayConnection
 from .continuous import Reauthorizer
@@ -85,6 +86,11 @@ class Relay:
     @property
     def caps(self) -> TunnelCaps:
         return self.registry.caps
+
+    @property
+    def certificates(self) -> CertificateIssuer | None:
+        """The SSH certificate issuer (None without ``ssh:`` in the config)."""
+        return self.handshake.certificates
 
     # -- operations -------------------------------------------------------------------------
 

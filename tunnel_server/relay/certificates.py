@@ -109,6 +109,14 @@ class CertificateIssuer:
                 serials.append(serial)
         return serials
 
+    def status(self, principal: str, issued_at: float, valid_before: float) -> str:
+        """``valid``, ``expired`` or ``revoked`` (its user was revoked after it was issued:
+        in the KRL while it lives), for any certificate this cluster issued."""
+        if valid_before <= self.clock():
+            return "expired"
+        revoked = self._revoked_at(principal)
+        return "revoked" if revoked is not None and issued_at <= revoked else "valid"
+
     def krl(self) -> bytes:
         """The KRL of this node's live revoked certificates (sshd ``RevokedKeys``)."""
         return self.ca.krl(self.revoked_serials(), version=int(self.clock()))
