@@ -17,6 +17,10 @@ command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
 # deploy/haproxy/haproxy.cfg is checked (`haproxy -c`) and run in front of two relays.
 { command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ]; } || need+=(haproxy)
+# PROXY protocol towards targets: nginx in stream mode reads the relay's header (the stream
+# module is a separate package in Debian).
+{ command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; } || need+=(nginx)
+[ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || need+=(libnginx-mod-stream)
 # Corporate-proxy tests: the client reaches the relay and the IdP only through a real HTTP
 # CONNECT proxy (with and without Basic authentication).
 { command -v tinyproxy >/dev/null 2>&1 || [ -x /usr/bin/tinyproxy ]; } || need+=(tinyproxy)

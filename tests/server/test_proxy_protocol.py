@@ -22,14 +22,13 @@ from tunnel_protocol import IAP_SUBPROTOCOL, NATIVE_SUBPROTOCOL
 from tunnel_protocol.proxyheader import (
     TLV_ASSERTION,
     TLV_TUNNEL_ID,
-    ProxyHeader,
     encode_v2,
-    reader,
 )
 from tunnel_server.config import ConfigError, parse_config
 
 from ..helpers import UNIT, TcpTarget, capture_audit, relay_config_data, start_relay
 from ..oidc_fixture import TestIssuer
+from ..proxied import ProxiedTarget
 from ..rawclient import RawTunnelClient
 
 BALANCER = "127.0.0.1"  # the trusted peer (HAProxy's address in production)
@@ -200,44 +199,6 @@ def issuer_url() -> str:
 # -- outbound --------------------------------------------------------------------------------------
 
 
-class ProxiedTarget:
-    """A TCP target behind the relay that reads the PROXY header exactly, then hashes the rest
-    of the stream until EOF; ``done`` gets (header, sha256 hex of the data) per connection."""
-
-    def __init__(self) -> None:
-        self.headers: list[ProxyHeader] = []
-        self.done: asyncio.Queue[tuple[ProxyHeader, str]] = asyncio.Queue()
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return int(self.server.sockets[0].getsockname()[1])
-
-    async def _handle(self, reader_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            steps = reader()
-            need = next(steps)
-            try:
-                while True:
-                    need = steps.send(await reader_.readexactly(need))
-            except StopIteration as done:
-                header: ProxyHeader = done.value
-            self.headers.append(header)
-            digest = hashlib.sha256()
-            while data := await reader_.read(65536):
-                digest.update(data)
-            self.done.put_nowait((header, digest.hexdigest()))
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
-
-
 def _outbound_config(issuer: TestIssuer, tmp_path: Path, proxy: Any) -> dict[str, Any]:
     data = relay_config_data(issuer, tmp_path, tls=False)
     data["inventory"]["instances"][0]["proxy_protocol"] = proxy
@@ -272,8 +233,8 @@ def _verify(token: str, jwks: dict[str, Any], audience: str) -> dict[str, Any]:
 async def test_destination_gets_a_signed_identity_header(
     issuer: TestIssuer, tmp_path: Path, subprotocol: str
 ) -> None:
-    target = ProxiedTarget()
-    port = await target.start()
+    target = await ProxiedTarget().start()
+    port = target.port
     data = _outbound_config(issuer, tmp_path, {"audience": "tcp:vm1"})
     try:
         async with start_relay(data) as relay:
@@ -319,9 +280,33 @@ async def test_only_the_configured_ports_get_a_header(issuer: TestIssuer, tmp_pa
     assert got == (5, hashlib.sha256(b"plain").hexdigest())  # no header went out
 
 
+async def test_without_identity_the_header_carries_the_tunnel_id_only(
+    issuer: TestIssuer, tmp_path: Path
+) -> None:
+    """``identity: false`` (readers with small header buffers, such as nginx 1.22's 107 bytes):
+    no assertion, no http section needed."""
+    target = await ProxiedTarget().start()
+    data = relay_config_data(issuer, tmp_path, tls=False)
+    data["inventory"]["instances"][0]["proxy_protocol"] = {"identity": False}
+    try:
+        async with start_relay(data) as relay:
+            client = RawTunnelClient(
+                relay.url, _query(target.port), issuer.mint(), NATIVE_SUBPROTOCOL
+            )
+            async with asyncio.timeout(100 * UNIT):
+                await client.open()
+                await client.burst(b"x")
+                header, _ = await target.done.get()
+    finally:
+        await target.stop()
+    assert set(header.tlvs) == {TLV_TUNNEL_ID}
+    assert header.source == ("127.0.0.1", 0)
+    assert len(encode_v2(header.source, header.destination, header.tlvs)) <= 107
+
+
 async def test_default_audience_is_the_policy_resource(issuer: TestIssuer, tmp_path: Path) -> None:
-    target = ProxiedTarget()
-    port = await target.start()
+    target = await ProxiedTarget().start()
+    port = target.port
     data = _outbound_config(issuer, tmp_path, "v2")
     try:
         async with start_relay(data) as relay:

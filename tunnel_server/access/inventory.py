@@ -22,11 +22,13 @@ class ProxyProtocolConfig(StrictModel):
     """The relay writes a PROXY v2 header, with the tunnel id and a signed identity, to this
     destination before the first byte of a tunnel (docs/upstream-identity.md). ``ports``: only
     these (empty: every port); ``audience``: the assertion's ``aud`` (default: the policy
-    resource, ``instance:P/Z/N`` or ``group:P/R/N/G``)."""
+    resource, ``instance:P/Z/N`` or ``group:P/R/N/G``); ``identity: false``: addresses and the
+    tunnel id only, for readers that take small headers (nginx 1.22 reads at most 107 bytes)."""
 
     version: Literal["v2"] = "v2"
     ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(default_factory=list)
     audience: str | None = Field(default=None, min_length=1, max_length=256)
+    identity: bool = True
 
     @model_validator(mode="before")
     @classmethod
@@ -113,14 +115,24 @@ class Destination:
     port: int
     networks: tuple[IPNetwork, ...] = ()
     any_address: bool = False
-    # Set when the destination wants a PROXY v2 header with the caller's identity: its audience.
-    proxy_audience: str | None = None
+    # Set when the destination wants a PROXY v2 header first.
+    proxy_header: ProxyHeaderSpec | None = None
 
 
-def _proxy_audience(config: ProxyProtocolConfig | None, resource: str, port: int) -> str | None:
+@dataclass(frozen=True, slots=True)
+class ProxyHeaderSpec:
+    """A PROXY v2 header for this destination; ``audience``: of the signed identity in it
+    (None: no identity, addresses and the tunnel id only)."""
+
+    audience: str | None
+
+
+def _proxy_header(
+    config: ProxyProtocolConfig | None, resource: str, port: int
+) -> ProxyHeaderSpec | None:
     if config is None or (config.ports and port not in config.ports):
         return None
-    return config.audience or resource
+    return ProxyHeaderSpec(config.audience or resource if config.identity else None)
 
 
 def _literal(host: str) -> IPAddress | None:
@@ -174,18 +186,18 @@ class Inventory:
             if address is None:
                 raise LookupFailed(f"instance {target.name} has no interface {target.interface}")
             resource = f"instance:{target.name}"
-            audience = _proxy_audience(instance.proxy_protocol, resource, target.port)
+            header = _proxy_header(instance.proxy_protocol, resource, target.port)
             literal = _literal(address)
             if literal is None:  # the operator named a DNS name for this instance
-                return Destination(resource, address, target.port, (), True, audience)
+                return Destination(resource, address, target.port, (), True, header)
             network = ipaddress.ip_network(literal)
-            return Destination(resource, address, target.port, (network,), False, audience)
+            return Destination(resource, address, target.port, (network,), False, header)
         group = self._find_group(target)
         if group is None:
             raise LookupFailed(f"host {target.host} is in no destination group of {target.name}")
         by_name = _literal(target.host) is None
         resource = f"group:{group.key}"
-        audience = _proxy_audience(group.proxy_protocol, resource, target.port)
+        header = _proxy_header(group.proxy_protocol, resource, target.port)
         return Destination(
-            resource, target.host, target.port, tuple(group.cidrs), by_name, audience
+            resource, target.host, target.port, tuple(group.cidrs), by_name, header
         )

@@ -253,8 +253,11 @@ class ServerConfig(StrictModel):
         if self.proxy_protocol and not self.trusted_proxies:
             raise ValueError("proxy_protocol needs trusted_proxies (the balancers that send it)")
         if self.http is None:
-            wanting = [i.key for i in self.inventory.instances if i.proxy_protocol] + [
-                g.key for g in self.inventory.destination_groups if g.proxy_protocol
+            wanting = [
+                item.key
+                for items in (self.inventory.instances, self.inventory.destination_groups)
+                for item in items
+                if item.proxy_protocol is not None and item.proxy_protocol.identity
             ]
             for key in wanting:
                 raise ValueError(

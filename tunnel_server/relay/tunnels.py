@@ -111,8 +111,9 @@ class Tunnels:
         destination = grant.destination
         target = request.target
         preamble: Preamble | None = None
-        if destination.proxy_audience is not None:
-            audience, levels = destination.proxy_audience, self.admission.access_levels(grant)
+        if destination.proxy_header is not None:
+            audience = destination.proxy_header.audience
+            levels = self.admission.access_levels(grant) if audience is not None else []
             name = target.host if isinstance(target, HostTarget) else target.name
 
             def preamble(dialed: IPAddress, port: int) -> bytes:

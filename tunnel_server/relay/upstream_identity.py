@@ -34,7 +34,7 @@ def proxy_header(
     sign: IdentitySigner | None,
     *,
     identity: Identity,
-    audience: str,
+    audience: str | None,
     access_levels: Sequence[str],
     tunnel_id: str,
     target: str,
@@ -43,8 +43,13 @@ def proxy_header(
     port: int,
 ) -> bytes:
     """The header for one tunnel's connection to ``dialed:port``. ``target``: the instance or
-    host as the client asked for it. DialFailed (the tunnel is refused, nothing is sent) when
-    no signer is running."""
+    host as the client asked for it; ``audience`` None: no identity TLV. DialFailed (the tunnel
+    is refused, nothing is sent) when an identity is wanted and no signer is running."""
+    # The client's port is not known past a balancer: 0, as HAProxy sends for unknown ports.
+    source = (source_ip, 0) if source_ip is not None else None
+    tlvs = {TLV_TUNNEL_ID: tunnel_id.encode("ascii")}
+    if audience is None:
+        return encode_v2(source, (str(dialed), port), tlvs)
     if sign is None:
         raise DialFailed("the destination wants a signed identity and no signer runs", dialed)
     assertion = sign(
@@ -56,10 +61,5 @@ def proxy_header(
         principal=identity.principal,
         extra={"instance": target, "port": port, "tunnel_id": tunnel_id},
     )
-    # The client's port is not known past a balancer: 0, as HAProxy sends for unknown ports.
-    source = (source_ip, 0) if source_ip is not None else None
-    return encode_v2(
-        source,
-        (str(dialed), port),
-        {TLV_TUNNEL_ID: tunnel_id.encode("ascii"), TLV_ASSERTION: assertion.encode("ascii")},
-    )
+    tlvs[TLV_ASSERTION] = assertion.encode("ascii")
+    return encode_v2(source, (str(dialed), port), tlvs)
