@@ -198,6 +198,4 @@ class Inventory:
         by_name = _literal(target.host) is None
         resource = f"group:{group.key}"
         header = _proxy_header(group.proxy_protocol, resource, target.port)
-        return Destination(
-            resource, target.host, target.port, tuple(group.cidrs), by_name, header
-        )
+        return Destination(resource, target.host, target.port, tuple(group.cidrs), by_name, header)
