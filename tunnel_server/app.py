@@ -22,6 +22,7 @@ from websockets.asyncio.server import Server, serve
 from websockets.typing import Subprotocol
 
 from tunnel_protocol import IAP, NATIVE, CloseCode
+from tunnel_protocol.aio.proxied import ProxiedListener, listening_socket
 
 from .access.addresses import DestinationPolicy
 from .access.current import CurrentPolicy
@@ -53,9 +54,9 @@ from .console import mount as mount_console
 from .ops.admin import AdminApi
 from .ops.admin import serving as admin_serving
 from .ops.auditdb import build_audit_store
+from .ops.listeners import websockets_factory
 from .ops.metrics import Metrics
 from .ops.metrics import serving as metrics_serving
-from .ops.proxied import ProxiedListener, listening_socket, websockets_factory
 from .ops.tls import server_context
 from .relay import Relay
 from .relay.admission import Admission

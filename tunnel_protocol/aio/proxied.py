@@ -11,7 +11,6 @@ TLS or HTTP data behind it is taken from the socket before the loop owns it."""
 from __future__ import annotations
 
 import asyncio
-import inspect
 import ipaddress
 import logging
 import socket
@@ -19,7 +18,7 @@ import ssl
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
-from tunnel_protocol.proxyheader import ProxyHeader, ProxyHeaderError, looks_like_header, reader
+from ..proxyheader import ProxyHeader, ProxyHeaderError, looks_like_header, reader
 
 log = logging.getLogger("tunnel.proxy_protocol")
 
@@ -285,13 +284,3 @@ def listening_socket(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
-
-
-def websockets_factory(server: Any) -> ProtocolFactory:
-    """The protocol factory of a websockets ``serve(...)`` that has not started yet: the one
-    its ``create_server`` hands to ``loop.create_server``, so that a ProxiedListener makes the
-    very same connections (websockets has no public hook for a listener of one's own)."""
-    found = inspect.getclosurevars(server.create_server).nonlocals.get("protocol_factory")
-    if not callable(found):
-        raise RuntimeError("this websockets version hides its protocol factory: PROXY protocol off")
-    return found  # type: ignore[no-any-return]
