@@ -35,6 +35,7 @@ from . import pages
 from .assertion import AssertionSigner
 from .callers import Caller, Callers
 from .decide import OpenStreams, access_request
+from .foreign import HeaderFilter
 from .forward import Forwarder
 from .headers import ASSERTION_HEADER, EMAIL_HEADER, ID_HEADER, upstream_headers
 from .keyshare import SharedKeys
@@ -99,6 +100,11 @@ class HttpProxy:
         self.forwarder = Forwarder(client=lambda: self._client, streams=self.streams, audit=audit)
         # Longest path prefix first, per host.
         self._routes = sorted(config.routes, key=lambda r: (r.host, -len(r.path_prefix)))
+        # Per app: the stripped header families, the operator's additions, its pass_headers.
+        self._filters = {
+            route.name: HeaderFilter(config.strip_headers, route.pass_headers)
+            for route in config.routes
+        }
         self._recheck: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()  # background store calls, kept until done
@@ -272,6 +278,10 @@ class HttpProxy:
         route = self._route(host, path.decoded)
         if route is None:
             return web.Response(status=404, text="Not found\n")
+        if path.parameters and route.path_parameters == "refuse":
+            reason = "bad request: path parameter (;) in path"
+            self.audit.record("http", decision="deny", reason=reason, app=route.name, status=400)
+            return web.Response(status=400, text="Bad request: path parameter (;) in path\n")
         origin = self._origin(host, port)
         if path.decoded.startswith(RESERVED) or path.decoded == RESERVED.rstrip("/"):
             return await self._reserved(request, route, origin, path.decoded)
@@ -311,6 +321,7 @@ class HttpProxy:
             forwarded_for=xff,
             proto=self.config.external_scheme,
             host=request.headers.get("Host", host),
+            strip=self._filters[route.name],
         )
         headers.popall("Expect", None)
         target = URL(route.upstream + path.raw + (f"?{query}" if query else ""), encoded=True)
