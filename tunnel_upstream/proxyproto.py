@@ -1,0 +1,353 @@
+"""PROXY protocol (HAProxy's v1 text and v2 binary headers) for TCP upstreams behind
+identity-tunnel's relay (``proxy_protocol: v2`` on a destination) or any balancer that sends it:
+who the client really is, and, from the relay, who the caller is, verified.
+
+``read_proxy_header(reader, ...)`` (asyncio streams) and ``read_proxy_header_from_socket(sock,
+...)`` (blocking sockets) read exactly the header, never a byte of the application's data, and
+return a ``ProxyInfo``. Given an ``audience`` (and ``issuer`` and ``jwks``/``jwks_url``), they
+also verify the relay's identity TLVs and refuse the connection without them
+(docs/upstream-identity.md):
+
+* ``0xE0`` (PP2_TYPE_MIN_CUSTOM): the tunnel id, ASCII;
+* ``0xE1``: an ES256 JWT signed by the relay with HTTP mode's keys (the JWKS at
+  ``/.well-known/tunnel/jwks.json``), ``aud`` = the destination's audience, lifetime at most
+  10 minutes, claims ``sub``, ``email``, ``groups``, ``access_levels``, ``instance``, ``port``
+  and ``tunnel_id``, which must equal the ``0xE0`` TLV.
+
+It is checked with ``verify_assertion`` (the same code as HTTP mode's header), and a tunnel id
+is accepted once per process while its assertion lives (``ReplayCache``): the relay opens one
+connection per tunnel, so a second one with the same assertion is a replay.
+
+Errors::
+
+    ProxyHeaderError           not a PROXY header, malformed, truncated, timed out
+      IdentityRefused          identity TLVs missing, forged, expired, for another audience,
+                               for another tunnel id, or replayed
+
+``parse_proxy_header(buffer)`` is the same parser without I/O (for asyncio Protocols)."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import struct
+import threading
+import time
+from collections.abc import Generator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .verify import AssertionError_, verify_assertion
+
+V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+TLV_TUNNEL_ID = 0xE0  # PP2_TYPE_MIN_CUSTOM
+TLV_ASSERTION = 0xE1
+TLV_CRC32C = 0x03
+V1_MAX = 107  # the longest v1 line, CRLF included (HAProxy's spec)
+TIMEOUT = 5.0
+
+_V2_ADDRESSES = {0x11: ("tcp4", 12), 0x12: ("udp4", 12), 0x21: ("tcp6", 36), 0x22: ("udp6", 36),
+                 0x31: ("unix", 216), 0x32: ("unix-dgram", 216)}  # fmt: skip
+
+Address = tuple[str, int]
+
+
+class ProxyHeaderError(Exception):
+    """No valid PROXY protocol header: close the connection."""
+
+
+class IdentityRefused(ProxyHeaderError):
+    """The header carries no identity this upstream can trust: close the connection."""
+
+
+@dataclass(frozen=True)
+class ProxyInfo:
+    """``source``: the client's (address, port) as the proxy saw it; ``destination``: the
+    address it connected to; both None for v2 ``LOCAL`` (the proxy's own health check) and v1
+    ``UNKNOWN``. ``tlvs``: type -> value (v2). ``identity``: the verified assertion's claims
+    when an audience was given."""
+
+    version: int
+    local: bool
+    transport: str  # "tcp4", "tcp6", "udp4", "udp6", "unix", "unix-dgram" or "unknown"
+    source: Address | None
+    destination: Address | None
+    tlvs: Mapping[int, bytes] = field(default_factory=dict)
+    identity: dict[str, Any] | None = None
+
+    @property
+    def tunnel_id(self) -> str | None:
+        value = self.tlvs.get(TLV_TUNNEL_ID)
+        return value.decode("ascii", "replace") if value is not None else None
+
+
+# -- parsing (no I/O) ----------------------------------------------------------------------------
+
+
+def _reader() -> Generator[int, bytes, ProxyInfo]:
+    """Yields how many more bytes it needs, is sent exactly that many, returns the header."""
+    first = yield 8
+    if first == V2_SIGNATURE[:8]:
+        fixed = first + (yield 8)
+        if fixed[:12] != V2_SIGNATURE:
+            raise ProxyHeaderError("bad PROXY v2 signature")
+        (length,) = struct.unpack("!H", fixed[14:16])
+        body = (yield length) if length else b""
+        return _parse_v2(fixed, body)
+    if first.startswith(b"PROXY "):
+        line = first
+        while not line.endswith(b"\r\n"):
+            if len(line) >= V1_MAX:
+                raise ProxyHeaderError("PROXY v1 line too long")
+            line += yield 1
+        return _parse_v1(line)
+    raise ProxyHeaderError("not a PROXY protocol header")
+
+
+def _parse_v1(line: bytes) -> ProxyInfo:
+    try:
+        parts = line[:-2].decode("ascii").split(" ")
+    except UnicodeDecodeError:
+        raise ProxyHeaderError("PROXY v1 line is not ASCII") from None
+    if len(parts) >= 2 and parts[1] == "UNKNOWN":
+        return ProxyInfo(1, False, "unknown", None, None)
+    if len(parts) != 6 or parts[1] not in ("TCP4", "TCP6"):
+        raise ProxyHeaderError("malformed PROXY v1 line")
+    version = 4 if parts[1] == "TCP4" else 6
+    addresses = []
+    for host, port in ((parts[2], parts[4]), (parts[3], parts[5])):
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            raise ProxyHeaderError("bad address in PROXY v1 line") from None
+        if address.version != version or str(address) != host.lower():
+            raise ProxyHeaderError("bad address in PROXY v1 line")
+        if not port.isdigit() or len(port) > 5 or int(port) > 65535 or port != str(int(port)):
+            raise ProxyHeaderError("bad port in PROXY v1 line")
+        addresses.append((str(address), int(port)))
+    return ProxyInfo(1, False, parts[1].lower(), addresses[0], addresses[1])
+
+
+def _parse_v2(fixed: bytes, body: bytes) -> ProxyInfo:
+    version_command, family = fixed[12], fixed[13]
+    if version_command >> 4 != 2 or version_command & 0xF not in (0, 1):
+        raise ProxyHeaderError("unsupported PROXY v2 version or command")
+    local = version_command & 0xF == 0
+    transport, size = _V2_ADDRESSES.get(family, ("unknown", 0))
+    if family != 0 and size == 0:
+        raise ProxyHeaderError("unsupported PROXY v2 address family")
+    if len(body) < size:
+        raise ProxyHeaderError("PROXY v2 addresses truncated")
+    source = destination = None
+    if not local and transport in ("tcp4", "udp4", "tcp6", "udp6"):
+        half = (size - 4) // 2
+        src, dst = body[:half], body[half : 2 * half]
+        sport, dport = struct.unpack("!HH", body[2 * half : size])
+        source = (str(ipaddress.ip_address(src)), sport)
+        destination = (str(ipaddress.ip_address(dst)), dport)
+    tlvs = _parse_tlvs(body[size:])
+    if TLV_CRC32C in tlvs:
+        _check_crc(fixed, body, tlvs[TLV_CRC32C])
+    return ProxyInfo(2, local, transport if not local else "unknown", source, destination, tlvs)
+
+
+def _parse_tlvs(data: bytes) -> dict[int, bytes]:
+    tlvs: dict[int, bytes] = {}
+    offset = 0
+    while offset < len(data):
+        if offset + 3 > len(data):
+            raise ProxyHeaderError("PROXY v2 TLV truncated")
+        kind, length = data[offset], struct.unpack("!H", data[offset + 1 : offset + 3])[0]
+        value = data[offset + 3 : offset + 3 + length]
+        if len(value) != length:
+            raise ProxyHeaderError("PROXY v2 TLV truncated")
+        if kind in tlvs:
+            raise ProxyHeaderError(f"PROXY v2 TLV 0x{kind:02X} repeated")
+        tlvs[kind] = value
+        offset += 3 + length
+    return tlvs
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+        table.append(crc)
+    return table
+
+
+_CRC_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli), as PP2_TYPE_CRC32C uses."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = _CRC_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def _check_crc(fixed: bytes, body: bytes, value: bytes) -> None:
+    if len(value) != 4:
+        raise ProxyHeaderError("PROXY v2 CRC32C TLV of the wrong size")
+    # The checksum covers the whole header with the checksum's own value zeroed; find the TLV
+    # again to zero it (its value is unique: exactly one CRC TLV).
+    marker = bytes([TLV_CRC32C]) + b"\x00\x04" + value
+    index = body.rfind(marker)
+    zeroed = body[: index + 3] + b"\x00\x00\x00\x00" + body[index + 7 :]
+    if crc32c(fixed + zeroed) != struct.unpack("!I", value)[0]:
+        raise ProxyHeaderError("PROXY v2 CRC32C mismatch")
+
+
+def parse_proxy_header(buffer: bytes) -> tuple[ProxyInfo, int] | None:
+    """The header at the start of ``buffer`` and its length, or None when more bytes are
+    needed. Raises ProxyHeaderError. No identity check: see ``verify_identity``."""
+    reader = _reader()
+    offset = 0
+    try:
+        need = next(reader)
+        while True:
+            if offset + need > len(buffer):
+                return None
+            chunk = buffer[offset : offset + need]
+            offset += need
+            need = reader.send(chunk)
+    except StopIteration as done:
+        return done.value, offset
+
+
+# -- the relay's identity ------------------------------------------------------------------------
+
+
+class ReplayCache:
+    """Tunnel ids already accepted, each until its assertion expires; at most ``size`` are
+    kept (the soonest to expire go first). Thread-safe."""
+
+    def __init__(self, size: int = 100_000) -> None:
+        self._size = size
+        self._seen: dict[tuple[str, str], float] = {}
+        self._lock = threading.Lock()
+
+    def first_use(self, issuer: str, tunnel_id: str, expires: float) -> bool:
+        """True the first time (issuer, tunnel_id) is seen while it lives."""
+        now = time.time()
+        key = (issuer, tunnel_id)
+        with self._lock:
+            seen = self._seen.get(key)
+            if seen is not None and seen > now:
+                return False
+            if len(self._seen) >= self._size:
+                self._seen = {k: v for k, v in self._seen.items() if v > now}
+                for old in sorted(self._seen, key=self._seen.__getitem__)[: self._size // 10 + 1]:
+                    del self._seen[old]
+            self._seen[key] = expires
+            return True
+
+
+REPLAYS = ReplayCache()  # the process-wide default
+
+
+@dataclass(frozen=True)
+class IdentityCheck:
+    """What to verify the relay's identity TLVs against: the destination's ``audience``, the
+    relay's ``issuer`` (HTTP mode's ``issuer_url``) and its keys (``jwks_url`` or a ``jwks``
+    dict); ``replays``: where accepted tunnel ids are remembered (None: not checked)."""
+
+    audience: str
+    issuer: str
+    jwks_url: str | None = None
+    jwks: Mapping[str, Any] | None = None
+    replays: ReplayCache | None = REPLAYS
+    leeway: float = 30.0
+
+
+def verify_identity(info: ProxyInfo, check: IdentityCheck) -> ProxyInfo:
+    """``info`` with ``identity`` set to the verified claims; IdentityRefused otherwise."""
+    token, tunnel_id = info.tlvs.get(TLV_ASSERTION), info.tlvs.get(TLV_TUNNEL_ID)
+    if info.local or token is None or tunnel_id is None:
+        raise IdentityRefused("no identity in the PROXY header")
+    try:
+        claims = verify_assertion(
+            token.decode("ascii"), audience=check.audience, issuer=check.issuer,
+            jwks_url=check.jwks_url, jwks=check.jwks, leeway=check.leeway,
+        )  # fmt: skip
+    except (AssertionError_, UnicodeDecodeError) as exc:
+        raise IdentityRefused(f"identity refused: {exc}") from None
+    claimed = claims.get("tunnel_id")
+    if not isinstance(claimed, str) or claimed.encode("ascii", "replace") != tunnel_id:
+        raise IdentityRefused("identity refused: assertion for another tunnel")
+    replays = check.replays
+    if replays is not None and not replays.first_use(check.issuer, claimed, float(claims["exp"])):
+        raise IdentityRefused("identity refused: assertion replayed")
+    return ProxyInfo(
+        info.version, info.local, info.transport, info.source, info.destination, info.tlvs,
+        claims,
+    )  # fmt: skip
+
+
+# -- I/O -------------------------------------------------------------------------------------------
+
+
+async def read_proxy_header(
+    reader: asyncio.StreamReader,
+    identity: IdentityCheck | None = None,
+    *,
+    header_timeout: float = TIMEOUT,
+) -> ProxyInfo:
+    """Read the PROXY header at the start of an asyncio stream (and nothing more); with
+    ``identity``, verify the relay's identity TLVs (the JWKS fetch, when ``jwks_url`` is used,
+    runs in a thread). Raises ProxyHeaderError / IdentityRefused."""
+    parser = _reader()
+    try:
+        async with asyncio.timeout(header_timeout):
+            need = next(parser)
+            while True:
+                need = parser.send(await reader.readexactly(need))
+    except StopIteration as done:
+        info: ProxyInfo = done.value
+    except asyncio.IncompleteReadError:
+        raise ProxyHeaderError("connection closed inside the PROXY header") from None
+    except TimeoutError:
+        raise ProxyHeaderError("timed out reading the PROXY header") from None
+    if identity is None:
+        return info
+    if identity.jwks_url is not None:
+        return await asyncio.to_thread(verify_identity, info, identity)
+    return verify_identity(info, identity)
+
+
+def read_proxy_header_from_socket(
+    sock: socket.socket,
+    identity: IdentityCheck | None = None,
+    *,
+    header_timeout: float = TIMEOUT,
+) -> ProxyInfo:
+    """The same for a blocking socket (its own timeout is restored afterwards)."""
+    parser = _reader()
+    previous = sock.gettimeout()
+    sock.settimeout(header_timeout)
+    try:
+        need = next(parser)
+        while True:
+            need = parser.send(_recv_exactly(sock, need))
+    except StopIteration as done:
+        info: ProxyInfo = done.value
+    except TimeoutError:
+        raise ProxyHeaderError("timed out reading the PROXY header") from None
+    finally:
+        sock.settimeout(previous)
+    return info if identity is None else verify_identity(info, identity)
+
+
+def _recv_exactly(sock: socket.socket, count: int) -> bytes:
+    chunks = []
+    while count:
+        chunk = sock.recv(count)
+        if not chunk:
+            raise ProxyHeaderError("connection closed inside the PROXY header")
+        chunks.append(chunk)
+        count -= len(chunk)
+    return b"".join(chunks)
