@@ -126,6 +126,15 @@ class HttpModeConfig(StrictModel):
     # Seconds between re-decisions of open WebSockets and streams (time windows, expiry).
     recheck_interval: float = Field(default=30, gt=0, le=3600)
     upstream_timeout: float = Field(default=30, gt=0)
+    # Slow requests (docs/http-mode.md): a request's headers must be complete within
+    # header_timeout of its first byte, and its body within request_timeout; idle keep-alive
+    # connections close after keepalive_timeout.
+    header_timeout: float = Field(default=10, gt=0, le=300, allow_inf_nan=False)
+    request_timeout: float = Field(default=120, gt=0, allow_inf_nan=False)
+    keepalive_timeout: float = Field(default=75, gt=0, allow_inf_nan=False)
+    # Open connections per client address that have not yet carried an authenticated request
+    # (0: no cap); peers in trusted_proxies are not counted.
+    max_unauthenticated_per_source: int = Field(default=64, ge=0)
     # More request headers never passed from clients to any app, on top of the built-in
     # families (docs/http-mode.md): exact names, or "prefix-*".
     strip_headers: list[str] = Field(default_factory=list)
@@ -137,6 +146,8 @@ class HttpModeConfig(StrictModel):
 
     @model_validator(mode="after")
     def _unique(self) -> HttpModeConfig:
+        if self.request_timeout < self.header_timeout:
+            raise ValueError("request_timeout must be at least header_timeout")
         names = [r.name for r in self.routes]
         if len(set(names)) != len(names):
             raise ValueError("a route name is used twice")

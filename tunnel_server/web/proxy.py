@@ -37,6 +37,7 @@ from .callers import Caller, Callers
 from .decide import OpenStreams, access_request
 from .foreign import HeaderFilter
 from .forward import Forwarder
+from .guard import GuardSettings, SourceLimits, guard_of, guarded
 from .headers import ASSERTION_HEADER, EMAIL_HEADER, ID_HEADER, upstream_headers
 from .keyshare import SharedKeys
 from .login import BrowserLogin
@@ -258,10 +259,16 @@ class HttpProxy:
         return f"{scheme}://{host}" + (f":{port}" if port and port != default else "")
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        guard = guard_of(request)
+        if guard is not None:
+            guard.request_started(request)
         try:
             return await self._handle(request)
         except Reply as reply:
             return reply.response
+        finally:
+            if guard is not None:
+                guard.request_finished()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -288,6 +295,9 @@ class HttpProxy:
         caller = await self.callers.identify(request, route, origin)
         if caller is None:
             return self._unauthenticated(request, raw_path + (f"?{query}" if query else ""))
+        guard = guard_of(request)
+        if guard is not None:
+            guard.authenticated()
         source_ip, xff = client_address(
             request.remote,
             request.headers.getall("X-Forwarded-For", []),
@@ -413,21 +423,44 @@ async def serving(
     *,
     ssl_context: Any = None,
     sock: Any = None,
+    reuse_port: bool = False,
 ) -> AsyncIterator[int]:
-    """Serve ``proxy`` on host:port (or an already bound ``sock``); yields the bound port."""
+    """Serve ``proxy`` on host:port (or an already bound ``sock``; ``reuse_port``: SO_REUSEPORT,
+    for several worker processes on one port), every connection guarded (``guard.py``);
+    yields the bound port."""
+    config = proxy.config
     await proxy.start()
-    runner = web.AppRunner(proxy.app, access_log=None, handler_cancellation=True)
+    runner = web.AppRunner(
+        proxy.app,
+        access_log=None,
+        handler_cancellation=True,
+        keepalive_timeout=config.keepalive_timeout,
+    )
     await runner.setup()
-    site: web.BaseSite
-    if sock is not None:
-        site = web.SockSite(runner, sock, ssl_context=ssl_context)
-    else:
-        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
-    await site.start()
+    assert runner.server is not None
+    settings = GuardSettings(
+        config.header_timeout, config.request_timeout, config.max_unauthenticated_per_source
+    )
+    limits = SourceLimits(config.max_unauthenticated_per_source, config.trusted_proxies)
+    factory = guarded(runner.server, settings, limits)
+    loop = asyncio.get_running_loop()
     try:
-        yield int(runner.addresses[0][1])
-    finally:
+        if sock is not None:
+            server = await loop.create_server(factory, sock=sock, ssl=ssl_context, backlog=1024)
+        else:
+            server = await loop.create_server(
+                factory, host, port, ssl=ssl_context, backlog=1024, reuse_port=reuse_port or None
+            )
+    except BaseException:
         await runner.cleanup()
+        await proxy.aclose()
+        raise
+    try:
+        yield int(server.sockets[0].getsockname()[1])
+    finally:
+        server.close()
+        await runner.cleanup()
+        await server.wait_closed()
         await proxy.aclose()
 
 
