@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator, Awaitable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
+import pytest
+
 from ..helpers import UNIT
 from ..oidc_fixture import TestIssuer
 from .harness import APP_AUDIENCE, Stack, proxy_stack, web_policy
@@ -155,3 +157,20 @@ async def _until_accepted(stack: Stack) -> None:
         assert head.startswith(b"HTTP/1.1 429")
         await asyncio.sleep(UNIT)
     raise AssertionError("the closed connection's place was never freed")
+
+
+def test_guard_on_uvloop() -> None:
+    """The server runs on uvloop (its transports are not asyncio classes): a request is served
+    and a silent connection is still timed out there."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> None:
+        async with TestIssuer() as issuer, stack_with(issuer, header_timeout=4 * UNIT) as stack:
+            token = issuer.mint(aud=APP_AUDIENCE)
+            async with raw(stack) as (reader, writer):
+                writer.write(request(stack, headers=f"Authorization: Bearer {token}\r\n"))
+                assert (await response(reader)).startswith(b"HTTP/1.1 200")
+            async with raw(stack) as (reader, _):
+                assert (await response(reader)).startswith(b"HTTP/1.1 408")
+
+    uvloop.run(scenario())

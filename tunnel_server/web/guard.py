@@ -23,7 +23,7 @@ import ipaddress
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -109,8 +109,8 @@ class ConnectionGuard(asyncio.Protocol):
     # -- the transport's calls, forwarded -----------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses: the protocol is the contract.
+        self._transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         source = str(peer[0]) if isinstance(peer, tuple) else ""
         if source and not self._limits.exempt(source):
