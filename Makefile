@@ -58,11 +58,13 @@ $(BENCH_STAMP): $(STAMP)
 
 # Benchmarks (loopback only, ~6 min on 2 cores): tunnel-client + relay against direct TCP, socat,
 # websockify, a bare websockets chain and the gcloud CLI; prints the tables and writes
-# docs/benchmarks.md; then the scale-out figures (3 relays + Redis) into docs/benchmarks-cluster.md.
-# Tunnel-open latency alone: $(BIN)/python -m bench.handshake
+# docs/benchmarks.md; HTTP mode against nginx and a bare aiohttp proxy with wrk (its section of
+# docs/benchmarks.md, ~4 min); then the scale-out figures (3 relays + Redis) into
+# docs/benchmarks-cluster.md. Tunnel-open latency alone: $(BIN)/python -m bench.handshake
 bench: $(BENCH_STAMP)
 	@bash scripts/install-bench-deps.sh
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench.http_mode --out docs/benchmarks.md
 	$(BIN)/python -m bench.cluster --out docs/benchmarks-cluster.md
 
 demo: venv system-deps

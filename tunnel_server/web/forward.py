@@ -23,6 +23,9 @@ from .headers import response_headers
 from .responses import json_response
 
 CHUNK = 64 * 1024
+# A response's own re-decision deadline is computed once it has lasted this long (seconds):
+# the bound on how late a deadline falling inside a response's first moments is enforced.
+STREAM_GRACE = 1.0
 WS_MAX_MESSAGE = 4 * 1024 * 1024
 
 
@@ -75,12 +78,23 @@ class Forwarder:
             if transport is not None:
                 transport.close()
 
-        stream = self._streams.open(route, caller, access, close)
+        stream = self._streams.open(route, caller, access, close, grace=STREAM_GRACE)
         try:
+            headers = response_headers(upstream.headers, authenticated=True)
+            length = upstream.content_length
+            if (
+                length is not None
+                and length <= CHUNK
+                and request.method != "HEAD"
+                and "Content-Type" in headers
+            ):  # small: one write, no streaming
+                data = await upstream.read()
+                headers.popall("Content-Length", None)
+                return web.Response(
+                    status=upstream.status, reason=upstream.reason, headers=headers, body=data
+                )
             response = web.StreamResponse(
-                status=upstream.status,
-                reason=upstream.reason,
-                headers=response_headers(upstream.headers, authenticated=True),
+                status=upstream.status, reason=upstream.reason, headers=headers
             )
             await response.prepare(request)
             async for chunk in upstream.content.iter_chunked(CHUNK):

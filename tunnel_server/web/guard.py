@@ -110,14 +110,14 @@ class ConnectionGuard(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses: the protocol is the contract.
-        self._transport = cast(asyncio.Transport, transport)
-        peer = transport.get_extra_info("peername")
+        self._transport = stream = cast(asyncio.Transport, transport)
+        peer = stream.get_extra_info("peername")
         source = str(peer[0]) if isinstance(peer, tuple) else ""
         if source and not self._limits.exempt(source):
             if not self._limits.acquire(source):
                 log.debug("HTTP mode: too many unauthenticated connections from %s", source)
-                transport.write(_BUSY)
-                transport.close()
+                stream.write(_BUSY)
+                stream.close()
                 self._inner = None
                 return
             self._source = source

@@ -3,6 +3,7 @@ ambiguous inputs are refused (400), never guessed. Return URLs stay on the app's
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
@@ -35,6 +36,7 @@ def _decode_unreserved(segment: str) -> str:
     return _PCT.sub(repl, segment)
 
 
+@functools.lru_cache(maxsize=4096)  # pure: the same few paths come again and again
 def normalize_path(raw_path: str) -> NormalizedPath:
     """``raw_path`` without the query. Decodes escaped unreserved characters (``%2e`` -> ``.``),
     collapses ``//`` and ``/./``, resolves ``..`` (RFC 3986), and refuses what backends disagree

@@ -32,7 +32,7 @@ from ..access.source import client_address
 from ..audit import AuditLog
 from ..config import HttpModeConfig, RouteConfig
 from . import pages
-from .assertion import AssertionSigner
+from .assertion import AssertionCache, AssertionSigner
 from .callers import Caller, Callers
 from .decide import OpenStreams, access_request
 from .foreign import HeaderFilter
@@ -82,6 +82,7 @@ class HttpProxy:
         self.signer = AssertionSigner(
             config.issuer_url, lifetime=config.assertion_lifetime, rotation=config.key_rotation
         )
+        self.assertions = AssertionCache(self.signer)
         self.callers = Callers(
             verifiers={
                 route.name: authenticator.for_audiences(route.audiences)
@@ -348,7 +349,7 @@ class HttpProxy:
         headers, for the upstream."""
         identity = caller.identity
         headers = {
-            ASSERTION_HEADER: self.signer.sign(
+            ASSERTION_HEADER: self.assertions.sign(
                 audience=route.audience,
                 subject=identity.subject,
                 email=identity.email,

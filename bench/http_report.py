@@ -1,0 +1,78 @@
+"""The HTTP-mode section of docs/benchmarks.md: the table of ``bench.http_mode``'s medians, the
+ratios, and issue 17's targets, judged only when the machine was quiet."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover - types only
+    from .http_mode import Results
+
+BEGIN, END = "<!-- http-mode:begin -->", "<!-- http-mode:end -->"
+BARE = "bare aiohttp proxy, uvloop"
+NGINX = "nginx reverse proxy"
+
+
+def _targets(results: Results) -> list[tuple[str, float, str, bool]]:
+    """(what, measured, target, met) for bearer and cookie."""
+    nginx, bare = results.median(NGINX), results.median(BARE)
+    rows = []
+    for kind in ("bearer", "cookie"):
+        ours = results.median(f"HTTP mode, {kind}")
+        one, two = results.median(f"1 worker, {kind}"), results.median(f"2 workers, {kind}")
+        rows += [
+            (f"{kind}: × bare proxy (same stack)", ours.rps / bare.rps, "≥ 0.9", ours.rps >= 0.9 * bare.rps),
+            (f"{kind}: × nginx, one core", ours.rps / nginx.rps, "≥ 0.3", ours.rps >= 0.3 * nginx.rps),
+            (f"{kind}: added p50 over nginx (ms)", ours.p50_ms - nginx.p50_ms, "≤ 1",
+             ours.p50_ms - nginx.p50_ms <= 1.0),
+            (f"{kind}: 2 workers × 1 worker", two.rps / one.rps, "≥ 1.7", two.rps >= 1.7 * one.rps),
+        ]  # fmt: skip
+    return rows
+
+
+def render(results: Results, quiet: float, args: argparse.Namespace) -> str:
+    judged = results.load_start <= quiet
+    lines = [
+        "## HTTP mode (issue 17)",
+        "",
+        "`python -m bench.http_mode` (part of `make bench`): wrk (1 thread) and the upstream "
+        "(nginx, one worker, a 1 KiB response) on CPU 0, each proxy alone on CPU 1; 8 "
+        "keep-alive connections; the worker rows unpinned with 32 connections. "
+        f"{args.rounds} interleaved rounds of {args.seconds:g} s, medians. Load average "
+        f"{results.load_start:.2f} at the start, {results.load_end:.2f} at the end.",
+        "",
+        "| path | req/s | × nginx | × bare | p50 ms | p99 ms | runs (req/s) |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    nginx, bare = results.median(NGINX), results.median(BARE)
+    for case, runs in results.runs.items():
+        m = results.median(case)
+        every = ", ".join(f"{r.rps:.0f}" for r in runs)
+        lines.append(
+            f"| {case} | {m.rps:.0f} | {m.rps / nginx.rps:.3f} | {m.rps / bare.rps:.2f} | "
+            f"{m.p50_ms:.3f} | {m.p99_ms:.3f} | {every} |"
+        )
+    lines += ["", "| target | measured | wanted | " + ("met" if judged else "judged") + " |",
+              "|---|---:|---|---|"]  # fmt: skip
+    for what, value, wanted, met in _targets(results):
+        verdict = ("yes" if met else "**no**") if judged else "not judged"
+        lines.append(f"| {what} | {value:.2f} | {wanted} | {verdict} |")
+    if not judged:
+        lines += ["", f"Not judged: the load average at the start ({results.load_start:.2f}) "
+                  f"was above {quiet}; rerun on a quiet machine."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, text: str) -> None:
+    """Replace the HTTP-mode section of ``path`` (between the markers), or append it."""
+    old = path.read_text() if path.exists() else ""
+    block = f"{BEGIN}\n{text}{END}\n"
+    if BEGIN in old and END in old:
+        new = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END) + r"\n?", lambda _: block, old,
+                     flags=re.S)  # fmt: skip
+    else:
+        new = old.rstrip("\n") + "\n\n" + block
+    path.write_text(new)
