@@ -8,8 +8,11 @@ import contextlib
 import errno
 import importlib
 import logging
+import pickle
 import socket
 import ssl
+import struct
+import sys
 import time
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -76,7 +79,16 @@ class RunningServer:
     policy_file: Path | None = None
     http: HttpProxy | None = None
     http_port: int | None = None
+    http_workers: HttpWorkers | None = None
     metrics_port: int | None = None
+
+    def revoke_web_user(self, principal: str, at: float | None = None) -> int:
+        """End the principal's HTTP-mode streams and sessions here and in every worker;
+        returns how many streams closed in this process."""
+        closed = self.http.revoke_user(principal) if self.http is not None else 0
+        if self.http_workers is not None:
+            self.http_workers.revoke_user(principal, at)
+        return closed
 
     @property
     def port(self) -> int:
@@ -279,7 +291,7 @@ async def running(config: ServerConfig, *, node: str | None = None) -> AsyncIter
                 for address in await _addresses(config.state.redis_url, 6379):
                     relay.destinations.add_own_endpoint(*address)
             await relay.state.start(
-                on_revocation=_applier(relay, revocations, running_server.http),
+                on_revocation=_applier(relay, revocations, running_server),
                 local_tunnels=relay.registry.local_tunnels,
             )
             stack.push_async_callback(relay.state.aclose)
@@ -333,11 +345,87 @@ async def _serve_http(
     running.http = proxy
     policies.subscribe(lambda _policy: proxy.redecide_all())
     http_ssl = server_context(http.tls, "http.tls") if http.tls else None
+    if http.workers > 1 and config.state.backend != "redis":
+        raise ConfigError(
+            "http.workers: more than one worker process needs state.backend: redis (browser "
+            "sessions, sign-outs and signing keys are shared through it)"
+        )
     with _listening("http.listen", http.listen):
         running.http_port = await stack.enter_async_context(
-            http_serving(proxy, http.listen.host, http.listen.port, ssl_context=http_ssl)
-        )
+            http_serving(
+                proxy, http.listen.host, http.listen.port, ssl_context=http_ssl,
+                reuse_port=http.workers > 1,
+            )
+        )  # fmt: skip
     relay.destinations.add_own_endpoint(http.listen.host, running.http_port)
+    if http.workers > 1:
+        workers = await HttpWorkers.start(
+            config, running.http_port, http.workers - 1, relay.audit.node
+        )
+        stack.push_async_callback(workers.aclose)
+        running.http_workers = workers
+        policies.subscribe(workers.policy_changed)
+
+
+class HttpWorkers:
+    """The other ``http.workers - 1`` HTTP-mode processes (``tunnel_server.http_worker``) on
+    this process's HTTP port: started with the config, told of every policy change and user
+    revocation on their standard input, stopped on the way out."""
+
+    START_TIMEOUT = 60.0
+
+    def __init__(self) -> None:
+        self._procs: list[asyncio.subprocess.Process] = []
+
+    @classmethod
+    async def start(cls, config: ServerConfig, port: int, count: int, node: str) -> HttpWorkers:
+        workers = cls()
+        try:
+            for n in range(count):
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "tunnel_server.http_worker",
+                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                )  # fmt: skip
+                workers._procs.append(proc)
+                workers._send(proc, {"config": config, "port": port, "node": f"{node}/w{n + 1}"})
+                assert proc.stdout is not None
+                ready = await asyncio.wait_for(proc.stdout.readline(), cls.START_TIMEOUT)
+                if ready != b"ready\n":
+                    raise ConfigError(f"http.workers: worker {n + 1} did not start (see its log)")
+        except BaseException:
+            await workers.aclose()
+            raise
+        return workers
+
+    @staticmethod
+    def _send(proc: asyncio.subprocess.Process, message: dict[str, object]) -> None:
+        data = pickle.dumps(message)
+        if proc.stdin is not None and not proc.stdin.is_closing():
+            proc.stdin.write(struct.pack("!I", len(data)) + data)
+
+    def policy_changed(self, policy: Policy) -> None:
+        for proc in self._procs:
+            self._send(proc, {"policy": (policy.source, policy.rules)})
+
+    def revoke_user(self, principal: str, at: float | None = None) -> None:
+        moment = time.time() if at is None else at
+        for proc in self._procs:
+            self._send(proc, {"revoke_user": (principal, moment)})
+
+    async def aclose(self) -> None:
+        for proc in self._procs:
+            if proc.stdin is not None:
+                proc.stdin.close()
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.terminate()
+        for proc in self._procs:
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        self._procs.clear()
 
 
 async def _serve_metrics(
@@ -366,7 +454,7 @@ async def _serve_admin(
         running.verifier,
         _admin_check(config, relay),
         running.revocations,
-        on_revoke_user=running.http.revoke_user if running.http else None,
+        on_revoke_user=running.revoke_web_user if running.http else None,
         publish=relay.state.revoke,
     )
     with _listening("admin.listen", listen):
@@ -413,16 +501,16 @@ async def _addresses(url: str, default_port: int) -> list[tuple[str, int]]:
 
 
 def _applier(
-    relay: Relay, revocations: Revocations, http: HttpProxy | None
+    relay: Relay, revocations: Revocations, running: RunningServer
 ) -> Callable[[Revocation], None]:
     """Apply a revocation decided on another node: refuse the user's older tokens here too,
-    close their tunnels (or the one tunnel) and web sessions on this node."""
+    close their tunnels (or the one tunnel) and web sessions on this node (and its HTTP-mode
+    workers)."""
 
     def apply(revocation: Revocation) -> None:
         if revocation.kind == "user":
             revocations.revoke_user(revocation.subject, revocation.at)
-            if http is not None:
-                http.revoke_user(revocation.subject)
+            running.revoke_web_user(revocation.subject, revocation.at)
         relay.apply_revocation(revocation)
 
     return apply

@@ -135,6 +135,9 @@ class HttpModeConfig(StrictModel):
     # Open connections per client address that have not yet carried an authenticated request
     # (0: no cap); peers in trusted_proxies are not counted.
     max_unauthenticated_per_source: int = Field(default=64, ge=0)
+    # HTTP-mode processes on the listener (SO_REUSEPORT): this one and workers - 1 others
+    # (tunnel_server.http_worker). More than one needs state.backend: redis.
+    workers: int = Field(default=1, ge=1, le=64)
     # More request headers never passed from clients to any app, on top of the built-in
     # families (docs/http-mode.md): exact names, or "prefix-*".
     strip_headers: list[str] = Field(default_factory=list)
