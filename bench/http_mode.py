@@ -170,8 +170,8 @@ async def bench(args: argparse.Namespace) -> Results:
             )
             upstream = free_port()
             procs.append(await nginx(directory, "upstream", upstream, None, CLIENT_CPU))
-            ports = {name: free_port() for name in
-                     ("nginx", "bare-uvloop", "bare-asyncio", "http", "http-1w", "http-2w")}  # fmt: skip
+            names = ("nginx", "bare-uvloop", "bare-asyncio", "http", "http-1w", "http-2w")
+            ports = {name: free_port() for name in names}
             procs.append(await nginx(directory, "nginx", ports["nginx"], upstream, SERVER_CPU))
             for name, extra in (("bare-uvloop", []), ("bare-asyncio", ["--asyncio"])):
                 argv = [sys.executable, "-m", "bench.http_bare", str(upstream), str(ports[name]),
