@@ -178,6 +178,16 @@ async def bench(args: argparse.Namespace) -> Results:
                         *extra]  # fmt: skip
                 procs.append(proc := await spawn(name, argv, directory, cpu=SERVER_CPU))
                 await proc.wait_for_line(r"Listening on")
+            if args.granian:
+                ports["bare-granian"] = free_port()
+                argv = [sys.executable, "-m", "granian", "--interface", "rsgi", "--loop",
+                        "uvloop", "--workers", "1", "--runtime-mode", "st", "--host",
+                        "127.0.0.1", "--port", str(ports["bare-granian"]), "--log-level",
+                        "warning", "bench.http_bare_granian:app"]  # fmt: skip
+                env = {**os.environ, "UPSTREAM_PORT": str(upstream)}
+                procs.append(proc := await spawn("bare-granian", argv, directory,
+                                                 cpu=SERVER_CPU, env=env))  # fmt: skip
+                await wait_listening(ports["bare-granian"], proc)
             procs.append(await http_mode(directory, "http", issuer.issuer, upstream,
                                          ports["http"], sid, SERVER_CPU))  # fmt: skip
             for w in range(2):  # two workers on one port; the first also serves "1 worker"
@@ -189,6 +199,11 @@ async def bench(args: argparse.Namespace) -> Results:
                 Case("nginx reverse proxy", ports["nginx"], []),
                 Case("bare aiohttp proxy, uvloop", ports["bare-uvloop"], []),
                 Case("bare aiohttp proxy, asyncio", ports["bare-asyncio"], []),
+                *(
+                    [Case("bare granian + aiohttp client", ports["bare-granian"], [])]
+                    if args.granian
+                    else []
+                ),  # fmt: skip
                 Case("HTTP mode, bearer", ports["http"], [bearer]),
                 Case("HTTP mode, cookie", ports["http"], [cookie]),
                 Case("1 worker, bearer", ports["http-1w"], [bearer], 32, False),
@@ -215,6 +230,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, help="markdown file whose HTTP-mode section to write")
     parser.add_argument("--json", type=Path, help="also write the raw runs as JSON")
+    parser.add_argument(
+        "--granian", action="store_true",
+        help="also the bare proxy behind granian's server (pip install granian first)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     for tool in (NGINX, WRK):
         if not Path(tool).exists():

@@ -6,6 +6,7 @@ the forwarding."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -189,3 +190,16 @@ async def test_path_parameters_refused_or_stripped(issuer: TestIssuer) -> None:
         assert body["path"] == "/headers/docs/page?q=;1"
     decided = [json.loads(line)["path"] for line in stack.audit if '"path"' in line]
     assert decided == ["/headers/admin/secret", "/headers/admin/x", "/headers/docs/page"]
+
+
+def test_docs_table_matches_the_module() -> None:
+    """docs/http-mode.md's "Stripped headers" table lists each family with its names."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "http-mode.md").read_text()
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in doc.splitlines()
+            if line.startswith("| ")}  # fmt: skip
+    for family in FAMILIES:
+        row = rows.get(family.name)
+        assert row is not None, family.name
+        cells = row.split(" | ")[1]
+        listed = {n.strip("`") for n in cells.split(", ")}
+        assert listed == {*family.exact, *(p + "*" for p in family.prefixes)}, family.name
