@@ -5,6 +5,7 @@ unauthenticated connections per source address (not for trusted proxies)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -78,6 +79,9 @@ async def test_headers_must_finish_in_time(issuer: TestIssuer) -> None:
             lines = [f"X-Drip-{n}: 1\r\n".encode() for n in range(40)]
             assert (await drip(writer, lines, response(reader))).startswith(b"HTTP/1.1 408")
             assert time.monotonic() - began < 3 * timeout
+        refusals = [json.loads(line) for line in stack.audit if '"status":408' in line]
+        assert [r["reason"] for r in refusals] == ["request headers not complete in time"] * 2
+        assert refusals[0]["source_ip"] == "127.0.0.1"
         # A keep-alive connection may idle longer than the header timeout between requests.
         token = issuer.mint(aud=APP_AUDIENCE)
         async with raw(stack) as (reader, writer):
@@ -103,6 +107,7 @@ async def test_body_must_finish_by_the_deadline(issuer: TestIssuer) -> None:
             # 10 bytes per unit: 100 units for the whole body; cut, with no answer.
             assert await drip(writer, [b"x" * 10] * 100, reader.read()) == b""
             assert deadline * 0.9 <= time.monotonic() - began < 5 * deadline
+        assert any('"reason":"request not complete by its deadline"' in a for a in stack.audit)
         # A body that arrives in time is served.
         async with raw(stack) as (reader, writer):
             writer.write(
@@ -124,6 +129,7 @@ async def test_unauthenticated_connections_capped_per_source(issuer: TestIssuer)
             async with raw(stack) as (reader, _):
                 assert (await response(reader)).startswith(b"HTTP/1.1 429")
                 assert await reader.read() != b"" or reader.at_eof()
+            assert '"reason":"too many unauthenticated connections"' in stack.audit[-1]
             # An authenticated request frees its connection's place...
             token = issuer.mint(aud=APP_AUDIENCE)
             reader, writer = conns[1]

@@ -13,21 +13,21 @@ forwarding every call, and keeps three limits per connection:
   ``trusted_proxies`` (balancers carrying many clients) are not counted.
 
 The proxy's handler tells the guard when a request starts and ends and when its caller is
-authenticated (``guard_of(request)``). Idle keep-alive connections are aiohttp's
+authenticated (``guard_of(request)``). Each refusal is reported to ``refused(reason, source,
+status)`` (HTTP mode writes an audit record). Idle keep-alive connections are aiohttp's
 ``keepalive_timeout``. Timers are loop call-backs, not tasks."""
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 from aiohttp import web
 
-log = logging.getLogger("tunnel.http")
+Refused = Callable[[str, str, int], None]  # reason, source address, HTTP status
 
 IDLE, HEADERS, ACTIVE = 0, 1, 2
 _TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
@@ -93,11 +93,14 @@ class ConnectionGuard(asyncio.Protocol):
         settings: GuardSettings,
         limits: SourceLimits,
         loop: asyncio.AbstractEventLoop,
+        refused: Refused,
     ) -> None:
         self._inner = inner
         self._settings = settings
         self._limits = limits
         self._loop = loop
+        self._refused = refused
+        self._peer = ""
         self._transport: asyncio.Transport | None = None
         self._source: str | None = None  # counted against the cap until authenticated
         self._state = HEADERS
@@ -112,10 +115,10 @@ class ConnectionGuard(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses: the protocol is the contract.
         self._transport = stream = cast(asyncio.Transport, transport)
         peer = stream.get_extra_info("peername")
-        source = str(peer[0]) if isinstance(peer, tuple) else ""
+        source = self._peer = str(peer[0]) if isinstance(peer, tuple) else ""
         if source and not self._limits.exempt(source):
             if not self._limits.acquire(source):
-                log.debug("HTTP mode: too many unauthenticated connections from %s", source)
+                self._refused("too many unauthenticated connections", source, 429)
                 stream.write(_BUSY)
                 stream.close()
                 self._inner = None
@@ -193,14 +196,14 @@ class ConnectionGuard(asyncio.Protocol):
     def _too_slow(self) -> None:
         self._timer = None
         if self._state == HEADERS and self._transport is not None:
-            log.debug("HTTP mode: request headers not complete in time; closing")
+            self._refused("request headers not complete in time", self._peer, 408)
             self._transport.write(_TIMEOUT)
             self._transport.close()
 
     def _deadline(self, request: web.BaseRequest) -> None:
         self._timer = None
         if self._state == ACTIVE and not request.content.is_eof() and self._transport:
-            log.debug("HTTP mode: request body not complete in time; closing")
+            self._refused("request not complete by its deadline", self._peer, 408)
             self._transport.close()
 
 
@@ -211,8 +214,8 @@ def guard_of(request: web.BaseRequest) -> ConnectionGuard | None:
 
 
 def guarded(
-    factory: Callable[[], Any], settings: GuardSettings, limits: SourceLimits
+    factory: Callable[[], Any], settings: GuardSettings, limits: SourceLimits, refused: Refused
 ) -> Callable[[], ConnectionGuard]:
     """A protocol factory for ``loop.create_server``: aiohttp's, each connection guarded."""
     loop = asyncio.get_running_loop()
-    return lambda: ConnectionGuard(factory(), settings, limits, loop)
+    return lambda: ConnectionGuard(factory(), settings, limits, loop, refused)

@@ -342,6 +342,12 @@ class HttpProxy:
             )
         return await self.forwarder.http(request, route, caller, access, target, headers)
 
+    def connection_refused(self, reason: str, source_ip: str, status: int) -> None:
+        """A connection the guard refused or cut (``guard.py``): one audit record."""
+        self.audit.record(
+            "http", decision="deny", reason=reason, source_ip=source_ip, status=status
+        )
+
     def _identity_headers(
         self, route: RouteConfig, caller: Caller, levels: Sequence[str]
     ) -> dict[str, str]:
@@ -443,7 +449,7 @@ async def serving(
         config.header_timeout, config.request_timeout, config.max_unauthenticated_per_source
     )
     limits = SourceLimits(config.max_unauthenticated_per_source, config.trusted_proxies)
-    factory = guarded(runner.server, settings, limits)
+    factory = guarded(runner.server, settings, limits, proxy.connection_refused)
     loop = asyncio.get_running_loop()
     try:
         if sock is not None:
