@@ -65,6 +65,7 @@ bench: $(BENCH_STAMP)
 	@bash scripts/install-bench-deps.sh
 	$(BIN)/python -m bench
 	$(BIN)/python -m bench.http_mode --out docs/benchmarks.md
+	$(BIN)/python -m bench.proxy_header --out docs/benchmarks.md
 	$(BIN)/python -m bench.cluster --out docs/benchmarks-cluster.md
 
 demo: venv system-deps

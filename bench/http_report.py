@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # pragma: no cover - types only
     from .http_mode import Results
 
-BEGIN, END = "<!-- http-mode:begin -->", "<!-- http-mode:end -->"
 BARE = "bare aiohttp proxy, uvloop"
 NGINX = "nginx reverse proxy"
 
@@ -75,12 +74,13 @@ def render(results: Results, quiet: float, args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace the HTTP-mode section of ``path`` (between the markers), or append it."""
+def write_section(path: Path, text: str, name: str = "http-mode") -> None:
+    """Replace the section ``name`` of ``path`` (between its markers), or append it."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     old = path.read_text() if path.exists() else ""
-    block = f"{BEGIN}\n{text}{END}\n"
-    if BEGIN in old and END in old:
-        new = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END) + r"\n?", lambda _: block, old,
+    block = f"{begin}\n{text}{end}\n"
+    if begin in old and end in old:
+        new = re.sub(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", lambda _: block, old,
                      flags=re.S)  # fmt: skip
     else:
         new = old.rstrip("\n") + "\n\n" + block
