@@ -154,6 +154,47 @@ async def http_mode(directory: Path, name: str, issuer: str, upstream: int, port
     return proc
 
 
+async def bare_proxies(
+    directory: Path, upstream: int, granian: bool, procs: list[Proc]
+) -> dict[str, int]:
+    """The bare reverse proxies on CPU 1 (aiohttp on uvloop and on asyncio; granian when
+    asked): name -> port."""
+    ports = {}
+    for name, extra in (("bare-uvloop", []), ("bare-asyncio", ["--asyncio"])):
+        ports[name] = free_port()
+        argv = [sys.executable, "-m", "bench.http_bare", str(upstream), str(ports[name]), *extra]
+        procs.append(proc := await spawn(name, argv, directory, cpu=SERVER_CPU))
+        await proc.wait_for_line(r"Listening on")
+    if granian:
+        ports["bare-granian"] = port = free_port()
+        argv = [sys.executable, "-m", "granian", "--interface", "rsgi", "--loop", "uvloop",
+                "--workers", "1", "--runtime-mode", "st", "--host", "127.0.0.1", "--port",
+                str(port), "--log-level", "warning", "bench.http_bare_granian:app"]  # fmt: skip
+        env = {**os.environ, "UPSTREAM_PORT": str(upstream)}
+        procs.append(proc := await spawn("bare-granian", argv, directory, cpu=SERVER_CPU, env=env))
+        await wait_listening(port, proc)
+    return ports
+
+
+def cases(ports: dict[str, int], bearer: str, cookie: str) -> list[Case]:
+    bare = [
+        Case("nginx reverse proxy", ports["nginx"], []),
+        Case("bare aiohttp proxy, uvloop", ports["bare-uvloop"], []),
+        Case("bare aiohttp proxy, asyncio", ports["bare-asyncio"], []),
+    ]
+    if "bare-granian" in ports:
+        bare.append(Case("bare granian + aiohttp client", ports["bare-granian"], []))
+    return [
+        *bare,
+        Case("HTTP mode, bearer", ports["http"], [bearer]),
+        Case("HTTP mode, cookie", ports["http"], [cookie]),
+        Case("1 worker, bearer", ports["http-1w"], [bearer], 32, False),
+        Case("2 workers, bearer", ports["http-2w"], [bearer], 32, False),
+        Case("1 worker, cookie", ports["http-1w"], [cookie], 32, False),
+        Case("2 workers, cookie", ports["http-2w"], [cookie], 32, False),
+    ]
+
+
 async def bench(args: argparse.Namespace) -> Results:
     from tests.oidc_fixture import TestIssuer  # the bench's IdP: JWKS served from this process
 
@@ -164,56 +205,22 @@ async def bench(args: argparse.Namespace) -> Results:
         async with TestIssuer() as issuer:
             token = issuer.mint(aud="https://demo.app", lifetime=24 * 3600)
             sid = secrets.token_urlsafe(32)
-            bearer, cookie = (
-                f"Authorization: Bearer {token}",
-                f"Cookie: __Host-tunnel_session={sid}",
-            )
             upstream = free_port()
             procs.append(await nginx(directory, "upstream", upstream, None, CLIENT_CPU))
-            names = ("nginx", "bare-uvloop", "bare-asyncio", "http", "http-1w", "http-2w")
-            ports = {name: free_port() for name in names}
+            ports = {name: free_port() for name in ("nginx", "http", "http-1w", "http-2w")}
             procs.append(await nginx(directory, "nginx", ports["nginx"], upstream, SERVER_CPU))
-            for name, extra in (("bare-uvloop", []), ("bare-asyncio", ["--asyncio"])):
-                argv = [sys.executable, "-m", "bench.http_bare", str(upstream), str(ports[name]),
-                        *extra]  # fmt: skip
-                procs.append(proc := await spawn(name, argv, directory, cpu=SERVER_CPU))
-                await proc.wait_for_line(r"Listening on")
-            if args.granian:
-                ports["bare-granian"] = free_port()
-                argv = [sys.executable, "-m", "granian", "--interface", "rsgi", "--loop",
-                        "uvloop", "--workers", "1", "--runtime-mode", "st", "--host",
-                        "127.0.0.1", "--port", str(ports["bare-granian"]), "--log-level",
-                        "warning", "bench.http_bare_granian:app"]  # fmt: skip
-                env = {**os.environ, "UPSTREAM_PORT": str(upstream)}
-                procs.append(proc := await spawn("bare-granian", argv, directory,
-                                                 cpu=SERVER_CPU, env=env))  # fmt: skip
-                await wait_listening(ports["bare-granian"], proc)
-            procs.append(await http_mode(directory, "http", issuer.issuer, upstream,
-                                         ports["http"], sid, SERVER_CPU))  # fmt: skip
-            for w in range(2):  # two workers on one port; the first also serves "1 worker"
-                procs.append(await http_mode(directory, f"http-2w-{w}", issuer.issuer, upstream,
-                                             ports["http-2w"], sid, None))  # fmt: skip
-            procs.append(await http_mode(directory, "http-1w", issuer.issuer, upstream,
-                                         ports["http-1w"], sid, None))  # fmt: skip
-            cases = [
-                Case("nginx reverse proxy", ports["nginx"], []),
-                Case("bare aiohttp proxy, uvloop", ports["bare-uvloop"], []),
-                Case("bare aiohttp proxy, asyncio", ports["bare-asyncio"], []),
-                *(
-                    [Case("bare granian + aiohttp client", ports["bare-granian"], [])]
-                    if args.granian
-                    else []
-                ),  # fmt: skip
-                Case("HTTP mode, bearer", ports["http"], [bearer]),
-                Case("HTTP mode, cookie", ports["http"], [cookie]),
-                Case("1 worker, bearer", ports["http-1w"], [bearer], 32, False),
-                Case("2 workers, bearer", ports["http-2w"], [bearer], 32, False),
-                Case("1 worker, cookie", ports["http-1w"], [cookie], 32, False),
-                Case("2 workers, cookie", ports["http-2w"], [cookie], 32, False),
-            ]
+            ports |= await bare_proxies(directory, upstream, args.granian, procs)
+            for name, port, cpu in (("http", ports["http"], SERVER_CPU),
+                                    ("http-1w", ports["http-1w"], None),
+                                    ("http-2w-0", ports["http-2w"], None),
+                                    ("http-2w-1", ports["http-2w"], None)):  # fmt: skip
+                procs.append(await http_mode(directory, name, issuer.issuer, upstream, port, sid,
+                                             cpu))  # fmt: skip
+            bearer = f"Authorization: Bearer {token}"
+            cookie = f"Cookie: __Host-tunnel_session={sid}"
             for round_ in range(args.rounds):
                 print(f"round {round_ + 1}/{args.rounds}", file=sys.stderr, flush=True)
-                for case in cases:
+                for case in cases(ports, bearer, cookie):
                     await measure(case, args.seconds, results)
     finally:
         for proc in procs:

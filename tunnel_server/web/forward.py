@@ -81,18 +81,9 @@ class Forwarder:
         stream = self._streams.open(route, caller, access, close, grace=STREAM_GRACE)
         try:
             headers = response_headers(upstream.headers, authenticated=True)
-            length = upstream.content_length
-            if (
-                length is not None
-                and length <= CHUNK
-                and request.method != "HEAD"
-                and "Content-Type" in headers
-            ):  # small: one write, no streaming
-                data = await upstream.read()
-                headers.popall("Content-Length", None)
-                return web.Response(
-                    status=upstream.status, reason=upstream.reason, headers=headers, body=data
-                )
+            small = await self._small(request, upstream, headers)
+            if small is not None:
+                return small
             response = web.StreamResponse(
                 status=upstream.status, reason=upstream.reason, headers=headers
             )
@@ -110,6 +101,23 @@ class Forwarder:
         finally:
             self._streams.done(stream)
             upstream.release()
+
+    @staticmethod
+    async def _small(
+        request: web.Request, upstream: aiohttp.ClientResponse, headers: Any
+    ) -> web.Response | None:
+        """A small response with a known length and type, answered in one write (None:
+        stream it)."""
+        length = upstream.content_length
+        if length is None or length > CHUNK or request.method == "HEAD":
+            return None
+        if "Content-Type" not in headers:
+            return None
+        data = await upstream.read()
+        headers.popall("Content-Length", None)
+        return web.Response(
+            status=upstream.status, reason=upstream.reason, headers=headers, body=data
+        )
 
     async def websocket(
         self,

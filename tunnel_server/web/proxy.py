@@ -19,6 +19,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
 
@@ -27,7 +28,7 @@ from aiohttp import web
 from yarl import URL
 
 from ..access.identity import Authenticator, Identity, TokenVerifier
-from ..access.policy import Policy, access_levels_met, evaluate
+from ..access.policy import AccessRequest, Policy, access_levels_met, evaluate
 from ..access.source import client_address
 from ..audit import AuditLog
 from ..config import HttpModeConfig, RouteConfig
@@ -41,13 +42,23 @@ from .guard import GuardSettings, SourceLimits, guard_of, guarded
 from .headers import ASSERTION_HEADER, EMAIL_HEADER, ID_HEADER, upstream_headers
 from .keyshare import SharedKeys
 from .login import BrowserLogin
-from .paths import BadRequest, normalize_host, normalize_path
+from .paths import BadRequest, NormalizedPath, normalize_host, normalize_path
 from .responses import Reply, html_response, json_response, redirect, wants_html
 from .sessions import MemorySessionStore, SessionStore, SessionStoreUnavailable, session_key
 
 log = logging.getLogger("tunnel.http")
 
 RESERVED = "/_tunnel/"
+
+
+@dataclass(frozen=True)
+class Decided:
+    """A request's decision as forwarding needs it: allowed, and the access levels it met."""
+
+    allowed: bool
+    levels: Sequence[str]
+
+
 JWKS_PATH = "/.well-known/tunnel/jwks.json"
 CLOSE_WAIT = 5.0  # seconds aclose() lets background store calls (revocations) finish
 
@@ -299,6 +310,36 @@ class HttpProxy:
         guard = guard_of(request)
         if guard is not None:
             guard.authenticated()
+        xff, access, decision, request_id = self._decide(request, route, caller, host, path)
+        if not decision.allowed:
+            return self._denied(request, caller, request_id)
+        headers = upstream_headers(
+            request.headers,
+            consumed_authorization=caller.consumed_authorization,
+            identity=self._identity_headers(route, caller, decision.levels),
+            forwarded_for=xff,
+            proto=self.config.external_scheme,
+            host=request.headers.get("Host", host),
+            strip=self._filters[route.name],
+        )
+        headers.popall("Expect", None)
+        target = URL(route.upstream + path.raw + (f"?{query}" if query else ""), encoded=True)
+        if self._is_websocket(request):
+            return await self.forwarder.websocket(
+                request, route, origin, caller, access, target, headers
+            )
+        return await self.forwarder.http(request, route, caller, access, target, headers)
+
+    def _decide(
+        self,
+        request: web.Request,
+        route: RouteConfig,
+        caller: Caller,
+        host: str,
+        path: NormalizedPath,
+    ) -> tuple[str, AccessRequest, Decided, str]:
+        """(X-Forwarded-For to send, the policy request, the decision, its request id), with
+        the decision's audit record."""
         source_ip, xff = client_address(
             request.remote,
             request.headers.getall("X-Forwarded-For", []),
@@ -323,24 +364,8 @@ class HttpProxy:
             request_id=request_id,
             via="session" if caller.session else "bearer",
         )
-        if not decision.allowed:
-            return self._denied(request, caller, request_id)
-        headers = upstream_headers(
-            request.headers,
-            consumed_authorization=caller.consumed_authorization,
-            identity=self._identity_headers(route, caller, access_levels_met(access, policy, now)),
-            forwarded_for=xff,
-            proto=self.config.external_scheme,
-            host=request.headers.get("Host", host),
-            strip=self._filters[route.name],
-        )
-        headers.popall("Expect", None)
-        target = URL(route.upstream + path.raw + (f"?{query}" if query else ""), encoded=True)
-        if self._is_websocket(request):
-            return await self.forwarder.websocket(
-                request, route, origin, caller, access, target, headers
-            )
-        return await self.forwarder.http(request, route, caller, access, target, headers)
+        levels = access_levels_met(access, policy, now) if decision.allowed else ()
+        return xff, access, Decided(decision.allowed, levels), request_id
 
     def connection_refused(self, reason: str, source_ip: str, status: int) -> None:
         """A connection the guard refused or cut (``guard.py``): one audit record."""
