@@ -376,6 +376,13 @@ class HttpWorkers:
 
     def __init__(self) -> None:
         self._procs: list[asyncio.subprocess.Process] = []
+        self._watches: list[asyncio.Task[None]] = []
+
+    async def _watch(self, n: int, proc: asyncio.subprocess.Process) -> None:
+        """A worker that exits while the relay runs is not restarted: say so (the kernel
+        sends new connections to the processes still listening)."""
+        code = await proc.wait()
+        log.error("HTTP-mode worker %d exited (code %s); the other processes serve", n, code)
 
     @classmethod
     async def start(cls, config: ServerConfig, port: int, count: int, node: str) -> HttpWorkers:
@@ -392,6 +399,7 @@ class HttpWorkers:
                 ready = await asyncio.wait_for(proc.stdout.readline(), cls.START_TIMEOUT)
                 if ready != b"ready\n":
                     raise ConfigError(f"http.workers: worker {n + 1} did not start (see its log)")
+                workers._watches.append(asyncio.create_task(workers._watch(n + 1, proc)))
         except BaseException:
             await workers.aclose()
             raise
@@ -413,6 +421,9 @@ class HttpWorkers:
             self._send(proc, {"revoke_user": (principal, moment)})
 
     async def aclose(self) -> None:
+        for watch in self._watches:
+            watch.cancel()
+        await asyncio.gather(*self._watches, return_exceptions=True)
         for proc in self._procs:
             if proc.stdin is not None:
                 proc.stdin.close()
