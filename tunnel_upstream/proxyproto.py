@@ -277,7 +277,7 @@ def verify_identity(info: ProxyInfo, check: IdentityCheck) -> ProxyInfo:
     except (AssertionError_, UnicodeDecodeError) as exc:
         raise IdentityRefused(f"identity refused: {exc}") from None
     claimed = claims.get("tunnel_id")
-    if not isinstance(claimed, str) or claimed.encode("ascii", "replace") != tunnel_id:
+    if not isinstance(claimed, str) or not claimed.isascii() or claimed.encode() != tunnel_id:
         raise IdentityRefused("identity refused: assertion for another tunnel")
     replays = check.replays
     if replays is not None and not replays.first_use(check.issuer, claimed, float(claims["exp"])):
