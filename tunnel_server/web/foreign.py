@@ -167,18 +167,12 @@ FAMILIES: tuple[Family, ...] = (
     Family(
         "URL, path and method overrides",
         "X-Original-URL and X-Rewrite-URL (IIS URL Rewrite, Symfony, Zend/Laminas, Drupal), "
-        "X-Original-URI (nginx auth_request convention), X-Original-Host, X-Host, "
-        "X-Original-Method, X-HTTP-Method-Override, X-HTTP-Method, X-Method-Override "
-        "(Google APIs, Rails, Express method-override, ASP.NET), X-URL-Scheme, X-Scheme, "
-        "Front-End-Https",
+        "X-Original-URI (nginx auth_request convention) and every other X-Original-* "
+        "(-Host, -Method, -Path), X-Host, X-HTTP-Method-Override, X-HTTP-Method, "
+        "X-Method-Override (Google APIs, Rails, Express method-override, ASP.NET), "
+        "X-URL-Scheme, X-Scheme, Front-End-Https",
         exact=(
-            "x-original-url",
-            "x-rewrite-url",
-            "x-original-uri",
-            "x-original-path",
-            "x-original-host",
             "x-host",
-            "x-original-method",
             "x-http-method-override",
             "x-http-method",
             "x-method-override",
@@ -186,6 +180,7 @@ FAMILIES: tuple[Family, ...] = (
             "x-scheme",
             "front-end-https",
         ),
+        prefixes=("x-original-", "x-rewrite-"),
     ),  # fmt: skip
 )
 
