@@ -29,7 +29,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import http_report
-from .procs import CLIENT_CPU, PINNING, SERVER_CPU, Proc, free_port, kill_all, spawn, wait_listening
+from .procs import (
+    CLIENT_CPU,
+    PINNING,
+    SERVER_CPU,
+    Proc,
+    cpu_seconds,
+    free_port,
+    kill_all,
+    spawn,
+    wait_listening,
+)
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
@@ -56,6 +66,7 @@ class Run:
     rps: float
     p50_ms: float
     p99_ms: float
+    cpu_us: float = 0.0  # the proxy's CPU (user + system) per request, from /proc
 
 
 @dataclass
@@ -67,7 +78,7 @@ class Results:
     def median(self, case: str) -> Run:
         runs = self.runs[case]
         return Run(*(statistics.median(getattr(r, f) for r in runs)
-                     for f in ("rps", "p50_ms", "p99_ms")))  # fmt: skip
+                     for f in ("rps", "p50_ms", "p99_ms", "cpu_us")))  # fmt: skip
 
 
 def nginx_conf(directory: Path, name: str, port: int, upstream: int | None) -> Path:
@@ -115,7 +126,9 @@ async def wrk(url: str, headers: Sequence[str], seconds: float, connections: int
     if "Non-2xx" in out or "Socket errors" in out or process.returncode:
         raise RuntimeError(f"wrk against {url} ({headers}) saw errors:\n{out}")
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    return Run(rps, _latency(out, "50"), _latency(out, "99"))
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    # cpu_us holds the request count until measure() turns it into CPU per request.
+    return Run(rps, _latency(out, "50"), _latency(out, "99"), float(requests))
 
 
 def _latency(out: str, percent: str) -> float:
@@ -135,15 +148,21 @@ class Case:
     pinned: bool = True
 
 
-async def measure(case: Case, seconds: float, results: Results) -> None:
+async def measure(case: Case, pids: list[int], seconds: float, results: Results) -> None:
+    """One wrk run against ``case``; ``pids``: the proxy's processes, whose CPU per request
+    is read from /proc (robust where the throughput is not: a busy machine's other work
+    takes turns on the proxy's core)."""
     url = f"http://127.0.0.1:{case.port}/"
     headers = [f"Host: {HOST}:{case.port}", *case.headers]
     cpu = CLIENT_CPU if case.pinned else None
     await wrk(url, headers, 1, case.connections, cpu)  # warm-up: connections, JWKS, caches
+    before = sum(cpu_seconds(pid) for pid in pids)
     run = await wrk(url, headers, seconds, case.connections, cpu)
+    run.cpu_us = (sum(cpu_seconds(pid) for pid in pids) - before) / run.cpu_us * 1e6
     results.runs.setdefault(case.name, []).append(run)
     print(f"  {case.name:34} {run.rps:9.0f} req/s  p50 {run.p50_ms:6.3f} ms  "
-          f"p99 {run.p99_ms:6.3f} ms", file=sys.stderr, flush=True)  # fmt: skip
+          f"p99 {run.p99_ms:6.3f} ms  CPU {run.cpu_us:6.1f} µs/req", file=sys.stderr,
+          flush=True)  # fmt: skip
 
 
 async def http_mode(directory: Path, name: str, issuer: str, upstream: int, port: int,
@@ -218,10 +237,15 @@ async def bench(args: argparse.Namespace) -> Results:
                                              cpu))  # fmt: skip
             bearer = f"Authorization: Bearer {token}"
             cookie = f"Cookie: __Host-tunnel_session={sid}"
+            owners: dict[int, list[int]] = {}  # port -> the processes serving it
+            for proc in procs:
+                port = ports.get(re.sub(r"-\d$", "", proc.name))  # http-2w-0 -> http-2w
+                if port is not None:
+                    owners.setdefault(port, []).append(proc.pid)
             for round_ in range(args.rounds):
                 print(f"round {round_ + 1}/{args.rounds}", file=sys.stderr, flush=True)
                 for case in cases(ports, bearer, cookie):
-                    await measure(case, args.seconds, results)
+                    await measure(case, owners[case.port], args.seconds, results)
     finally:
         for proc in procs:
             await proc.stop()

@@ -40,6 +40,12 @@ def _targets(results: Results) -> list[tuple[str, float, str, bool]]:
     return rows
 
 
+def _cpu_ratio(results: Results, kind: str) -> float:
+    ours, bare = results.runs[f"HTTP mode, {kind}"], results.runs[BARE]
+    rounds = range(min(len(ours), len(bare)))
+    return statistics.median(ours[i].cpu_us / bare[i].cpu_us for i in rounds)
+
+
 def render(results: Results, quiet: float, args: argparse.Namespace) -> str:
     judged = results.load_start <= quiet
     lines = [
@@ -51,8 +57,8 @@ def render(results: Results, quiet: float, args: argparse.Namespace) -> str:
         f"{args.rounds} interleaved rounds of {args.seconds:g} s, medians. Load average "
         f"{results.load_start:.2f} at the start, {results.load_end:.2f} at the end.",
         "",
-        "| path | req/s | × nginx | × bare | p50 ms | p99 ms | runs (req/s) |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| path | req/s | × nginx | × bare | p50 ms | p99 ms | CPU µs/req | runs (req/s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     nginx, bare = results.median(NGINX), results.median(BARE)
     for case, runs in results.runs.items():
@@ -60,9 +66,14 @@ def render(results: Results, quiet: float, args: argparse.Namespace) -> str:
         every = ", ".join(f"{r.rps:.0f}" for r in runs)
         lines.append(
             f"| {case} | {m.rps:.0f} | {m.rps / nginx.rps:.3f} | {m.rps / bare.rps:.2f} | "
-            f"{m.p50_ms:.3f} | {m.p99_ms:.3f} | {every} |"
+            f"{m.p50_ms:.3f} | {m.p99_ms:.3f} | {m.cpu_us:.0f} | {every} |"
         )
-    lines += ["", "Targets: medians over the rounds of each round's own ratio.", "",
+    ratios = ", ".join(f"{kind} {_cpu_ratio(results, kind):.2f}×" for kind in ("bearer", "cookie"))
+    lines += ["", "CPU µs/req: the proxy processes' user + system CPU per request (/proc); other "
+              "work on the machine disturbs it less than the throughput (it still shares caches "
+              f"and cores). By it, HTTP mode costs {ratios} the bare proxy's CPU per request.",
+              "",
+              "Targets: medians over the rounds of each round's own ratio.", "",
               "| target | measured | wanted | " + ("met" if judged else "judged") + " |",
               "|---|---:|---|---|"]  # fmt: skip
     for what, value, wanted, met in _targets(results):
