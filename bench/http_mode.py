@@ -239,9 +239,9 @@ async def bench(args: argparse.Namespace) -> Results:
             cookie = f"Cookie: __Host-tunnel_session={sid}"
             owners: dict[int, list[int]] = {}  # port -> the processes serving it
             for proc in procs:
-                port = ports.get(re.sub(r"-\d$", "", proc.name))  # http-2w-0 -> http-2w
-                if port is not None:
-                    owners.setdefault(port, []).append(proc.pid)
+                served = ports.get(re.sub(r"-\d$", "", proc.name))  # http-2w-0 -> http-2w
+                if served is not None:
+                    owners.setdefault(served, []).append(proc.pid)
             for round_ in range(args.rounds):
                 print(f"round {round_ + 1}/{args.rounds}", file=sys.stderr, flush=True)
                 for case in cases(ports, bearer, cookie):
