@@ -223,7 +223,7 @@ async def bench(args: argparse.Namespace) -> Results:
     try:
         async with TestIssuer() as issuer:
             token = issuer.mint(aud="https://demo.app", lifetime=24 * 3600)
-            sid = secrets.token_urlsafe(32)
+            sid = secrets.token_hex(32)  # never starts with "-" (an option to argparse)
             upstream = free_port()
             procs.append(await nginx(directory, "upstream", upstream, None, CLIENT_CPU))
             ports = {name: free_port() for name in ("nginx", "http", "http-1w", "http-2w")}
