@@ -1,11 +1,13 @@
 """The per-tunnel cost of the outbound PROXY v2 header with a signed identity (a destination with
-``proxy_protocol``): building one header (sign + encode), and tunnel-open latency to a
-destination with it against the same relay's destination without it, interleaved.
+``proxy_protocol``, docs/upstream-identity.md): on the relay, building one header (the relay's own
+``proxy_header``: ES256 sign + encode); on the upstream, ``tunnel_upstream`` parsing and
+verifying it; and tunnel-open latency to a destination with the header against the same relay's
+destination without it, interleaved.
 
 Loopback only, bounded: an in-process issuer, one relay (native clients' connection check:
 connect, verify, decide, dial, header, SID, close), a TCP target that reads the header.
 
-    .venv/bin/python -m bench.proxy_header [--tunnels N] [--headers N] [--out FILE]
+    .venv/bin/python -m bench.proxy_header [--tunnels N] [--headers N] [--out docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ from tunnel_server.app import running
 from tunnel_server.config import parse_config
 from tunnel_server.relay.upstream_identity import proxy_header
 from tunnel_server.web.assertion import AssertionSigner
+from tunnel_upstream import IdentityCheck, parse_proxy_header, verify_identity
 
 from .handshake import Issuer, _config
+from .http_report import write_section
 
 
 async def _target(reader_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -70,8 +74,10 @@ def _relay_config(issuer: Issuer, workdir: Path) -> dict[str, Any]:
     return data
 
 
-def header_cost(count: int) -> tuple[float, float, float]:
-    """(sign + encode, encode alone, sign alone): median microseconds per header."""
+def header_cost(count: int) -> dict[str, float]:
+    """Median microseconds per header: the relay's sign + encode, encode alone (signature
+    given), the signature alone, and the upstream's parse + verify (a distinct header per
+    tunnel, as every tunnel's assertion is its own; no replay cache)."""
     signer = AssertionSigner("http://127.0.0.1:1", lifetime=300)
     identity = Identity("user:bench@example.com", "bench", "http://issuer", "bench@example.com",
                         ("ops",), time.time() + 600, frozenset())  # fmt: skip
@@ -79,22 +85,33 @@ def header_cost(count: int) -> tuple[float, float, float]:
     token = signer.sign(audience="tcp:vmp", subject="bench", email=None, groups=(),
                         principal="user:bench")  # fmt: skip
 
-    def none(**_: Any) -> str:
+    def given(**_: Any) -> str:
         return token
 
-    samples: dict[str, list[float]] = {"full": [], "encode": [], "sign": []}
-    for _ in range(count):
-        for name, sign in (("full", signer.sign), ("encode", none)):
-            start = time.perf_counter()
-            proxy_header(sign, identity=identity, audience="tcp:vmp", access_levels=["corp"],
-                         tunnel_id="T" * 40, target="p/z/vmp", source_ip="198.51.100.7",
-                         dialed=dialed, port=5432)  # fmt: skip
-            samples[name].append((time.perf_counter() - start) * 1e6)
+    def build(sign: Any, tunnel_id: str) -> bytes:
+        return proxy_header(sign, identity=identity, audience="tcp:vmp", access_levels=["corp"],
+                            tunnel_id=tunnel_id, target="p/z/vmp", source_ip="198.51.100.7",
+                            dialed=dialed, port=5432)  # fmt: skip
+
+    headers = [build(signer.sign, f"T{i:039d}") for i in range(count)]
+    check = IdentityCheck("tcp:vmp", "http://127.0.0.1:1", jwks=signer.jwks(), replays=None)
+    samples: dict[str, list[float]] = {"full": [], "encode": [], "sign": [], "verify": []}
+    for i in range(count):
+        start = time.perf_counter()
+        build(signer.sign, "T" * 40)
+        samples["full"].append((time.perf_counter() - start) * 1e6)
+        start = time.perf_counter()
+        build(given, "T" * 40)
+        samples["encode"].append((time.perf_counter() - start) * 1e6)
         start = time.perf_counter()
         signer.sign(audience="tcp:vmp", subject="bench", email=None, groups=(), principal="u")
         samples["sign"].append((time.perf_counter() - start) * 1e6)
-    return (statistics.median(samples["full"]), statistics.median(samples["encode"]),
-            statistics.median(samples["sign"]))  # fmt: skip
+        start = time.perf_counter()
+        parsed = parse_proxy_header(headers[i])
+        assert parsed is not None
+        verify_identity(parsed[0], check)
+        samples["verify"].append((time.perf_counter() - start) * 1e6)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 async def tunnel_open(count: int) -> dict[str, list[float]]:
@@ -132,21 +149,21 @@ async def tunnel_open(count: int) -> dict[str, list[float]]:
 
 def report(tunnels: int, headers: int) -> str:
     load = os.getloadavg()[0]
-    full, encode, sign = header_cost(headers)
+    cost = header_cost(headers)
     opened = asyncio.run(tunnel_open(tunnels))
     plain, proxied = (statistics.median(opened[n]) for n in ("vm", "vmp"))
     lines = [
-        "# Benchmark: the outbound PROXY v2 header with a signed identity",
+        "## PROXY v2 identity header, per tunnel (issue 17)",
         "",
-        "Generated by `make bench` (`python -m bench.proxy_header`); loopback, one process.",
-        f"Load average at the start: {load:.2f} "
-        + ("(quiet)" if load < 0.5 else "(busy: not evidence for a target)"),
+        "`python -m bench.proxy_header`: loopback, one process. Load average at the start: "
+        f"{load:.2f} " + ("(quiet)" if load < 0.5 else "(busy: not evidence for a target)") + ".",
         "",
-        f"| per header ({headers} samples, median) | µs |",
+        f"| per header ({headers} samples, median) | µs of one core |",
         "|---|---:|",
-        f"| sign (ES256) + encode | {full:.1f} |",
-        f"| encode only (signature given) | {encode:.1f} |",
-        f"| ES256 signature alone | {sign:.1f} |",
+        f"| relay: sign (ES256) + encode | {cost['full']:.1f} |",
+        f"| relay: encode only (signature given) | {cost['encode']:.1f} |",
+        f"| relay: ES256 signature alone | {cost['sign']:.1f} |",
+        f"| upstream: `tunnel_upstream` parse + verify | {cost['verify']:.1f} |",
         "",
         f"| tunnel open, wss, warm ({tunnels} each, interleaved) | p50 ms |",
         "|---|---:|",
@@ -167,4 +184,4 @@ if __name__ == "__main__":
     text = report(args.tunnels, args.headers)
     print(text)
     if args.out is not None:
-        args.out.write_text(text, encoding="utf-8")
+        write_section(args.out, text, name="proxy-header")

@@ -73,6 +73,7 @@ from .relay.tunnels import Tunnels
 from .state import MemoryState, RedisState, Revocation, StateStore
 from .web import HttpProxy, build_session_store
 from .web import serving as http_serving
+from .web.workers import HttpWorkers
 
 log = logging.getLogger("tunnel.server")
 
@@ -91,9 +92,18 @@ class RunningServer:
     policy_file: Path | None = None
     http: HttpProxy | None = None
     http_port: int | None = None
+    http_workers: HttpWorkers | None = None
     metrics_port: int | None = None
     audit_store: AuditWriter | None = None
     console: Console | None = None
+
+    def revoke_web_user(self, principal: str, at: float | None = None) -> int:
+        """End the principal's HTTP-mode streams and sessions here and in every worker;
+        returns how many streams closed in this process."""
+        closed = self.http.revoke_user(principal) if self.http is not None else 0
+        if self.http_workers is not None:
+            self.http_workers.revoke_user(principal, at)
+        return closed
 
     @property
     def port(self) -> int:
@@ -330,7 +340,7 @@ async def running(config: ServerConfig, *, node: str | None = None) -> AsyncIter
                 for address in await _addresses(config.state.redis_url, 6379):
                     relay.destinations.add_own_endpoint(*address)
             await relay.state.start(
-                on_revocation=_applier(relay, revocations, running_server.http),
+                on_revocation=_applier(relay, revocations, running_server),
                 local_tunnels=relay.registry.local_tunnels,
             )
             stack.push_async_callback(relay.state.aclose)
@@ -387,9 +397,7 @@ async def _serve_http(
     proxy = HttpProxy(
         http,
         authenticator=running.verifier,
-        login_verifier=await stack.enter_async_context(
-            _http_login_verifier(http, running.verifier)
-        ),
+        login_verifier=await stack.enter_async_context(http_login_verifier(http, running.verifier)),
         policy=lambda: policies.policy,
         audit=relay.audit,
         is_revoked=running.revocations.is_revoked,
@@ -400,11 +408,26 @@ async def _serve_http(
     relay.tunnels.sign_identity = proxy.signer.sign
     policies.subscribe(lambda _policy: proxy.redecide_all())
     http_ssl = server_context(http.tls, "http.tls") if http.tls else None
+    if http.workers > 1 and config.state.backend != "redis":
+        raise ConfigError(
+            "http.workers: more than one worker process needs state.backend: redis (browser "
+            "sessions, sign-outs and signing keys are shared through it)"
+        )
     with _listening("http.listen", http.listen):
         running.http_port = await stack.enter_async_context(
-            http_serving(proxy, http.listen.host, http.listen.port, ssl_context=http_ssl)
-        )
+            http_serving(
+                proxy, http.listen.host, http.listen.port, ssl_context=http_ssl,
+                reuse_port=http.workers > 1,
+            )
+        )  # fmt: skip
     relay.destinations.add_own_endpoint(http.listen.host, running.http_port)
+    if http.workers > 1:
+        workers = await HttpWorkers.start(
+            config, running.http_port, http.workers - 1, relay.audit.node
+        )
+        stack.push_async_callback(workers.aclose)
+        running.http_workers = workers
+        policies.subscribe(workers.policy_changed)
 
 
 async def _serve_metrics(
@@ -439,7 +462,7 @@ async def _serve_admin(
         running.verifier,
         _admin_check(config, relay),
         running.revocations,
-        on_revoke_user=running.http.revoke_user if running.http else None,
+        on_revoke_user=running.revoke_web_user if running.http else None,
         publish=relay.state.revoke,
     )
     app = api.app()
@@ -486,7 +509,7 @@ async def _login_verifier(
 
 
 @asynccontextmanager
-async def _http_login_verifier(
+async def http_login_verifier(
     http: HttpModeConfig, authenticator: Authenticator
 ) -> AsyncIterator[TokenVerifier | None]:
     if http.login is None:
@@ -512,10 +535,11 @@ async def _addresses(url: str, default_port: int) -> list[tuple[str, int]]:
 
 
 def _applier(
-    relay: Relay, revocations: Revocations, http: HttpProxy | None
+    relay: Relay, revocations: Revocations, running: RunningServer
 ) -> Callable[[Revocation], None]:
     """Apply a revocation decided on another node: refuse the user's older tokens here too,
-    close their tunnels (or the one tunnel) and web sessions on this node."""
+    close their tunnels (or the one tunnel) and web sessions on this node (and its HTTP-mode
+    workers)."""
 
     def apply(revocation: Revocation) -> None:
         if revocation.kind == "user":
@@ -524,8 +548,7 @@ def _applier(
                 "user_revoked", principal=revocation.subject, at=at, by=revocation.by,
                 origin=revocation.node or None,
             )  # fmt: skip
-            if http is not None:
-                http.revoke_user(revocation.subject)
+            running.revoke_web_user(revocation.subject, revocation.at)
         relay.apply_revocation(revocation)
 
     return apply

@@ -8,7 +8,9 @@ with 30 s leeway, lifetime at most 10 minutes."""
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 import threading
 import time
 import urllib.request
@@ -25,6 +27,11 @@ REFETCH_COOLDOWN = 10.0
 MAX_TOKEN = 8192
 
 _cache: dict[str, tuple[float, dict[str, Any]]] = {}
+# Assertions already verified (HTTP mode reuses one for minutes): (token, audience, issuer, the
+# key object) -> (verified at, claims), answered while unexpired and the key still listed.
+_verified: dict[tuple[str, str, str, tuple[str, ...]], tuple[float, dict[str, Any]]] = {}
+VERIFIED_MAX = 4096
+_B64URL = re.compile(r"[A-Za-z0-9_-]+")
 _last_refetch: dict[str, float] = {}
 _lock = threading.Lock()
 
@@ -58,10 +65,23 @@ def _jwks(url: str, *, refresh: bool) -> dict[str, Any]:
     return data
 
 
-def _key(jwks: Mapping[str, Any], kid: str) -> Any:
+_keys: dict[tuple[str, ...], Any] = {}  # (kid, crv, x, y) -> public key: built once
+_KEYS_MAX = 256
+
+
+def _key(jwks: Mapping[str, Any], kid: str) -> tuple[tuple[str, ...], Any] | None:
+    """(the key's identity, the public key) of ``kid`` in ``jwks``."""
     for jwk in jwks.get("keys", []):
         if isinstance(jwk, dict) and jwk.get("kid") == kid and jwk.get("kty") == "EC":
-            return jwt.PyJWK(jwk, algorithm="ES256").key
+            ident = tuple(str(jwk.get(f)) for f in ("kid", "crv", "x", "y"))
+            key = _keys.get(ident)
+            if key is None:
+                key = jwt.PyJWK(jwk, algorithm="ES256").key
+                with _lock:
+                    if len(_keys) >= _KEYS_MAX:
+                        _keys.clear()
+                    _keys[ident] = key
+            return ident, key
     return None
 
 
@@ -81,10 +101,7 @@ def verify_assertion(
         raise ValueError("give exactly one of jwks_url or jwks")
     if not token or len(token) > MAX_TOKEN or token.count(".") != 2:
         raise AssertionError_("missing or malformed assertion")
-    try:
-        header = jwt.get_unverified_header(token)
-    except jwt.PyJWTError:
-        raise AssertionError_("malformed assertion") from None
+    header = _header(token)
     kid = header.get("kid")
     if header.get("alg") != "ES256" or not isinstance(kid, str):
         raise AssertionError_("assertion must be ES256 with a kid")
@@ -97,6 +114,34 @@ def verify_assertion(
             key = _key(_jwks(jwks_url, refresh=True), kid)
     if key is None:
         raise AssertionError_("unknown signing key")
+    cache_key = (token, audience, issuer, key[0])
+    hit = _verified.get(cache_key)
+    now = time.time()
+    if hit is not None and now <= min(float(hit[1]["exp"]) + leeway, hit[0] + JWKS_TTL):
+        return dict(hit[1])
+    claims = _decode(token, key[1], audience=audience, issuer=issuer, leeway=leeway)
+    with _lock:
+        if len(_verified) >= VERIFIED_MAX:
+            _verified.clear()
+        _verified[cache_key] = (now, claims)
+    return dict(claims)
+
+
+def _header(token: str) -> dict[str, Any]:
+    """The token's JOSE header (strict base64url, a JSON object), before any key is chosen."""
+    segment = token.split(".", 1)[0]
+    if not _B64URL.fullmatch(segment):
+        raise AssertionError_("malformed assertion")
+    try:
+        header = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    except ValueError:
+        raise AssertionError_("malformed assertion") from None
+    if not isinstance(header, dict):
+        raise AssertionError_("malformed assertion")
+    return header
+
+
+def _decode(token: str, key: Any, *, audience: str, issuer: str, leeway: float) -> dict[str, Any]:
     try:
         claims: dict[str, Any] = jwt.decode(
             token,

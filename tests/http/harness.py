@@ -75,9 +75,10 @@ async def proxy_stack(
     audiences: dict[str, list[str]] | None = None,
     hosts: dict[str, str] | None = None,
     store: SessionStore | None = None,
+    route_options: dict[str, dict[str, Any]] | None = None,
 ) -> AsyncIterator[Stack]:
-    """A proxy with one route per app (``NAME.localhost`` -> its own demo upstream), its browser
-    sessions in ``store`` (default: in memory)."""
+    """A proxy with one route per app (``NAME.localhost`` -> its own demo upstream, with the
+    app's ``route_options``), its browser sessions in ``store`` (default: in memory)."""
     if sock is None:
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
@@ -100,6 +101,7 @@ async def proxy_stack(
                     "audiences": (audiences or {}).get(
                         app, [APP_AUDIENCE if app == "demo" else f"https://{app}.app"]
                     ),
+                    **(route_options or {}).get(app, {}),
                 }
                 for app in apps
             ],

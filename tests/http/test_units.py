@@ -11,7 +11,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from tunnel_server.access.identity import Identity
 from tunnel_server.access.source import client_address
-from tunnel_server.web.assertion import AssertionSigner
+from tunnel_server.web.assertion import AssertionCache, AssertionSigner
 from tunnel_server.web.headers import (
     is_identity_header,
     response_headers,
@@ -43,7 +43,7 @@ ORIGIN = "https://wiki.example.com"
         ("/%41dmin", "/Admin", "/Admin"),
         ("/a%20b", "/a%20b", "/a b"),
         ("/caf%c3%a9", "/caf%C3%A9", "/café"),
-        ("/a;v=1", "/a;v=1", "/a;v=1"),
+        ("/a;v=1", "/a", "/a"),  # the parameter is reported (test_hardening.py)
     ],
 )
 def test_path_normalized(raw: str, forwarded: str, decoded: str) -> None:
@@ -305,3 +305,27 @@ async def test_sign_in_cookie_flags_and_pkce(issuer: TestIssuer) -> None:
     for flag in ("HttpOnly", "Secure", "SameSite=Lax", "Path=/"):
         assert flag in cookie
     assert "Domain" not in cookie
+
+
+def test_assertion_cache_reuses_until_near_expiry_and_rotation() -> None:
+    now = [1_000_000.0]
+    signer = AssertionSigner("https://relay.example.com", lifetime=300, clock=lambda: now[0])
+    cache = AssertionCache(signer)
+
+    def sign(audience: str = "app:a", groups: tuple[str, ...] = ("g",), levels: tuple[str, ...] = ()
+             ) -> str:  # fmt: skip
+        return cache.sign(audience=audience, subject="alice", email="a@x", groups=groups,
+                          access_levels=levels, principal="user:a@x")  # fmt: skip
+
+    first = sign()
+    assert sign() == first
+    assert sign("app:b") != first  # per audience
+    assert sign(groups=("h",)) != first  # per identity
+    assert sign(levels=("corp",)) != first  # per access levels met
+    now[0] += 300 - cache.margin - 1
+    assert sign() == first  # still more than the margin left
+    now[0] += 2
+    renewed = sign()
+    assert renewed != first
+    signer.rotate()
+    assert sign() != renewed  # a new key signs at once

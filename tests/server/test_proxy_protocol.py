@@ -25,6 +25,7 @@ from tunnel_protocol.proxyheader import (
     encode_v2,
 )
 from tunnel_server.config import ConfigError, parse_config
+from tunnel_upstream import IdentityCheck, ProxyHeaderError, ReplayCache, read_proxy_header
 
 from ..helpers import UNIT, TcpTarget, capture_audit, relay_config_data, start_relay
 from ..oidc_fixture import TestIssuer
@@ -319,3 +320,40 @@ async def test_default_audience_is_the_policy_resource(issuer: TestIssuer, tmp_p
         await target.stop()
     claims = _verify(target.headers[0].tlvs[TLV_ASSERTION].decode(), jwks, "instance:p/z/vm1")
     assert claims["sub"] == "alice"
+
+
+async def test_tunnel_upstream_verifies_the_relays_header(
+    issuer: TestIssuer, tmp_path: Path
+) -> None:
+    """The consumer the docs give upstreams: ``tunnel_upstream.read_proxy_header`` with the
+    relay's JWKS URL accepts the relay's header and reads the caller from it."""
+    verified: asyncio.Queue[Any] = asyncio.Queue()
+    check: dict[str, IdentityCheck] = {}
+
+    async def handle(stream: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            verified.put_nowait(await read_proxy_header(stream, check["it"]))
+        except ProxyHeaderError as exc:
+            verified.put_nowait(exc)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = int(server.sockets[0].getsockname()[1])
+    data = _outbound_config(issuer, tmp_path, {"audience": "tcp:vm1"})
+    try:
+        async with start_relay(data) as relay:
+            jwks_url = f"http://127.0.0.1:{relay.http_port}/.well-known/tunnel/jwks.json"
+            check["it"] = IdentityCheck("tcp:vm1", "http://relay.example", jwks_url=jwks_url,
+                                        replays=ReplayCache())  # fmt: skip
+            client = RawTunnelClient(relay.url, _query(port), issuer.mint(), NATIVE_SUBPROTOCOL)
+            async with asyncio.timeout(100 * UNIT):
+                await client.open()
+                info = await verified.get()
+            await client.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert not isinstance(info, Exception), info
+    assert info.identity["email"] == "alice@example.com"
+    assert info.identity["tunnel_id"] == info.tunnel_id

@@ -15,6 +15,18 @@ from .base import ListenConfig, TlsConfig
 _APP_NAME = r"^[a-z0-9][a-z0-9-]{0,62}$"
 _LABEL = r"[a-z0-9]([a-z0-9-]*[a-z0-9])?"
 _HOST = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
+# An HTTP field name (RFC 9110 token); in strip_headers a trailing "*" makes it a prefix.
+_FIELD_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,256}$")
+# Headers the proxy sets itself: a route can never pass the client's copies through.
+_PROXY_SET = ("x-tunnel-", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host")
+
+
+def _field_names(names: list[str], *, prefixes: bool) -> list[str]:
+    for name in names:
+        bare = name[:-1] if prefixes and name.endswith("*") else name
+        if not bare or not _FIELD_NAME.match(bare) or "*" in bare:
+            raise ValueError(f"{name!r} is not a header name" + (" or prefix*" if prefixes else ""))
+    return names
 
 
 class RouteConfig(StrictModel):
@@ -32,6 +44,23 @@ class RouteConfig(StrictModel):
     websockets: bool = True
     # "insensitive": request.path is lower-cased for policy (for upstreams that ignore case).
     path_case: Literal["sensitive", "insensitive"] = "sensitive"
+    # ";params" on a path segment (/admin;x=1): "refuse" (400), or "strip" them before both the
+    # decision and the forwarding (servlet-style apps that use ;jsessionid).
+    path_parameters: Literal["refuse", "strip"] = "refuse"
+    # Headers of the stripped families (docs/http-mode.md) this app truly needs from the
+    # client, passed through as sent (exact names; never x-tunnel-* or X-Forwarded-For/-Proto/
+    # -Host, which the proxy sets).
+    pass_headers: list[str] = Field(default_factory=list)
+
+    @field_validator("pass_headers")
+    @classmethod
+    def _pass_headers(cls, names: list[str]) -> list[str]:
+        _field_names(names, prefixes=False)
+        for name in names:
+            canonical = re.sub(r"[^a-z0-9]", "-", name.lower())
+            if canonical.startswith(_PROXY_SET[0]) or canonical in _PROXY_SET[1:]:
+                raise ValueError(f"{name} is set by the proxy and cannot be passed through")
+        return names
 
     @field_validator("host")
     @classmethod
@@ -97,9 +126,31 @@ class HttpModeConfig(StrictModel):
     # Seconds between re-decisions of open WebSockets and streams (time windows, expiry).
     recheck_interval: float = Field(default=30, gt=0, le=3600)
     upstream_timeout: float = Field(default=30, gt=0)
+    # Slow requests (docs/http-mode.md): a request's headers must be complete within
+    # header_timeout of its first byte, and its body within request_timeout; idle keep-alive
+    # connections close after keepalive_timeout.
+    header_timeout: float = Field(default=10, gt=0, le=300, allow_inf_nan=False)
+    request_timeout: float = Field(default=120, gt=0, allow_inf_nan=False)
+    keepalive_timeout: float = Field(default=75, gt=0, allow_inf_nan=False)
+    # Open connections per client address that have not yet carried an authenticated request
+    # (0: no cap); peers in trusted_proxies are not counted.
+    max_unauthenticated_per_source: int = Field(default=64, ge=0)
+    # HTTP-mode processes on the listener (SO_REUSEPORT): this one and workers - 1 others
+    # (tunnel_server.http_worker). More than one needs state.backend: redis.
+    workers: int = Field(default=1, ge=1, le=64)
+    # More request headers never passed from clients to any app, on top of the built-in
+    # families (docs/http-mode.md): exact names, or "prefix-*".
+    strip_headers: list[str] = Field(default_factory=list)
+
+    @field_validator("strip_headers")
+    @classmethod
+    def _strip_headers(cls, names: list[str]) -> list[str]:
+        return _field_names(names, prefixes=True)
 
     @model_validator(mode="after")
     def _unique(self) -> HttpModeConfig:
+        if self.request_timeout < self.header_timeout:
+            raise ValueError("request_timeout must be at least header_timeout")
         names = [r.name for r in self.routes]
         if len(set(names)) != len(names):
             raise ValueError("a route name is used twice")

@@ -1,6 +1,9 @@
 """The signed identity assertion for upstreams (ES256 with ``kid``), and the key set published
 at ``/.well-known/tunnel/jwks.json``. Keys rotate with overlap: the current key signs, the
-previous one stays published until every assertion it signed has expired."""
+previous one stays published until every assertion it signed has expired.
+
+``AssertionCache`` signs once per identity and audience and hands the same assertion out until
+it nears its expiry (an ES256 signature was a tenth of HTTP mode's CPU per request)."""
 
 from __future__ import annotations
 
@@ -96,3 +99,46 @@ class AssertionSigner:
         }
         key = self.current
         return jwt.encode(claims, key.key, algorithm="ES256", headers={"kid": key.kid})
+
+
+AssertionKey = tuple[str, str, str | None, tuple[str, ...], tuple[str, ...], str]
+CACHE_SIZE = 10_000  # identities x audiences kept per process
+
+
+class AssertionCache:
+    """``sign`` as ``AssertionSigner.sign``, reusing an assertion for the same audience,
+    identity and access levels, signed by the current key, while more than ``margin`` seconds
+    (at most 60, at most half the lifetime) of it remain. Bounded: when full, the expired
+    entries go, then all."""
+
+    def __init__(self, signer: AssertionSigner) -> None:
+        self.signer = signer
+        self._clock = signer._clock  # the signer's time: exp is computed from it
+        self.margin = min(60.0, signer.lifetime / 2)
+        self._cache: dict[AssertionKey, tuple[str, str, float]] = {}  # token, kid, exp
+
+    def sign(
+        self,
+        *,
+        audience: str,
+        subject: str,
+        email: str | None,
+        groups: Sequence[str],
+        access_levels: Sequence[str] = (),
+        principal: str,
+    ) -> str:
+        key = (audience, subject, email, tuple(groups), tuple(access_levels), principal)
+        now = self._clock()
+        hit = self._cache.get(key)
+        if hit is not None and hit[1] == self.signer.current.kid and hit[2] - now > self.margin:
+            return hit[0]
+        token = self.signer.sign(
+            audience=audience, subject=subject, email=email, groups=groups,
+            access_levels=access_levels, principal=principal,
+        )  # fmt: skip
+        if len(self._cache) >= CACHE_SIZE:
+            self._cache = {k: v for k, v in self._cache.items() if v[2] - now > self.margin}
+            if len(self._cache) >= CACHE_SIZE:
+                self._cache.clear()
+        self._cache[key] = (token, self.signer.current.kid, int(now) + int(self.signer.lifetime))
+        return token

@@ -27,6 +27,11 @@ from .login import MAX_ID, SESSION_COOKIE
 from .responses import RETRY_AFTER, Reply, json_response, store_unavailable
 from .sessions import SessionStore, SessionStoreUnavailable, WebSession
 
+# Bearer tokens already verified for an app are answered from here (no parsing at all) for at
+# most this long, never past their validity; revocations are checked on every request.
+TOKEN_REUSE = 10.0
+TOKEN_CACHE_SIZE = 4096
+
 
 @dataclass
 class Caller:
@@ -56,6 +61,7 @@ class Callers:
         self._is_revoked = is_revoked
         self._reauth_max_age = reauth_max_age
         self._clock = clock
+        self._verified: dict[tuple[str, str], tuple[Identity, float]] = {}  # -> verified at
 
     async def identify(
         self, request: web.Request, route: RouteConfig, origin: str
@@ -72,6 +78,23 @@ class Callers:
         return await self._session(request, route, origin)
 
     async def _bearer(self, route: RouteConfig, token: str) -> Identity:
+        key = (route.name, token)
+        hit = self._verified.get(key)
+        now = self._clock()
+        if hit is not None and hit[1] <= now < min(hit[0].valid_until, hit[1] + TOKEN_REUSE):
+            identity = hit[0]
+            if self._is_revoked(identity):
+                self.refuse(route, "revoked")
+            return identity
+        identity = await self._verify(route, token)
+        if len(self._verified) >= TOKEN_CACHE_SIZE:
+            self._verified = {k: v for k, v in self._verified.items() if now - v[1] < TOKEN_REUSE}
+            if len(self._verified) >= TOKEN_CACHE_SIZE:
+                self._verified.clear()
+        self._verified[key] = (identity, now)
+        return identity
+
+    async def _verify(self, route: RouteConfig, token: str) -> Identity:
         verifier = self._verifiers.get(route.name)
         if verifier is None:
             self.refuse(route, "bearer tokens not accepted for this app")

@@ -77,16 +77,28 @@ class OpenStreams:
         self._open: set[OpenStream] = set()
 
     def open(
-        self, route: RouteConfig, caller: Caller, request: AccessRequest, close: Callable[[], None]
+        self,
+        route: RouteConfig,
+        caller: Caller,
+        request: AccessRequest,
+        close: Callable[[], None],
+        *,
+        grace: float = 0.0,
     ) -> OpenStream:
-        """Track a stream from now until ``done``; ``close`` ends it (called at most once)."""
+        """Track a stream from now until ``done``; ``close`` ends it (called at most once).
+        With ``grace``, its own deadline is computed only once it has lasted that long (most
+        responses are over by then, and computing it was a per-request cost): until then it
+        is closed by revocations, sign-outs and policy reloads, not by its deadline."""
         stream = OpenStream(route, caller.identity, request, close)
         if caller.session is not None:
             stream.session_id = caller.session.sid
             stream.session_key = session_key(caller.session.sid)
             stream.session_expires = caller.session.expires
         self._open.add(stream)
-        self._schedule(stream, self._policy(), self._clock())
+        if grace > 0:
+            stream.timer = asyncio.get_running_loop().call_later(grace, self._recheck, stream)
+        else:
+            self._schedule(stream, self._policy(), self._clock())
         return stream
 
     def done(self, stream: OpenStream) -> bool:

@@ -23,6 +23,9 @@ from .headers import response_headers
 from .responses import json_response
 
 CHUNK = 64 * 1024
+# A response's own re-decision deadline is computed once it has lasted this long (seconds):
+# the bound on how late a deadline falling inside a response's first moments is enforced.
+STREAM_GRACE = 1.0
 WS_MAX_MESSAGE = 4 * 1024 * 1024
 
 
@@ -75,12 +78,14 @@ class Forwarder:
             if transport is not None:
                 transport.close()
 
-        stream = self._streams.open(route, caller, access, close)
+        stream = self._streams.open(route, caller, access, close, grace=STREAM_GRACE)
         try:
+            headers = response_headers(upstream.headers, authenticated=True)
+            small = await self._small(request, upstream, headers)
+            if small is not None:
+                return small
             response = web.StreamResponse(
-                status=upstream.status,
-                reason=upstream.reason,
-                headers=response_headers(upstream.headers, authenticated=True),
+                status=upstream.status, reason=upstream.reason, headers=headers
             )
             await response.prepare(request)
             async for chunk in upstream.content.iter_chunked(CHUNK):
@@ -96,6 +101,23 @@ class Forwarder:
         finally:
             self._streams.done(stream)
             upstream.release()
+
+    @staticmethod
+    async def _small(
+        request: web.Request, upstream: aiohttp.ClientResponse, headers: Any
+    ) -> web.Response | None:
+        """A small response with a known length and type, answered in one write (None:
+        stream it)."""
+        length = upstream.content_length
+        if length is None or length > CHUNK or request.method == "HEAD":
+            return None
+        if "Content-Type" not in headers:
+            return None
+        data = await upstream.read()
+        headers.popall("Content-Length", None)
+        return web.Response(
+            status=upstream.status, reason=upstream.reason, headers=headers, body=data
+        )
 
     async def websocket(
         self,

@@ -1,11 +1,14 @@
 """Header hygiene between the client and the upstream: hop-by-hop headers and every
-client-sent identity header are removed before the proxy adds its own."""
+client-sent identity, client-address and URL-override header (the table in ``foreign.py``) are
+removed before the proxy adds its own."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
 from multidict import CIMultiDict, CIMultiDictProxy
+
+from .foreign import DEFAULT_FILTER, HeaderFilter
 
 HOP_BY_HOP = frozenset(
     {
@@ -21,23 +24,14 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-# Identity and forwarding headers only the proxy may set (compared after lower-casing and
-# turning "_" into "-", so X_Tunnel_Jwt_Assertion and x-TUNNEL-jwt-assertion are caught too).
-IDENTITY_PREFIXES = ("x-tunnel-", "x-forwarded-", "x-goog-authenticated-", "x-goog-iap-")
-IDENTITY_HEADERS = frozenset({"forwarded", "x-real-ip", "x-client-ip", "x-remote-user"})
-
 ASSERTION_HEADER = "X-Tunnel-Jwt-Assertion"
 EMAIL_HEADER = "X-Tunnel-Authenticated-User-Email"
 ID_HEADER = "X-Tunnel-Authenticated-User-Id"
 
 
-def _canonical(name: str) -> str:
-    return name.lower().replace("_", "-")
-
-
 def is_identity_header(name: str) -> bool:
-    key = _canonical(name)
-    return key in IDENTITY_HEADERS or key.startswith(IDENTITY_PREFIXES)
+    """In the table of headers never passed from the client (``foreign.FAMILIES``)."""
+    return DEFAULT_FILTER.strips(name)
 
 
 def connection_tokens(headers: Mapping[str, str] | CIMultiDictProxy[str]) -> set[str]:
@@ -68,14 +62,19 @@ def upstream_headers(
     forwarded_for: str,
     proto: str,
     host: str,
+    strip: HeaderFilter = DEFAULT_FILTER,
 ) -> CIMultiDict[str]:
-    """Client headers minus hop-by-hop and identity headers (and the Authorization header the
-    proxy consumed), plus the proxy's identity and forwarding headers."""
-    extra = ["authorization"] if consumed_authorization else []
-    out = strip_hop_by_hop(headers, extra + ["host"])
-    for name in list(out.keys()):
-        if is_identity_header(name):
-            out.popall(name, None)
+    """Client headers minus hop-by-hop headers, those ``strip`` names (identity, client
+    address, URL overrides: the route's filter) and the Authorization header the proxy
+    consumed, plus the proxy's identity and forwarding headers."""
+    drop = HOP_BY_HOP | connection_tokens(headers)
+    if consumed_authorization:
+        drop = drop | {"authorization"}
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower not in drop and lower != "host" and not strip.strips(name):
+            out.add(name, value)
     if "cookie" in out:
         cookies = [c for c in _split_cookies(out.getall("cookie")) if not _is_proxy_cookie(c)]
         out.popall("cookie")

@@ -3,6 +3,7 @@ ambiguous inputs are refused (400), never guessed. Return URLs stay on the app's
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
@@ -22,6 +23,9 @@ class BadRequest(ValueError):
 class NormalizedPath:
     raw: str  # what is forwarded (percent-encoded, unreserved escapes decoded)
     decoded: str  # what policy sees (request.path)
+    # The request had ";params" on a segment (removed from raw and decoded): refused unless
+    # the route strips them (RouteConfig.path_parameters).
+    parameters: bool = False
 
 
 def _decode_unreserved(segment: str) -> str:
@@ -32,11 +36,17 @@ def _decode_unreserved(segment: str) -> str:
     return _PCT.sub(repl, segment)
 
 
+@functools.lru_cache(maxsize=4096)  # pure: the same few paths come again and again
 def normalize_path(raw_path: str) -> NormalizedPath:
     """``raw_path`` without the query. Decodes escaped unreserved characters (``%2e`` -> ``.``),
     collapses ``//`` and ``/./``, resolves ``..`` (RFC 3986), and refuses what backends disagree
-    on: encoded ``/`` ``\\`` NUL and ``%`` (double encoding), backslashes, ``;`` after a dot
-    segment (``..;``), control characters, ``..`` above the root, bad escapes."""
+    on: encoded ``/`` ``\\`` NUL ``%`` (double encoding) and ``;``, backslashes, ``;`` after a
+    dot or empty segment (``..;``), control characters, ``..`` above the root, bad escapes.
+
+    Path parameters (``/admin;x=1/y``: servlet containers serve it as ``/admin/y``) are taken
+    off every segment, before ``..`` is resolved, and reported in ``parameters``: the caller
+    refuses the request or forwards the path without them, so that the policy and the upstream
+    always see the same path."""
     if not raw_path.startswith("/"):
         raise BadRequest("path must be absolute")
     if len(raw_path) > 8192:
@@ -45,17 +55,20 @@ def normalize_path(raw_path: str) -> NormalizedPath:
         raise BadRequest("invalid character in path")
     if re.search(r"%(?![0-9A-Fa-f]{2})", raw_path):
         raise BadRequest("invalid percent-encoding")
-    if re.search(r"%(2[fF]|5[cC]|00|25)", raw_path):
-        raise BadRequest("encoded slash, backslash, NUL or percent in path")
+    if re.search(r"%(2[fF]|5[cC]|00|25|3[bB])", raw_path):
+        raise BadRequest("encoded slash, backslash, NUL, percent or semicolon in path")
     if re.search(r"%[01][0-9A-Fa-f]|%7[fF]", raw_path):
         raise BadRequest("encoded control character in path")
     trailing = raw_path.endswith("/")
     out: list[str] = []
+    parameters = False
     for segment in raw_path.split("/")[1:]:
         segment = _decode_unreserved(segment)
-        base = segment.split(";", 1)[0]
-        if ";" in segment and base in ("", ".", ".."):
-            raise BadRequest("parameter on a dot or empty segment")
+        if ";" in segment:
+            segment = segment.split(";", 1)[0]
+            if segment in ("", ".", ".."):
+                raise BadRequest("parameter on a dot or empty segment")
+            parameters = True
         if segment in ("", "."):
             continue
         if segment == "..":
@@ -73,7 +86,7 @@ def normalize_path(raw_path: str) -> NormalizedPath:
         raise BadRequest("path is not UTF-8") from None
     if not decoded.isprintable():
         raise BadRequest("control character in path")
-    return NormalizedPath(raw, decoded)
+    return NormalizedPath(raw, decoded, parameters)
 
 
 def normalize_host(host: str | None) -> tuple[str, int | None]:

@@ -19,6 +19,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
 
@@ -27,25 +28,37 @@ from aiohttp import web
 from yarl import URL
 
 from ..access.identity import Authenticator, Identity, TokenVerifier
-from ..access.policy import Policy, access_levels_met, evaluate
+from ..access.policy import AccessRequest, Policy, access_levels_met, evaluate
 from ..access.source import client_address
 from ..audit import AuditLog
 from ..config import HttpModeConfig, RouteConfig
 from . import pages
-from .assertion import AssertionSigner
+from .assertion import AssertionCache, AssertionSigner
 from .callers import Caller, Callers
 from .decide import OpenStreams, access_request
+from .foreign import HeaderFilter
 from .forward import Forwarder
+from .guard import GuardSettings, SourceLimits, guard_of, guarded
 from .headers import ASSERTION_HEADER, EMAIL_HEADER, ID_HEADER, upstream_headers
 from .keyshare import SharedKeys
 from .login import BrowserLogin
-from .paths import BadRequest, normalize_host, normalize_path
+from .paths import BadRequest, NormalizedPath, normalize_host, normalize_path
 from .responses import Reply, html_response, json_response, redirect, wants_html
 from .sessions import MemorySessionStore, SessionStore, SessionStoreUnavailable, session_key
 
 log = logging.getLogger("tunnel.http")
 
 RESERVED = "/_tunnel/"
+
+
+@dataclass(frozen=True)
+class Decided:
+    """A request's decision as forwarding needs it: allowed, and the access levels it met."""
+
+    allowed: bool
+    levels: Sequence[str]
+
+
 JWKS_PATH = "/.well-known/tunnel/jwks.json"
 CLOSE_WAIT = 5.0  # seconds aclose() lets background store calls (revocations) finish
 
@@ -80,6 +93,7 @@ class HttpProxy:
         self.signer = AssertionSigner(
             config.issuer_url, lifetime=config.assertion_lifetime, rotation=config.key_rotation
         )
+        self.assertions = AssertionCache(self.signer)
         self.callers = Callers(
             verifiers={
                 route.name: authenticator.for_audiences(route.audiences)
@@ -99,6 +113,11 @@ class HttpProxy:
         self.forwarder = Forwarder(client=lambda: self._client, streams=self.streams, audit=audit)
         # Longest path prefix first, per host.
         self._routes = sorted(config.routes, key=lambda r: (r.host, -len(r.path_prefix)))
+        # Per app: the stripped header families, the operator's additions, its pass_headers.
+        self._filters = {
+            route.name: HeaderFilter(config.strip_headers, route.pass_headers)
+            for route in config.routes
+        }
         self._recheck: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()  # background store calls, kept until done
@@ -252,10 +271,16 @@ class HttpProxy:
         return f"{scheme}://{host}" + (f":{port}" if port and port != default else "")
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        guard = guard_of(request)
+        if guard is not None:
+            guard.request_started(request)
         try:
             return await self._handle(request)
         except Reply as reply:
             return reply.response
+        finally:
+            if guard is not None:
+                guard.request_finished()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -272,12 +297,49 @@ class HttpProxy:
         route = self._route(host, path.decoded)
         if route is None:
             return web.Response(status=404, text="Not found\n")
+        if path.parameters and route.path_parameters == "refuse":
+            reason = "bad request: path parameter (;) in path"
+            self.audit.record("http", decision="deny", reason=reason, app=route.name, status=400)
+            return web.Response(status=400, text="Bad request: path parameter (;) in path\n")
         origin = self._origin(host, port)
         if path.decoded.startswith(RESERVED) or path.decoded == RESERVED.rstrip("/"):
             return await self._reserved(request, route, origin, path.decoded)
         caller = await self.callers.identify(request, route, origin)
         if caller is None:
             return self._unauthenticated(request, raw_path + (f"?{query}" if query else ""))
+        guard = guard_of(request)
+        if guard is not None:
+            guard.authenticated()
+        xff, access, decision, request_id = self._decide(request, route, caller, host, path)
+        if not decision.allowed:
+            return self._denied(request, caller, request_id)
+        headers = upstream_headers(
+            request.headers,
+            consumed_authorization=caller.consumed_authorization,
+            identity=self._identity_headers(route, caller, decision.levels),
+            forwarded_for=xff,
+            proto=self.config.external_scheme,
+            host=request.headers.get("Host", host),
+            strip=self._filters[route.name],
+        )
+        headers.popall("Expect", None)
+        target = URL(route.upstream + path.raw + (f"?{query}" if query else ""), encoded=True)
+        if self._is_websocket(request):
+            return await self.forwarder.websocket(
+                request, route, origin, caller, access, target, headers
+            )
+        return await self.forwarder.http(request, route, caller, access, target, headers)
+
+    def _decide(
+        self,
+        request: web.Request,
+        route: RouteConfig,
+        caller: Caller,
+        host: str,
+        path: NormalizedPath,
+    ) -> tuple[str, AccessRequest, Decided, str]:
+        """(X-Forwarded-For to send, the policy request, the decision, its request id), with
+        the decision's audit record."""
         source_ip, xff = client_address(
             request.remote,
             request.headers.getall("X-Forwarded-For", []),
@@ -302,23 +364,14 @@ class HttpProxy:
             request_id=request_id,
             via="session" if caller.session else "bearer",
         )
-        if not decision.allowed:
-            return self._denied(request, caller, request_id)
-        headers = upstream_headers(
-            request.headers,
-            consumed_authorization=caller.consumed_authorization,
-            identity=self._identity_headers(route, caller, access_levels_met(access, policy, now)),
-            forwarded_for=xff,
-            proto=self.config.external_scheme,
-            host=request.headers.get("Host", host),
+        levels = access_levels_met(access, policy, now) if decision.allowed else ()
+        return xff, access, Decided(decision.allowed, levels), request_id
+
+    def connection_refused(self, reason: str, source_ip: str, status: int) -> None:
+        """A connection the guard refused or cut (``guard.py``): one audit record."""
+        self.audit.record(
+            "http", decision="deny", reason=reason, source_ip=source_ip, status=status
         )
-        headers.popall("Expect", None)
-        target = URL(route.upstream + path.raw + (f"?{query}" if query else ""), encoded=True)
-        if self._is_websocket(request):
-            return await self.forwarder.websocket(
-                request, route, origin, caller, access, target, headers
-            )
-        return await self.forwarder.http(request, route, caller, access, target, headers)
 
     def _identity_headers(
         self, route: RouteConfig, caller: Caller, levels: Sequence[str]
@@ -327,7 +380,7 @@ class HttpProxy:
         headers, for the upstream."""
         identity = caller.identity
         headers = {
-            ASSERTION_HEADER: self.signer.sign(
+            ASSERTION_HEADER: self.assertions.sign(
                 audience=route.audience,
                 subject=identity.subject,
                 email=identity.email,
@@ -402,21 +455,44 @@ async def serving(
     *,
     ssl_context: Any = None,
     sock: Any = None,
+    reuse_port: bool = False,
 ) -> AsyncIterator[int]:
-    """Serve ``proxy`` on host:port (or an already bound ``sock``); yields the bound port."""
+    """Serve ``proxy`` on host:port (or an already bound ``sock``; ``reuse_port``: SO_REUSEPORT,
+    for several worker processes on one port), every connection guarded (``guard.py``);
+    yields the bound port."""
+    config = proxy.config
     await proxy.start()
-    runner = web.AppRunner(proxy.app, access_log=None, handler_cancellation=True)
+    runner = web.AppRunner(
+        proxy.app,
+        access_log=None,
+        handler_cancellation=True,
+        keepalive_timeout=config.keepalive_timeout,
+    )
     await runner.setup()
-    site: web.BaseSite
-    if sock is not None:
-        site = web.SockSite(runner, sock, ssl_context=ssl_context)
-    else:
-        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
-    await site.start()
+    assert runner.server is not None
+    settings = GuardSettings(
+        config.header_timeout, config.request_timeout, config.max_unauthenticated_per_source
+    )
+    limits = SourceLimits(config.max_unauthenticated_per_source, config.trusted_proxies)
+    factory = guarded(runner.server, settings, limits, proxy.connection_refused)
+    loop = asyncio.get_running_loop()
     try:
-        yield int(runner.addresses[0][1])
-    finally:
+        if sock is not None:
+            server = await loop.create_server(factory, sock=sock, ssl=ssl_context, backlog=1024)
+        else:
+            server = await loop.create_server(
+                factory, host, port, ssl=ssl_context, backlog=1024, reuse_port=reuse_port or None
+            )
+    except BaseException:
         await runner.cleanup()
+        await proxy.aclose()
+        raise
+    try:
+        yield int(server.sockets[0].getsockname()[1])
+    finally:
+        server.close()
+        await runner.cleanup()
+        await server.wait_closed()
         await proxy.aclose()
 
 
