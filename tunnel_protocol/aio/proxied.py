@@ -268,13 +268,16 @@ class ProxiedListener:
         return any(ip in network for network in self._trusted)
 
 
-def listening_socket(host: str, port: int) -> socket.socket:
-    """A non-blocking listening socket on host:port, as the event loop's servers make them."""
+def listening_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A non-blocking listening socket on host:port, as the event loop's servers make them
+    (``reuse_port``: SO_REUSEPORT, for several processes on one port)."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, kind, proto, _, address = infos[0]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(address)

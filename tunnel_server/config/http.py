@@ -119,10 +119,14 @@ class HttpModeConfig(StrictModel):
     session: SessionConfig = Field(default_factory=SessionConfig)
     assertion_lifetime: float = Field(default=300, ge=10, le=600)
     key_rotation: float = Field(default=24 * 3600, ge=60)
-    # X-Forwarded-For is trusted only from these peers (load balancers in front).
+    # X-Forwarded-For (or, with proxy_protocol, a PROXY header) is trusted only from these
+    # peers (load balancers in front).
     trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
         default_factory=list
     )
+    # The listener reads a PROXY protocol header (v1 or v2, before TLS) from trusted_proxies: a
+    # TCP-passthrough balancer keeps the client's address (docs/http-mode.md).
+    proxy_protocol: bool = False
     # Seconds between re-decisions of open WebSockets and streams (time windows, expiry).
     recheck_interval: float = Field(default=30, gt=0, le=3600)
     upstream_timeout: float = Field(default=30, gt=0)
@@ -151,6 +155,8 @@ class HttpModeConfig(StrictModel):
     def _unique(self) -> HttpModeConfig:
         if self.request_timeout < self.header_timeout:
             raise ValueError("request_timeout must be at least header_timeout")
+        if self.proxy_protocol and not self.trusted_proxies:
+            raise ValueError("proxy_protocol needs trusted_proxies (the balancers that send it)")
         names = [r.name for r in self.routes]
         if len(set(names)) != len(names):
             raise ValueError("a route name is used twice")

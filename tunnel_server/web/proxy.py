@@ -27,6 +27,8 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
+from tunnel_protocol.aio.proxied import ProxiedListener, listening_socket
+
 from ..access.identity import Authenticator, Identity, TokenVerifier
 from ..access.policy import AccessRequest, Policy, access_levels_met, evaluate
 from ..access.source import client_address
@@ -367,6 +369,10 @@ class HttpProxy:
         levels = access_levels_met(access, policy, now) if decision.allowed else ()
         return xff, access, Decided(decision.allowed, levels), request_id
 
+    def proxy_header_refused(self, source_ip: str, reason: str) -> None:
+        """A PROXY header from a peer outside trusted_proxies, or a broken one: audited."""
+        self.audit.record("proxy_header", decision="deny", reason=reason, source_ip=source_ip)
+
     def connection_refused(self, reason: str, source_ip: str, status: int) -> None:
         """A connection the guard refused or cut (``guard.py``): one audit record."""
         self.audit.record(
@@ -476,8 +482,16 @@ async def serving(
     limits = SourceLimits(config.max_unauthenticated_per_source, config.trusted_proxies)
     factory = guarded(runner.server, settings, limits, proxy.connection_refused)
     loop = asyncio.get_running_loop()
+    server: asyncio.Server | ProxiedListener
     try:
-        if sock is not None:
+        if config.proxy_protocol:
+            listening = sock or listening_socket(host, port, reuse_port=reuse_port)
+            server = ProxiedListener(
+                listening, factory, trusted=config.trusted_proxies, ssl_context=ssl_context,
+                header_timeout=config.header_timeout, on_refused=proxy.proxy_header_refused,
+            )  # fmt: skip
+            await server.start_serving()
+        elif sock is not None:
             server = await loop.create_server(factory, sock=sock, ssl=ssl_context, backlog=1024)
         else:
             server = await loop.create_server(
