@@ -408,11 +408,6 @@ async def _serve_http(
     relay.tunnels.sign_identity = proxy.signer.sign
     policies.subscribe(lambda _policy: proxy.redecide_all())
     http_ssl = server_context(http.tls, "http.tls") if http.tls else None
-    if http.workers > 1 and config.state.backend != "redis":
-        raise ConfigError(
-            "http.workers: more than one worker process needs state.backend: redis (browser "
-            "sessions, sign-outs and signing keys are shared through it)"
-        )
     with _listening("http.listen", http.listen):
         running.http_port = await stack.enter_async_context(
             http_serving(

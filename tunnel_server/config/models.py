@@ -250,6 +250,11 @@ class ServerConfig(StrictModel):
             raise ValueError(
                 "state.backend 'redis' needs a cluster section (advertise_url and secret)"
             )
+        if self.http is not None and self.http.workers > 1 and self.state.backend != "redis":
+            raise ValueError(
+                "http.workers: more than one worker process needs state.backend: redis (browser "
+                "sessions, sign-outs and signing keys are shared through it)"
+            )
         if self.proxy_protocol and not self.trusted_proxies:
             raise ValueError("proxy_protocol needs trusted_proxies (the balancers that send it)")
         if self.http is None:
