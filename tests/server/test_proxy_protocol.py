@@ -357,14 +357,3 @@ async def test_tunnel_upstream_verifies_the_relays_header(
     assert not isinstance(info, Exception), info
     assert info.identity["email"] == "alice@example.com"
     assert info.identity["tunnel_id"] == info.tunnel_id
-
-
-def test_http_workers_need_redis(issuer_url: str) -> None:
-    """Caught by check-config, not only at serve time."""
-    data: dict[str, Any] = {
-        "oidc": {"issuer": issuer_url, "audiences": ["tunnel"]},
-        "http": {"issuer_url": "http://127.0.0.1:1", "workers": 2,
-                 "routes": [{"name": "a", "host": "a.localhost", "upstream": "http://127.0.0.1:9"}]},
-    }  # fmt: skip
-    with pytest.raises(ConfigError, match="needs state.backend: redis"):
-        parse_config(data)
