@@ -17,8 +17,8 @@ import time
 from tunnel_runtime.loop import run
 from tunnel_server.access.identity import Authenticator, Identity
 from tunnel_server.access.policy import parse_policy
-from tunnel_server.app import build_verifier
 from tunnel_server.audit import AuditLog
+from tunnel_server.build import build_verifier
 from tunnel_server.config import OidcConfig
 from tunnel_server.ops.logs import setup_logging
 from tunnel_server.web import HttpModeConfig, HttpProxy, MemorySessionStore, WebSession, serving

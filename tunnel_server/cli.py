@@ -20,7 +20,7 @@ from tunnel_runtime.loop import run
 from .access.device import device_attributes, device_from_certificate
 from .access.policy import TUNNEL_USER, AccessRequest, explain
 from .access.ssh_ca import CertificateAuthority, KeyRefused
-from .app import build_ca, build_link, build_policy
+from .build import build_ca, build_link, build_policy
 from .config import ConfigError, ServerConfig, load_config
 from .ops.logs import setup_logging
 from .ops.tls import check_tls

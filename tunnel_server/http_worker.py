@@ -26,8 +26,9 @@ from tunnel_runtime.loop import run
 
 from .access.policy import Policy, load_policy
 from .access.revocations import Revocations
-from .app import build_authenticator, build_policy, http_login_verifier
+from .app import http_login_verifier
 from .audit import AuditLog
+from .build import build_authenticator, build_policy
 from .config import ServerConfig
 from .ops.logs import setup_logging
 from .ops.tls import server_context

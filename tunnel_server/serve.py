@@ -11,7 +11,8 @@ import signal
 import sys
 from pathlib import Path
 
-from .app import RunningServer, build_policy, running
+from .app import RunningServer, running
+from .build import build_policy
 from .config import ConfigError, ServerConfig, load_config
 
 log = logging.getLogger("tunnel.server")

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from cryptography import x509
 
-from tunnel_server.app import build_policy
+from tunnel_server.build import build_policy
 from tunnel_server.config import ServerConfig, parse_config, read_yaml
 
 from .files import (

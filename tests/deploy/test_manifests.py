@@ -19,7 +19,7 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
-from tunnel_server.app import build_policy
+from tunnel_server.build import build_policy
 from tunnel_server.config import ConfigError, ServerConfig, parse_config, read_yaml
 
 from .files import (

@@ -12,7 +12,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from tunnel_server.app import build_policy
+from tunnel_server.build import build_policy
 from tunnel_server.config import parse_config, read_yaml
 
 from .files import DEPLOY, SYSTEMD_UNIT, command_words, systemd_seconds, unit_settings

@@ -16,8 +16,8 @@ from aiohttp import web
 from scripts.demo_web import make_app
 from tunnel_server.access.identity import Audience, Authenticator
 from tunnel_server.access.policy import Policy, parse_policy
-from tunnel_server.app import build_verifier
 from tunnel_server.audit import AuditLog
+from tunnel_server.build import build_verifier
 from tunnel_server.config import OidcConfig
 from tunnel_server.web import HttpModeConfig, HttpProxy, SessionStore, serving
 

@@ -17,7 +17,8 @@ import pytest
 import yaml
 from aiohttp import web
 
-from tunnel_server.app import build_policy, running
+from tunnel_server.app import running
+from tunnel_server.build import build_policy
 from tunnel_server.config import ConfigError, parse_config
 
 from ..helpers import UNIT, relay_config_data

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from tunnel_server.app import build_policy
+from tunnel_server.build import build_policy
 from tunnel_server.cli import main
 from tunnel_server.config import ConfigError, load_config, parse_config
 

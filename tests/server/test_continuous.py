@@ -18,7 +18,8 @@ from websockets.typing import Subprotocol
 
 from tunnel_client.session import TunnelFailed, TunnelSession
 from tunnel_protocol import IAP_SUBPROTOCOL, CloseCode
-from tunnel_server.app import RunningServer, build_policy
+from tunnel_server.app import RunningServer
+from tunnel_server.build import build_policy
 from tunnel_server.cli import main as server_main
 from tunnel_server.config import parse_config
 from tunnel_server.serve import Reloader
