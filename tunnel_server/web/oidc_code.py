@@ -168,8 +168,9 @@ class CodeFlow:
     ) -> tuple[Identity, dict[str, Any]]:
         """The callback's code for a verified identity and the ID token's claims."""
         if "error" in query:
-            code = query["error"] if _ERROR_CODE.fullmatch(query["error"]) else "invalid"
-            raise SignInFailed("provider", f"provider error {code}", provider_error=code)
+            # Only a plain error code is repeated (on the page too): the query is anybody's.
+            code = query["error"] if _ERROR_CODE.fullmatch(query["error"]) else None
+            raise SignInFailed("provider", f"provider error {code or '(not a plain code)'}", code)
         if not query.get("code"):
             raise SignInFailed("provider", "no code in the callback")
         token_endpoint = str((await self.discover())["token_endpoint"])
