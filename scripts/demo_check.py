@@ -137,6 +137,24 @@ async def check_web(demo: Demo, env: dict[str, str]) -> None:
         raise DemoError(f"{web_url(demo.http_port)}/: HTTP {answer.status} {text[:300]}")
 
 
+async def check_error_pages(demo: Demo) -> None:
+    """What a browser sees when something is wrong: a stale sign-in link (400) and an address
+    HTTP mode does not serve (404) each get a page saying so."""
+    url = f"http://127.0.0.1:{demo.http_port}"
+    pages = [
+        (f"{WEB_APP}.localhost", "/_tunnel/callback?state=stale&code=x", 400,
+         "This sign-in link is invalid or has expired."),
+        ("typo.localhost", "/", 404, "This relay serves no application at <b>typo.localhost:"),
+    ]  # fmt: skip
+    async with aiohttp.ClientSession() as session:
+        for host, path, status, expect in pages:
+            headers = {"Host": f"{host}:{demo.http_port}", "Accept": "text/html"}
+            async with session.get(url + path, headers=headers, allow_redirects=False) as answer:
+                text = await answer.text()
+            if answer.status != status or expect not in text:
+                raise DemoError(f"http://{host}{path}: HTTP {answer.status} {text[:300]}")
+
+
 async def check_console(demo: Demo) -> None:
     """The console asks for sign-in, and sign-in goes to the IdP."""
     async with aiohttp.ClientSession() as session:
@@ -183,6 +201,7 @@ async def check(demo: Demo) -> None:
         ("device-flow login as alice", lambda: check_login(demo, env)),
         ("tunnel-client ssh ... 'echo demo-ok'", lambda: check_ssh(demo, env)),
         ("HTTP mode (demo web app)", lambda: check_web(demo, env)),
+        ("HTTP mode's sign-in failure and unknown-host pages", lambda: check_error_pages(demo)),
         ("admin console sign-in", lambda: check_console(demo)),
         ("tunnel-server sessions list, policy explain", lambda: check_admin_cli(demo, env)),
     ]
