@@ -49,7 +49,7 @@ def sign_out_confirm(csrf: str) -> str:
     return page("Sign out", sign_out_form(csrf))
 
 
-_ASK_ADMIN = "give your administrator the reference below: the relay's log says more"
+_TELL = "tell your administrator and give them the reference below (the relay's log says why)"
 # A failed sign-in: the status, what happened, what to do. The reference shown with it is in the
 # failure's audit record, with the detail the page leaves out (it may name provider internals).
 SIGN_IN_FAILURES: dict[FailureKind, tuple[int, str, str]] = {
@@ -63,25 +63,23 @@ SIGN_IN_FAILURES: dict[FailureKind, tuple[int, str, str]] = {
         401,
         "The identity provider did not sign you in.",
         "If you cancelled, start again. If it refuses again, ask your administrator whether "
-        "your account may sign in here, and " + _ASK_ADMIN + ".",
+        "your account may sign in here, and give them the reference below.",
     ),
     "unreachable": (
         503,
         "The identity provider cannot be reached right now.",
-        "Try again in a minute. If it keeps failing, " + _ASK_ADMIN + ".",
+        f"Try again in a minute. If it keeps failing, {_TELL}.",
     ),
     "exchange": (
         502,
         "The identity provider did not complete the sign-in: it refused the relay's request "
         "for your tokens.",
-        "Start again. If it keeps failing, the relay's client settings may be wrong: "
-        + _ASK_ADMIN
-        + ".",
-    ),  # fmt: skip
+        f"Start again. If it keeps failing, the relay's client settings may be wrong: {_TELL}.",
+    ),
     "id_token": (
         401,
         "The identity provider's answer could not be verified, so you are not signed in.",
-        "Start again. If it keeps failing, " + _ASK_ADMIN + ".",
+        f"Start again. If it keeps failing, {_TELL}.",
     ),
     "not_allowed": (
         403,
