@@ -74,7 +74,8 @@ bench: $(BENCH_STAMP)
 demo: venv system-deps
 	$(BIN)/python -m scripts.demo
 
-# Start the demo stack, check login + ssh through it end to end, stop.
+# Start the demo stack in its own state directory (.demo-check: a running `make demo` is left
+# alone), check login, ssh, HTTP mode, the console and the admin CLI end to end, stop.
 demo-check: venv system-deps
 	$(BIN)/python -m scripts.demo --check
 

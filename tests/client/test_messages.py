@@ -34,6 +34,8 @@ from tunnel_client.credentials import CredentialManager, FileStore, Profile
 from tunnel_client.oidc import LoginConfig, TokenSet
 from tunnel_server.app import RunningServer
 
+from .. import doctable
+from ..doctable import cell
 from ..helpers import TcpTarget, relay_config_data, start_relay
 from ..oidc_fixture import MINTED, TestIssuer
 from .fakerelay import Script, fake_relay
@@ -500,15 +502,13 @@ PREAMBLE = ("Picking local unused port [N].", "Testing if tunnel connection work
 
 
 def render(rows: list[tuple[Case, Outcome]], tmp: Path) -> str:
-    out = [BEGIN, "", "| situation | our message (stderr) | exit | gcloud's message |",
-           "|---|---|---|---|"]  # fmt: skip
-    for item, outcome in rows:
-        message = _normalize(outcome.stderr.strip(), tmp)
-        lines = [line for line in message.splitlines() if line and line not in PREAMBLE]
-        cell = "<br>".join(line.replace("|", "\\|") for line in lines)
-        out.append(f"| {item.situation} | {cell} | {outcome.exit_code} | {item.gcloud} |")
-    out += ["", END]
-    return "\n".join(out)
+    header = ("situation", "our message (stderr)", "exit", "gcloud's message")
+    cells = [
+        (item.situation, cell(_normalize(outcome.stderr, tmp), skip=PREAMBLE),
+         str(outcome.exit_code), item.gcloud)
+        for item, outcome in rows
+    ]  # fmt: skip
+    return doctable.render(BEGIN, END, header, cells)
 
 
 async def test_troubleshooting_table(world: World, tmp_path: Path) -> None:
@@ -519,14 +519,4 @@ async def test_troubleshooting_table(world: World, tmp_path: Path) -> None:
     # Paths differ per test: normalise with each outcome's own directory pattern.
     table = render(rows, tmp_path)
     table = re.sub(r"/tmp/pytest-of-[^/\s]+/pytest-\d+/[^/\s]+", "DIR", table)
-    current = DOC.read_text(encoding="utf-8")
-    start, end = current.index(BEGIN), current.index(END) + len(END)
-    updated = current[:start] + table + current[end:]
-    if updated != current:
-        if os.environ.get("TUNNEL_UPDATE_DOCS") == "1":
-            DOC.write_text(updated, encoding="utf-8")
-        else:
-            pytest.fail(
-                "docs/troubleshooting.md is stale: run "
-                "TUNNEL_UPDATE_DOCS=1 .venv/bin/pytest tests/client/test_messages.py"
-            )
+    doctable.check_or_update(DOC, BEGIN, END, table, "tests/client/test_messages.py")

@@ -3,6 +3,8 @@ policy from a dict, and a token endpoint for browser logins, for the tests in th
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import secrets
 import socket
 from collections.abc import AsyncIterator
@@ -135,7 +137,8 @@ async def proxy_stack(
 class TokenEndpoint:
     """The authorization-code half of an IdP for ``TestIssuer`` (which serves discovery and
     JWKS only): ``authorize`` plays the user signing in at the authorization URL the proxy
-    redirected to, and ``POST /token`` redeems the code once for an ID token with its nonce."""
+    redirected to, and ``POST /token`` redeems the code once (with client_secret_basic and the
+    PKCE verifier of the URL's S256 challenge) for an ID token with its nonce."""
 
     issuer: TestIssuer
     client_id: str = "tunnel-web"
@@ -165,15 +168,20 @@ class TokenEndpoint:
         """The callback's query for the authorization URL ``location`` (state and a new code
         that redeems to a token minted with ``mint``)."""
         query = {k: v[0] for k, v in parse_qs(urlsplit(location).query).items()}
+        assert query["code_challenge_method"] == "S256"
         code = secrets.token_urlsafe(16)
-        self.codes[code] = {**mint, "nonce": query["nonce"]}
+        self.codes[code] = {**mint, "nonce": query["nonce"], "challenge": query["code_challenge"]}
         return {"state": query["state"], "code": code}
 
     async def _token(self, request: web.Request) -> web.Response:
         form = await request.post()
         grant = self.codes.pop(str(form.get("code", "")), None)  # one use
-        if grant is None or not form.get("code_verifier"):
+        verifier = str(form.get("code_verifier", "")).encode("ascii")
+        digest = base64.urlsafe_b64encode(hashlib.sha256(verifier).digest()).rstrip(b"=")
+        if grant is None or digest.decode("ascii") != grant.pop("challenge"):  # PKCE S256
             return web.json_response({"error": "invalid_grant"}, status=400)
+        if not request.headers.get("Authorization", "").startswith("Basic "):
+            return web.json_response({"error": "invalid_client"}, status=401)
         nonce = grant.pop("nonce")
         token = self.issuer.mint(aud=self.client_id, extra_claims={"nonce": nonce}, **grant)
         return web.json_response({"id_token": token, "token_type": "Bearer"})

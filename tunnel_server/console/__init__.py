@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
-import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
 
@@ -44,7 +43,7 @@ async def running_console(
     store: AuditWriter | None,
     advertise_url: str = "",
 ) -> AsyncIterator[Console]:
-    """The console with its HTTP client, session store (the ``state:`` backend's: memory, or
+    """The console with its session store (the ``state:`` backend's: memory, or
     Redis shared by every node) and tunnel source, closed on the way out."""
     relay = api.relay
     sessions = build_session_store(state)
@@ -64,10 +63,9 @@ async def running_console(
     relay.audit.observers.append(timeline.observe_audit)
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(sessions.aclose)
-        http = await stack.enter_async_context(aiohttp.ClientSession())
         auth = ConsoleAuth(
             config, store=sessions, verifier=verifier, is_admin=api.is_admin,
-            is_revoked=api.revocations.is_revoked, audit=relay.audit, client=lambda: http,
+            is_revoked=api.revocations.is_revoked, audit=relay.audit,
         )  # fmt: skip
         console = Console(
             relay=relay, api=api, auth=auth, tunnels=tunnels, store=store, inventory=inventory,

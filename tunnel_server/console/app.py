@@ -129,10 +129,14 @@ class Console:
             response = await handler(request)
         except Refusal as refusal:
             if _wants_json(request):
-                response = _json({"error": refusal.message}, refusal.status)
+                body = {"error": refusal.message}
+                body |= {"reference": refusal.reference} if refusal.reference else {}
+                response = _json(body, refusal.status)
             else:
                 link = ("/console/sign_in", "Sign in again") if refusal.status != 503 else None
-                text = pages.message("Console", refusal.message, link)
+                text = pages.message(
+                    "Console", refusal.message, link, hint=refusal.hint, reference=refusal.reference
+                )
                 response = _html(text, refusal.status)
         if not response.prepared:
             response.headers.update(HEADERS)

@@ -1,5 +1,6 @@
 """Who may use the console, and how they sign in: the same browser login as HTTP mode
-(authorization code + PKCE S256 + state + nonce, a new random session id on every sign-in,
+(web.oidc_code on authlib: authorization code + PKCE S256 + state + nonce, the same failure
+pages with a reference; a new random session id on every sign-in,
 ``__Host-`` cookies that are Secure, HttpOnly and SameSite=Lax), but only members with the admin
 role get a session, and every request re-checks it (a policy change or a revocation takes the
 console away at once). State-changing requests must come from the console's own origin
@@ -7,23 +8,20 @@ console away at once). State-changing requests must come from the console's own 
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import hmac
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, urlencode
 
-import aiohttp
-import jwt
 from aiohttp import web
 
-from ..access.identity import AuthError, Identity, IssuerUnavailable, TokenVerifier
+from ..access.identity import Identity, TokenVerifier
 from ..audit import AuditLog
 from ..config import ConsoleConfig
+from ..web.oidc_code import CodeFlow, SignInFailed
+from ..web.pages import sign_in_failure
 from ..web.paths import safe_return_path
 from ..web.sessions import (
     PendingLogin,
@@ -41,12 +39,17 @@ PREFIX = "/console"
 
 
 class Refusal(Exception):
-    """The request may not go on: ``status`` and a short message for the page."""
+    """The request may not go on: ``status`` and a short message for the page; a failed
+    sign-in adds what to do and the reference its audit record carries."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(
+        self, status: int, message: str, *, hint: str | None = None, reference: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.hint = hint
+        self.reference = reference
 
 
 @dataclass(frozen=True)
@@ -76,16 +79,10 @@ def cookie_flags() -> dict[str, Any]:
     return {"secure": True, "httponly": True, "samesite": "Lax", "path": "/"}
 
 
-def _pkce() -> tuple[str, str]:
-    verifier = secrets.token_urlsafe(48)
-    digest = hashlib.sha256(verifier.encode("ascii")).digest()
-    return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
-
-
 class ConsoleAuth:
     """Sign-in, callback, sign-out and the per-request checks. ``is_admin`` and
-    ``is_revoked`` are the admin API's own checks; ``client`` returns the console's HTTP client
-    (for discovery and the code exchange)."""
+    ``is_revoked`` are the admin API's own checks; ``verifier`` checks ID tokens for the login
+    client's audience."""
 
     def __init__(
         self,
@@ -96,19 +93,16 @@ class ConsoleAuth:
         is_admin: Callable[[Identity], bool],
         is_revoked: Callable[[Identity], bool],
         audit: AuditLog,
-        client: Callable[[], aiohttp.ClientSession],
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.origin = config.external_url
         self.store = store
-        self._verifier = verifier
+        self.flow = CodeFlow(config.login, verifier, clock=clock)
         self.is_admin = is_admin
         self.is_revoked = is_revoked
         self.audit = audit
-        self._client = client
         self.clock = clock
-        self._discovery: dict[str, Any] | None = None
 
     @property
     def redirect_uri(self) -> str:
@@ -158,51 +152,21 @@ class ConsoleAuth:
 
     # -- sign-in --------------------------------------------------------------------------------
 
-    async def _discover(self) -> dict[str, Any]:
-        if self._discovery is None:
-            url = self.config.login.issuer.rstrip("/") + "/.well-known/openid-configuration"
-            timeout = aiohttp.ClientTimeout(total=10)
-            async with self._client().get(url, timeout=timeout) as resp:
-                resp.raise_for_status()
-                document = await resp.json()
-            if not isinstance(document, dict) or document.get("issuer") != self.config.login.issuer:
-                raise ValueError("discovery document names another issuer")
-            self._discovery = document
-        return self._discovery
-
     async def sign_in(self, request: web.Request) -> web.StreamResponse:
         """Redirect to the identity provider (``rd``: where to come back, on this origin)."""
-        try:
-            discovery = await self._discover()
-        except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
-            raise Refusal(503, "The identity provider cannot be reached.") from None
-        verifier, challenge = _pkce()
         rd = safe_return_path(request.query.get("rd"), self.origin)
-        pending = PendingLogin(
-            state=secrets.token_urlsafe(24),
-            nonce=secrets.token_urlsafe(24),
-            verifier=verifier,
+        pending = self.flow.pending(
             return_to=rd if rd.startswith(PREFIX + "/") else PREFIX + "/",
             host=self.origin,
-            browser=secrets.token_urlsafe(24),
-            expires=self.clock() + self.config.session.login_timeout,
+            lifetime=self.config.session.login_timeout,
         )
         try:
+            location = await self.flow.authorization_url(pending, self.redirect_uri)
             await self.store.put_pending(pending)
+        except SignInFailed as failure:
+            raise self._failed(failure) from None
         except SessionStoreUnavailable:
             raise Refusal(503, "The session store is unavailable; try again shortly.") from None
-        login = self.config.login
-        params = {
-            "response_type": "code",
-            "client_id": login.client_id,
-            "redirect_uri": self.redirect_uri,
-            "scope": " ".join(login.scopes),
-            "state": pending.state,
-            "nonce": pending.nonce,
-            "code_challenge": challenge,
-            "code_challenge_method": "S256",
-        }
-        location = str(discovery["authorization_endpoint"]) + "?" + urlencode(params)
         response = redirect(location, 302)
         max_age = int(self.config.session.login_timeout)
         response.set_cookie(LOGIN_COOKIE, pending.browser, max_age=max_age, **cookie_flags())
@@ -210,33 +174,30 @@ class ConsoleAuth:
 
     async def callback(self, request: web.Request) -> web.StreamResponse:
         """Redeem the code; a session only for an admin."""
-        state = request.query.get("state", "")
+        browser = request.cookies.get(LOGIN_COOKIE, "")
         try:
-            pending = await self.store.pop_pending(state) if 0 < len(state) <= MAX_ID else None
+            pending = await self.flow.take_pending(self.store, request.query, browser, self.origin)
+            identity, claims = await self.flow.redeem(request.query, pending, self.redirect_uri)
         except SessionStoreUnavailable:
             raise Refusal(503, "The session store is unavailable; try again shortly.") from None
-        browser = request.cookies.get(LOGIN_COOKIE, "")
-        if (
-            pending is None
-            or not hmac.compare_digest(pending.browser, browser)
-            or pending.host != self.origin  # a pending HTTP-mode login (a shared store)
-        ):
-            self._deny("bad state", 400)
-            raise Refusal(400, "This sign-in link is invalid or has expired.")
-        if "error" in request.query or "code" not in request.query:
-            self._deny("idp refused", 401)
-            raise Refusal(401, "The identity provider did not sign you in.")
-        try:
-            identity, claims = await self._redeem(request.query["code"], pending)
-        except IssuerUnavailable:
-            raise Refusal(503, "The identity provider cannot be reached.") from None
-        except (TimeoutError, AuthError, ValueError, aiohttp.ClientError, OSError) as exc:
-            self._deny(exc.reason if isinstance(exc, AuthError) else type(exc).__name__, 401)
-            raise Refusal(401, "Sign-in could not be completed.") from None
+        except SignInFailed as failure:
+            raise self._failed(failure) from None
         if self.is_revoked(identity) or not self.is_admin(identity):
-            self._deny("not an admin", 403, identity.principal)
-            raise Refusal(403, "The console is for relay admins only.")
+            refused = SignInFailed("not_allowed", "not an admin")
+            raise self._failed(refused, identity.principal, "The console is for relay admins only.")
         return await self._new_session(request, identity, claims, pending)
+
+    def _failed(
+        self, failure: SignInFailed, principal: str | None = None, message: str | None = None
+    ) -> Refusal:
+        """The Refusal for a failed sign-in (HTTP mode's texts), audited with its reference."""
+        reference = secrets.token_hex(8)
+        status, what, todo = sign_in_failure(failure)
+        self.audit.record(
+            "console", action="sign_in", decision="deny", reason=failure.detail,
+            failure=failure.kind, reference=reference, status=status, principal=principal,
+        )  # fmt: skip
+        return Refusal(status, message or what, hint=todo, reference=reference)
 
     async def _new_session(
         self,
@@ -263,8 +224,8 @@ class ConsoleAuth:
         except SessionStoreUnavailable:
             raise Refusal(503, "The session store is unavailable; try again shortly.") from None
         except SessionTooLarge:
-            self._deny("session too large", 401, identity.principal)
-            raise Refusal(401, "Sign-in could not be completed.") from None
+            too_large = SignInFailed("id_token", "session too large")
+            raise self._failed(too_large, identity.principal) from None
         self.audit.record(
             "console", action="sign_in", decision="allow", principal=identity.principal
         )
@@ -273,43 +234,6 @@ class ConsoleAuth:
         response.set_cookie(SESSION_COOKIE, session.sid, max_age=max_age, **cookie_flags())
         response.del_cookie(LOGIN_COOKIE, **cookie_flags())
         return response
-
-    def _deny(self, reason: str, status: int, principal: str | None = None) -> None:
-        self.audit.record(
-            "console", action="sign_in", decision="deny", reason=reason, status=status,
-            principal=principal,
-        )  # fmt: skip
-
-    async def _redeem(self, code: str, pending: PendingLogin) -> tuple[Identity, dict[str, Any]]:
-        discovery = await self._discover()
-        login = self.config.login
-        form = {
-            "grant_type": "authorization_code",
-            "code": code,
-            "redirect_uri": self.redirect_uri,
-            "code_verifier": pending.verifier,
-        }
-        pair = f"{quote(login.client_id, safe='')}:{quote(login.client_secret, safe='')}"
-        basic = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
-        async with self._client().post(
-            str(discovery["token_endpoint"]),
-            data=form,
-            headers={"Authorization": basic},
-            timeout=aiohttp.ClientTimeout(total=15),
-        ) as resp:
-            if resp.status != 200:
-                raise AuthError("code exchange refused")
-            tokens = await resp.json()
-        id_token = tokens.get("id_token") if isinstance(tokens, dict) else None
-        if not isinstance(id_token, str):
-            raise AuthError("no id token")
-        identity = await self._verifier.verify(id_token)
-        # Verified above; read the claims the Identity does not carry (nonce, auth_time).
-        claims: dict[str, Any] = jwt.decode(id_token, options={"verify_signature": False})
-        nonce = claims.get("nonce")
-        if not isinstance(nonce, str) or not hmac.compare_digest(nonce, pending.nonce):
-            raise AuthError("bad nonce")
-        return identity, claims
 
     async def sign_out(self, request: web.Request, admin: Admin) -> web.StreamResponse:
         """POST with the CSRF token: the session ends (on every node sharing the store)."""

@@ -67,8 +67,19 @@ def layout(
     )
 
 
-def message(title: str, text: str, link: tuple[str, str] | None = None) -> str:
-    more = f"<p><a href='{e(link[0])}'>{e(link[1])}</a></p>" if link else ""
+def message(
+    title: str,
+    text: str,
+    link: tuple[str, str] | None = None,
+    *,
+    hint: str | None = None,
+    reference: str | None = None,
+) -> str:
+    """A page with one message; a failed sign-in adds what to do and its reference."""
+    more = f"<p id='todo'>{e(hint)}</p>" if hint else ""
+    if reference:
+        more += f"<p>Reference: <code id='reference'>{e(reference)}</code></p>"
+    more += f"<p><a href='{e(link[0])}'>{e(link[1])}</a></p>" if link else ""
     return layout(title, f"<p id='message'>{e(text)}</p>{more}")
 
 

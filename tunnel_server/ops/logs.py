@@ -53,3 +53,6 @@ def setup_logging(fmt: str, level: int = logging.INFO) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("websockets").setLevel(logging.WARNING)
+    # httpx2 (the browser sign-in's client, web.oidc_code) logs every request at INFO: the
+    # audit record already says how each sign-in ended.
+    logging.getLogger("httpx2").setLevel(logging.WARNING)

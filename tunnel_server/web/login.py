@@ -1,27 +1,26 @@
 """Browser sign-in, callback and sign-out (docs/http-mode.md, "Browser sign-in and sessions"):
-authorization code + PKCE S256 + state + nonce against the login issuer, a new random session
-id on every login, sign-out with the session's CSRF token. Sessions and pending logins live in
-the ``SessionStore``; when it is unavailable every step answers 503 (nothing half done)."""
+the authorization code flow of web.oidc_code (authlib: PKCE S256, state, nonce, the code
+exchange and the ID token's claims) against the login issuer, a new random session id on every
+login, sign-out with the session's CSRF token. Sessions and pending logins live in the
+``SessionStore``; when it is unavailable every step answers 503 (nothing half done). A failed
+sign-in answers a page naming what happened and what to do, with a reference its audit record
+carries."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import hmac
 import secrets
 import time
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import quote, urlencode
 
-import aiohttp
-import jwt
 from aiohttp import web
 
-from ..access.identity import AuthError, Identity, IssuerUnavailable, TokenVerifier
+from ..access.identity import Identity, TokenVerifier
 from ..audit import AuditLog
 from ..config import HttpModeConfig
 from . import pages
+from .oidc_code import MAX_ID, CodeFlow, SignInFailed
 from .paths import safe_return_path
 from .responses import html_response, json_response, redirect, store_unavailable
 from .sessions import (
@@ -33,16 +32,11 @@ from .sessions import (
     session_key,
 )
 
+__all__ = ["CSRF_HEADER", "LOGIN_COOKIE", "MAX_ID", "SESSION_COOKIE", "BrowserLogin"]
+
 SESSION_COOKIE = "__Host-tunnel_session"
 LOGIN_COOKIE = "__Host-tunnel_login"
 CSRF_HEADER = "X-Tunnel-Csrf"
-MAX_ID = 128  # longest session id or state accepted from a browser
-
-
-def _pkce() -> tuple[str, str]:
-    verifier = secrets.token_urlsafe(48)
-    digest = hashlib.sha256(verifier.encode("ascii")).digest()
-    return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
 def cookie_flags() -> dict[str, Any]:
@@ -50,8 +44,8 @@ def cookie_flags() -> dict[str, Any]:
 
 
 class BrowserLogin:
-    """The ``/_tunnel/sign_in``, ``callback`` and ``sign_out`` handlers. ``client`` returns the
-    proxy's HTTP client (made at start); ``end_sessions`` closes this node's WebSockets and
+    """The ``/_tunnel/sign_in``, ``callback`` and ``sign_out`` handlers. ``verifier`` checks ID
+    tokens for the login client's audience; ``end_sessions`` closes this node's WebSockets and
     streams bound to the given session keys (other nodes learn it from the store)."""
 
     def __init__(
@@ -61,126 +55,82 @@ class BrowserLogin:
         store: SessionStore,
         audit: AuditLog,
         verifier: TokenVerifier | None,
-        client: Callable[[], aiohttp.ClientSession | None],
         end_sessions: Callable[[set[str]], object],
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.store = store
         self.audit = audit
-        self._verifier = verifier
-        self._client = client
         self._end_sessions = end_sessions
         self.clock = clock
-        self._discovery: dict[str, Any] | None = None
-
-    def _http(self) -> aiohttp.ClientSession:
-        client = self._client()
-        if client is None:
-            raise RuntimeError("HTTP mode is not started")
-        return client
+        self.flow: CodeFlow | None = None
+        if config.login is not None and verifier is not None:
+            max_age = config.session.reauth_max_age
+            self.flow = CodeFlow(config.login, verifier, max_age=max_age, clock=clock)
 
     def _store_down(self, request: web.Request, event: str, exc: Exception) -> web.Response:
         self.audit.record(event, decision="deny", reason=str(exc), status=503)
         return store_unavailable(request)
 
-    async def _discover(self) -> dict[str, Any]:
-        login = self.config.login
-        if login is None:
-            raise RuntimeError("HTTP mode has no browser login")
-        if self._discovery is None:
-            url = login.issuer.rstrip("/") + "/.well-known/openid-configuration"
-            async with self._http().get(url, timeout=aiohttp.ClientTimeout(total=10)) as resp:
-                resp.raise_for_status()
-                document = await resp.json()
-            if not isinstance(document, dict) or document.get("issuer") != login.issuer:
-                raise ValueError("discovery document names another issuer")
-            self._discovery = document
-        return self._discovery
+    def _failed(self, failure: SignInFailed, principal: str | None = None) -> web.Response:
+        """The failure's page; its reference goes to the audit record with the detail."""
+        reference = secrets.token_hex(8)
+        status, text = pages.sign_in_failed(failure, reference)
+        self.audit.record(
+            "http_login", decision="deny", reason=failure.detail, failure=failure.kind,
+            reference=reference, principal=principal, status=status,
+        )  # fmt: skip
+        return html_response(text, status)
 
     async def sign_in(self, request: web.Request, origin: str) -> web.StreamResponse:
-        login = self.config.login
-        if login is None:
+        if self.flow is None:
             return html_response(
                 pages.page("Sign-in unavailable", "<p>Use a bearer token.</p>"), 404
             )
-        try:
-            discovery = await self._discover()
-        except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
-            return html_response(
-                pages.login_failed("The identity provider cannot be reached."), 503
-            )
-        verifier, challenge = _pkce()
-        browser = secrets.token_urlsafe(24)
-        pending = PendingLogin(
-            state=secrets.token_urlsafe(24),
-            nonce=secrets.token_urlsafe(24),
-            verifier=verifier,
+        pending = self.flow.pending(
             return_to=safe_return_path(request.query.get("rd"), origin),
             host=origin,
-            browser=browser,
-            expires=self.clock() + self.config.session.login_timeout,
+            lifetime=self.config.session.login_timeout,
         )
         try:
+            location = await self.flow.authorization_url(pending, origin + "/_tunnel/callback")
             await self.store.put_pending(pending)
+        except SignInFailed as failure:
+            return self._failed(failure)
         except SessionStoreUnavailable as exc:
             return self._store_down(request, "http_login", exc)
-        params = {
-            "response_type": "code",
-            "client_id": login.client_id,
-            "redirect_uri": origin + "/_tunnel/callback",
-            "scope": " ".join(login.scopes),
-            "state": pending.state,
-            "nonce": pending.nonce,
-            "code_challenge": challenge,
-            "code_challenge_method": "S256",
-        }
-        if self.config.session.reauth_max_age is not None:
-            params["max_age"] = str(int(self.config.session.reauth_max_age))
-        response = redirect(str(discovery["authorization_endpoint"]) + "?" + urlencode(params))
+        response = redirect(location)
         response.set_cookie(
             LOGIN_COOKIE,
-            browser,
+            pending.browser,
             max_age=int(self.config.session.login_timeout),
             **cookie_flags(),
         )
         return response
 
     async def callback(self, request: web.Request, origin: str) -> web.StreamResponse:
-        login = self.config.login
-        if login is None or self._verifier is None:
+        if self.flow is None:
             return web.Response(status=404, text="Not found\n")
-        state = request.query.get("state", "")
+        browser = request.cookies.get(LOGIN_COOKIE, "")
         try:
-            pending = await self.store.pop_pending(state) if 0 < len(state) <= MAX_ID else None
+            pending = await self.flow.take_pending(self.store, request.query, browser, origin)
+            identity, claims = await self.flow.redeem(
+                request.query, pending, origin + "/_tunnel/callback"
+            )
         except SessionStoreUnavailable as exc:
             return self._store_down(request, "http_login", exc)
-        browser = request.cookies.get(LOGIN_COOKIE, "")
-        if (
-            pending is None
-            or not hmac.compare_digest(pending.browser, browser)
-            or pending.host != origin
-        ):
-            self.audit.record("http_login", decision="deny", reason="bad state", status=400)
-            return html_response(
-                pages.login_failed("This sign-in link is invalid or has expired."), 400
-            )
-        if "error" in request.query or "code" not in request.query:
-            self.audit.record("http_login", decision="deny", reason="idp refused", status=401)
-            return html_response(
-                pages.login_failed("The identity provider did not sign you in."), 401
-            )
-        try:
-            discovery = await self._discover()
-            identity, claims = await self._redeem(discovery, request.query["code"], pending, origin)
-        except IssuerUnavailable:
-            return html_response(
-                pages.login_failed("The identity provider cannot be reached."), 503
-            )
-        except (TimeoutError, AuthError, ValueError, aiohttp.ClientError, OSError) as exc:
-            reason = exc.reason if isinstance(exc, AuthError) else type(exc).__name__
-            self.audit.record("http_login", decision="deny", reason=reason, status=401)
-            return html_response(pages.login_failed("Sign-in could not be completed."), 401)
+        except SignInFailed as failure:
+            return self._failed(failure)
+        return await self._new_session(request, origin, identity, claims, pending)
+
+    async def _new_session(
+        self,
+        request: web.Request,
+        origin: str,
+        identity: Identity,
+        claims: dict[str, Any],
+        pending: PendingLogin,
+    ) -> web.StreamResponse:
         now = self.clock()
         auth_time = claims.get("auth_time")
         session = WebSession(
@@ -199,11 +149,8 @@ class BrowserLogin:
         except SessionStoreUnavailable as exc:
             return self._store_down(request, "http_login", exc)
         except SessionTooLarge:
-            self.audit.record(
-                "http_login", decision="deny", reason="session too large",
-                principal=identity.principal, status=401,
-            )  # fmt: skip
-            return html_response(pages.login_failed("Sign-in could not be completed."), 401)
+            failure = SignInFailed("id_token", "session too large")
+            return self._failed(failure, identity.principal)
         self.audit.record("http_login", decision="allow", principal=identity.principal)
         response = redirect(pending.return_to)
         response.set_cookie(
@@ -211,40 +158,6 @@ class BrowserLogin:
         )
         response.del_cookie(LOGIN_COOKIE, **cookie_flags())
         return response
-
-    async def _redeem(
-        self, discovery: dict[str, Any], code: str, pending: PendingLogin, origin: str
-    ) -> tuple[Identity, dict[str, Any]]:
-        login, verifier = self.config.login, self._verifier
-        if login is None or verifier is None:
-            raise RuntimeError("HTTP mode has no browser login")
-        form = {
-            "grant_type": "authorization_code",
-            "code": code,
-            "redirect_uri": origin + "/_tunnel/callback",
-            "code_verifier": pending.verifier,
-        }
-        pair = f"{quote(login.client_id, safe='')}:{quote(login.client_secret, safe='')}"
-        basic = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
-        async with self._http().post(
-            str(discovery["token_endpoint"]),
-            data=form,
-            headers={"Authorization": basic, "Content-Type": "application/x-www-form-urlencoded"},
-            timeout=aiohttp.ClientTimeout(total=15),
-        ) as resp:
-            if resp.status != 200:
-                raise AuthError("code exchange refused")
-            tokens = await resp.json()
-        id_token = tokens.get("id_token") if isinstance(tokens, dict) else None
-        if not isinstance(id_token, str):
-            raise AuthError("no id token")
-        identity = await verifier.verify(id_token)
-        # Verified above; read the claims the Identity does not carry (nonce, auth_time).
-        claims: dict[str, Any] = jwt.decode(id_token, options={"verify_signature": False})
-        nonce = claims.get("nonce")
-        if not isinstance(nonce, str) or not hmac.compare_digest(nonce, pending.nonce):
-            raise AuthError("bad nonce")
-        return identity, claims
 
     async def sign_out(self, request: web.Request, origin: str) -> web.StreamResponse:
         sid = request.cookies.get(SESSION_COOKIE, "")

@@ -1,8 +1,11 @@
-"""The few HTML pages the proxy itself serves. Every dynamic value is HTML-escaped."""
+"""The few HTML pages the proxy itself serves, and what a failed browser sign-in tells the user
+(HTTP mode's and the console's). Every dynamic value is HTML-escaped."""
 
 from __future__ import annotations
 
 from html import escape
+
+from .oidc_code import FailureKind, SignInFailed
 
 _STYLE = "body{font-family:sans-serif;max-width:40em;margin:4em auto;line-height:1.5}"
 
@@ -46,10 +49,74 @@ def sign_out_confirm(csrf: str) -> str:
     return page("Sign out", sign_out_form(csrf))
 
 
-def login_failed(reason: str) -> str:
+_TELL = "tell your administrator and give them the reference below (the relay's log says why)"
+# A failed sign-in: the status, what happened, what to do. The reference shown with it is in the
+# failure's audit record, with the detail the page leaves out (it may name provider internals).
+SIGN_IN_FAILURES: dict[FailureKind, tuple[int, str, str]] = {
+    "state": (
+        400,
+        "This sign-in link is invalid or has expired.",
+        "A sign-in must finish in the browser that started it, within a few minutes, and each "
+        "link works once. Start again.",
+    ),
+    "provider": (
+        401,
+        "The identity provider did not sign you in.",
+        "If you cancelled, start again. If it refuses again, ask your administrator whether "
+        "your account may sign in here, and give them the reference below.",
+    ),
+    "unreachable": (
+        503,
+        "The identity provider cannot be reached right now.",
+        f"Try again in a minute. If it keeps failing, {_TELL}.",
+    ),
+    "exchange": (
+        502,
+        "The identity provider did not complete the sign-in: it refused the relay's request "
+        "for your tokens.",
+        f"Start again. If it keeps failing, the relay's client settings may be wrong: {_TELL}.",
+    ),
+    "id_token": (
+        401,
+        "The identity provider's answer could not be verified, so you are not signed in.",
+        f"Start again. If it keeps failing, {_TELL}.",
+    ),
+    "not_allowed": (
+        403,
+        "You signed in, but your account may not use this.",
+        "Ask an administrator for access, or sign in as another user.",
+    ),
+}
+
+
+def sign_in_failure(failure: SignInFailed) -> tuple[int, str, str]:
+    """Status, what happened (with the provider's error code when it sent one), what to do."""
+    status, what, todo = SIGN_IN_FAILURES[failure.kind]
+    if failure.provider_error is not None:
+        what = what.removesuffix(".") + f" (it answered {failure.provider_error})."
+    return status, what, todo
+
+
+def sign_in_failed(
+    failure: SignInFailed, reference: str, start_again: str = "/_tunnel/sign_in"
+) -> tuple[int, str]:
+    """HTTP mode's page for a failed sign-in, and its status."""
+    status, what, todo = sign_in_failure(failure)
+    body = (
+        f"<p id='what'>{escape(what)}</p><p id='todo'>{escape(todo)}</p>"
+        f"<p>Reference: <code id='reference'>{escape(reference)}</code></p>"
+        f"<p><a id='start-again' href='{escape(start_again)}'>Start again</a></p>"
+    )
+    return status, page("Sign-in failed", body)
+
+
+def unknown_host(host: str) -> str:
+    """HTTP mode has no application at ``host`` (as the request named it)."""
     return page(
-        "Sign-in failed",
-        f"<p>{escape(reason)}</p><p><a href='/_tunnel/sign_in'>Try again</a></p>",
+        "No application here",
+        f"<p id='unknown-host'>This relay serves no application at <b>{escape(host)}</b>.</p>"
+        "<p>Check the address. If an application should be here, its route is missing from "
+        "the relay's configuration (<code>http.routes</code>): tell its operator.</p>",
     )
 
 

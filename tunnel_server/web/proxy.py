@@ -131,7 +131,6 @@ class HttpProxy:
             store=self.store,
             audit=audit,
             verifier=login_verifier,
-            client=lambda: self._client,
             end_sessions=self.end_sessions,
             clock=clock,
         )
@@ -267,6 +266,17 @@ class HttpProxy:
                 return route
         return None
 
+    def _not_served(
+        self, request: web.Request, host: str, port: int | None, path: str
+    ) -> web.Response:
+        """404 naming what the request asked for: no route for this host (or not for this path
+        on it), so a mistyped address or a missing route is told apart from the app's own 404."""
+        served = any(route.host == host for route in self._routes)
+        where = (f"{host}:{port}" if port else host) + (path if served else "")
+        if wants_html(request):
+            return html_response(pages.unknown_host(where), 404)
+        return web.Response(status=404, text=f"Not found: no application at {where}\n")
+
     def _origin(self, host: str, port: int | None) -> str:
         scheme = self.config.external_scheme
         default = 443 if scheme == "https" else 80
@@ -298,7 +308,7 @@ class HttpProxy:
             )
         route = self._route(host, path.decoded)
         if route is None:
-            return web.Response(status=404, text="Not found\n")
+            return self._not_served(request, host, port, path.decoded)
         if path.parameters and route.path_parameters == "refuse":
             reason = "bad request: path parameter (;) in path"
             self.audit.record("http", decision="deny", reason=reason, app=route.name, status=400)
