@@ -21,6 +21,7 @@ from tunnel_server.state import (
     node_tag,
     sid_tag,
 )
+from tunnel_server.state.redis_store import close_pubsub
 
 from ..helpers import UNIT
 from ..redis_fixture import RedisServer
@@ -45,9 +46,14 @@ def redis_state(server: RedisServer, node: str, lease_ttl: float = 40 * UNIT) ->
 
 
 async def poll(check: Callable[[], Awaitable[bool]], limit: float = 100 * UNIT) -> None:
-    """``eventually`` for a condition that needs a Redis round trip to check."""
+    """``eventually`` for a condition that needs a Redis round trip to check. The deadline is
+    checked too: a client library that swallowed the timeout's cancellation must not turn a
+    failure into a hang."""
+    deadline = asyncio.get_running_loop().time() + limit
     async with asyncio.timeout(limit):
         while not await check():  # noqa: ASYNC110
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"not true after {limit} s")
             await asyncio.sleep(UNIT)
 
 
@@ -238,3 +244,24 @@ async def test_a_clean_exit_frees_its_slots_at_once(redis: RedisServer) -> None:
         assert await b.owner(tunnel.sid) is None
     finally:
         await b.aclose()
+
+
+class _HangingPubSub:
+    """A subscription whose ``aclose`` never returns (redis/redis-py#3941)."""
+
+    def __init__(self) -> None:
+        self.connection = self
+        self.dropped = False
+
+    async def aclose(self) -> None:
+        await asyncio.Event().wait()
+
+    async def disconnect(self, *, nowait: bool = False) -> None:
+        self.dropped = nowait
+
+
+async def test_a_subscription_that_never_closes_is_dropped() -> None:
+    pubsub = _HangingPubSub()
+    async with asyncio.timeout(40 * UNIT):
+        await close_pubsub(pubsub, UNIT)  # type: ignore[arg-type]
+    assert pubsub.dropped

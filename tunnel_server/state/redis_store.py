@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from .base import (
@@ -125,6 +126,22 @@ def decode_revocation(raw: str | bytes) -> Revocation | None:
         return None
 
 
+async def close_pubsub(pubsub: PubSub, bound: float) -> None:
+    """Close a subscription within ``bound`` seconds: redis-py's ``PubSub.aclose`` can wait
+    forever for its connection's ``wait_closed`` (redis/redis-py#3941), which would hang a
+    shutdown; past the bound the connection is dropped without waiting. Redis errors are ignored
+    (it is closing anyway)."""
+    try:
+        async with asyncio.timeout(bound):
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+    except TimeoutError:
+        if pubsub.connection is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.connection.disconnect(nowait=True)
+    except (RedisError, OSError):
+        pass
+
+
 class RedisState:
     """One node's view of the cluster state in Redis. Open tunnels never depend on it: only
     new tunnels (claim), resumes landing on another node (owner) and revocations use it."""
@@ -152,6 +169,7 @@ class RedisState:
         self._retention = retention
         self._clock = clock
         kwargs: dict[str, Any] = {"decode_responses": True, "socket_connect_timeout": timeout}
+        self._timeout = timeout
         self._redis = aioredis.Redis.from_url(url, socket_timeout=timeout, **kwargs)
         # Pub/sub waits for messages indefinitely: no read timeout on its connection.
         self._subscriber = aioredis.Redis.from_url(url, socket_keepalive=True, **kwargs)
@@ -465,6 +483,5 @@ class RedisState:
             except (RedisError, OSError) as exc:
                 self._lost(exc)
             finally:
-                with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()
+                await close_pubsub(pubsub, self._timeout)
             await asyncio.sleep(min(1.0, self._lease_ttl / 3))

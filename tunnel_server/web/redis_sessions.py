@@ -31,6 +31,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from ..access.identity import Identity
+from ..state.redis_store import close_pubsub
 from .sessions import (
     EndedCallback,
     GapCallback,
@@ -446,8 +447,7 @@ class RedisSessionStore:
                     )
                 interrupted = True
             finally:
-                with suppress(*_DOWN, redis.exceptions.RedisError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await close_pubsub(pubsub, self._poll)
             await asyncio.sleep(delay)
             delay = min(delay * 2, self._delays[1])
 
