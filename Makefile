@@ -12,7 +12,7 @@ all: test
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,uvloop]'
+	$(BIN)/python -m pip install -q -e '.[test]'
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
@@ -52,7 +52,7 @@ test-stress: venv system-deps
 BENCH_STAMP := $(VENV)/.bench-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 $(BENCH_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -q -e '.[test,uvloop,bench]'
+	$(BIN)/python -m pip install -q -e '.[test,bench]'
 	rm -f $(VENV)/.bench-*
 	touch $@
 
