@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .gate import QUIET
 from .procs import PINNING
 
 if TYPE_CHECKING:
@@ -89,7 +90,7 @@ def _cpu_model() -> str:
 
 def machine(results: Results, settings: Settings) -> list[tuple[str, str]]:
     load = " → ".join(f"{x:.2f}" for x in results.load)
-    busy = any(x > 0.5 for x in results.load)
+    busy = not results.judged or any(x > QUIET for x in results.load)
     return [
         ("Date", dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")),
         ("CPU", f"{_cpu_model()}, {os.cpu_count()} cores"),
@@ -113,6 +114,13 @@ def machine(results: Results, settings: Settings) -> list[tuple[str, str]]:
             "Load average (1 min), start → end",
             load
             + (" — **other work was running: absolute figures are low and noisy**" if busy else ""),
+        ),
+        (
+            "Targets",
+            f"judged (load {results.judge_load:.2f} at the start of the run, ≤ {QUIET})"
+            if results.judged
+            else f"**not judged**: load {results.judge_load:.2f} at the start of the run "
+            f"(above {QUIET}); `make bench` exits 3",
         ),
     ]
 
@@ -394,11 +402,20 @@ def tables(results: Results, settings: Settings) -> str:
         )
     )
 
-    rows = [
-        [t.text, t.measured, "—" if t.holds is None else "yes" if t.holds else "**no**"]
-        for t in targets(results)
-    ]
+    def held(t: Target) -> str:
+        if t.holds is None:
+            return "—"
+        if not results.judged:
+            return "not judged (busy)"
+        return "yes" if t.holds else "**no**"
+
+    rows = [[t.text, t.measured, held(t)] for t in targets(results)]
     out.append("\n### Targets (issue 7; product default: uvloop installed)\n")
+    if not results.judged:
+        out.append(
+            f"Not judged: the load average at the start of the run was {results.judge_load:.2f} "
+            f"(above {QUIET}). The figures are recorded, not evidence.\n"
+        )
     out.append(_table(["target", "measured (medians)", "holds"], rows, "lll"))
     if results.notes:
         out.append("\nNotes:\n" + "\n".join(f"- {n}" for n in results.notes))

@@ -30,7 +30,7 @@ import jwt
 
 from tunnel_server.ops.tls import write_self_signed
 
-from . import analysis, report
+from . import analysis, gate, report
 from .handshake import Issuer
 from .paths import (
     GCLOUD,
@@ -89,6 +89,13 @@ class Results:
     errors: list[str] = field(default_factory=list)
     elapsed: float = 0.0
     load: list[float] = field(default_factory=list)  # 1-minute load average, start and end
+    # The load at the start of the `make bench` run (this suite's own start when run alone):
+    # targets are judged only when it was at most gate.QUIET.
+    judge_load: float = 0.0
+
+    @property
+    def judged(self) -> bool:
+        return gate.judged(self.judge_load)
 
     def add(self, name: str, figures: Figures) -> None:
         self.runs.setdefault(name, []).append(figures)
@@ -464,7 +471,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings.idle_big = 0
     if IPERF3 is None:
         sys.exit("iperf3 is required: run scripts/install-bench-deps.sh")
-    results = Results()
+    results = Results(judge_load=gate.start_load())
+    _log(f"load average (1 min) at the start: {results.judge_load:.2f}")
+    if not results.judged:
+        _log(f"busy machine (above {gate.QUIET}): measuring, but no target will be judged")
     settings.nofile = raise_nofile(65536)
     # The relay holds two descriptors per tunnel (WebSocket and target) plus a few of its own.
     fits = (settings.nofile - 200) // 2 - 100
@@ -485,6 +495,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             _log(f"logs kept in {workdir}")
     ran.notes[:0] = results.notes
+    ran.judge_load = results.judge_load
     if SOCAT is None:
         ran.notes.append("socat not installed: its rows are missing")
     if GCLOUD is None:
@@ -495,3 +506,4 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report.render(ran, settings, analysis.text))
     _log(f"wrote {args.out} ({ran.elapsed:.0f}s)")
+    gate.exit_if_busy(ran.judge_load, ran.load[-1] if ran.load else gate.load1())
