@@ -34,6 +34,10 @@ def bare(scheme: str) -> str:
     return f"bare websockets chain, {scheme}, uvloop"
 
 
+def picows(scheme: str) -> str:
+    return f"bare picows chain, {scheme}, uvloop"
+
+
 def relay(scheme: str, loop: str) -> str:
     return f"tunnel-client + relay, {scheme}, {loop}"
 
@@ -47,6 +51,8 @@ ROWS = [
     websockify("wss"),
     bare("ws"),
     bare("wss"),
+    picows("ws"),
+    picows("wss"),
     *OURS,
     GCLOUD,
 ]
@@ -98,6 +104,7 @@ def machine(results: Results, settings: Settings) -> list[tuple[str, str]]:
         ("Python", platform.python_version()),
         ("websockets", _package("websockets")),
         ("uvloop", _package("uvloop")),
+        ("picows", _package("picows")),
         ("websockify", _package("websockify")),
         ("OpenSSL (Python)", ssl.OPENSSL_VERSION),
         ("socat", _version(["socat", "-V"], r"socat version (\S+)")),
@@ -376,7 +383,7 @@ def tables(results: Results, settings: Settings) -> str:
                     entry["measure"],
                     _f(per / 1024, 1),
                     "—" if n.startswith("websockify") else _fraction(_ratio(per, peer)),
-                    "—" if n.startswith("bare") else _r(_ratio(per, bare_per)),
+                    "—" if n.startswith("bare websockets") else _r(_ratio(per, bare_per)),
                     _f(entry["open"] / entry["open_seconds"], 0),
                     _f(entry["total"] / 2**20, 0),
                 ]
@@ -444,7 +451,10 @@ METHOD = """\
   websockets TCP-to-WebSocket forwarder on uvloop (websockify has no client of its own); the
   *bare websockets chain*: the same `bench/wsclient.py` in front of `bench/bare_relay.py`, a
   websockets relay with no authentication, acks, resume or policy (the issue's calibration
-  point: the ceiling of a websockets design on this machine); *tunnel-client + relay* over ws
+  point: the ceiling of a websockets design on this machine); the *bare picows chain*
+  (`bench/picows_chain.py`: a picows client and relay, asyncio Protocols on both legs, no task
+  per message, one message per TCP read; issue 18's second calibration point, the ceiling of a
+  callback-driven engine); *tunnel-client + relay* over ws
   and wss, both on asyncio or both on uvloop (`bench/client_proc.py` and `bench/relay_proc.py`
   make the library calls of `tunnel-client start-tunnel` and `tunnel-server serve` with
   `runtime.run(use_uvloop=...)`); the *gcloud CLI* (`gcloud compute start-iap-tunnel`, IAP

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import shutil
@@ -40,6 +41,7 @@ from .paths import (
     Files,
     Gcloud,
     LoadSpec,
+    PicowsChain,
     Relay,
     Socat,
     Subject,
@@ -121,6 +123,10 @@ def _all_subjects() -> list[Subject]:
         Websockify(True, frozenset({"churn", "idle"})),
         BareChain(False),
         BareChain(True),
+    ]
+    if importlib.util.find_spec("picows") is not None:  # the bench extra
+        found += [PicowsChain(False), PicowsChain(True)]
+    found += [
         Relay(False, "asyncio"),
         Relay(False, "uvloop"),
         Relay(True, "asyncio"),
