@@ -6,7 +6,8 @@ it (protocol error, local stream failure, or an external ``close`` such as a rev
 
 Control frames never stall data: the reader hands a control event to ``on_control`` at once,
 and whatever that returns to await (a re-authentication that fetches JWKS, a token refresh) runs
-in the pump's control task, beside the data, one job at a time.
+in a control task beside the data, one job at a time; the task exists only while jobs wait, so
+an idle tunnel pays for none.
 
 Only receiving decides that the peer is gone: a send (ACK, keepalive, data) that fails because
 the peer's close already arrived is not the end of the stream. Every DATA frame received before
@@ -116,6 +117,8 @@ class Pump:
         self._keepalive = keepalive
         self._send_lock = asyncio.Lock()
         self._controls: asyncio.Queue[ControlJob] = asyncio.Queue(MAX_CONTROL_JOBS)
+        self._tasks: asyncio.TaskGroup | None = None  # run()'s, for the control task
+        self._control_task: asyncio.Task[None] | None = None
         self._capacity = asyncio.Event()
         self._timer_wake = asyncio.Event()
         self._timer_idle = False
@@ -143,12 +146,11 @@ class Pump:
         try:
             await self._flush()  # SID / RECONNECT_ACK / replay queued by attach
             async with asyncio.TaskGroup() as tg:
+                self._tasks = tg
                 tg.create_task(self._ws_to_stream())
                 tg.create_task(self._stream_to_ws())
                 tg.create_task(self._timers())
                 tg.create_task(self._watch_close())
-                if self._on_control is not None:
-                    tg.create_task(self._run_controls())
                 if self._keepalive is not None and self.tunnel.dialect.native:
                     tg.create_task(self._keepalives(*self._keepalive))
         except* _Stop as group:
@@ -272,6 +274,7 @@ class Pump:
                     job = self._on_control(event)
                     if job is not None:
                         await self._controls.put(job)  # waits only when MAX_CONTROL_JOBS wait
+                        self._start_controls()
             if tunnel.has_pending:
                 await self._flush()
             if self._timer_idle:
@@ -313,12 +316,16 @@ class Pump:
         # IAP has no half-close: everything is sent, so the tunnel ends with a normal close.
         raise _Stop(Outcome(End.FINISHED, CloseCode.NORMAL, ""))
 
+    def _start_controls(self) -> None:
+        task, tasks = self._control_task, self._tasks
+        if (task is None or task.done()) and tasks is not None:
+            self._control_task = tasks.create_task(self._run_controls())
+
     async def _run_controls(self) -> None:
-        """Control jobs, in arrival order, beside the data; what a job queued (REAUTH_OK, a
-        REAUTH frame) is sent when it ends."""
-        while True:
-            job = await self._controls.get()
-            await job
+        """Control jobs, in arrival order, beside the data, until none is left; what a job
+        queued (REAUTH_OK, a REAUTH frame) is sent when it ends."""
+        while not self._controls.empty():
+            await self._controls.get_nowait()
             if self.tunnel.has_pending:
                 await self._flush()
 
