@@ -64,7 +64,9 @@ $(BENCH_STAMP): $(STAMP)
 # records (SQLite and PostgreSQL) into docs/benchmarks-audit.md.
 # bench.gate runs those steps in order and judges the targets only when the 1-minute load average
 # at its start is at most 0.5: on a busier machine everything still runs and is written, the
-# output and the docs say the targets were not judged, and make bench exits 3 (1: a step failed).
+# output and the docs say the targets were not judged, and bench.gate exits 3 (1: a step failed);
+# make reports it as "Error 3" (make's own status is 2 for any failed recipe: scripts that
+# must tell a busy run from a failure run `.venv/bin/python -m bench.gate` themselves).
 # Tunnel-open latency alone: $(BIN)/python -m bench.handshake
 bench: $(BENCH_STAMP)
 	@bash scripts/install-bench-deps.sh

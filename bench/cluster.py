@@ -232,6 +232,10 @@ async def main(samples: int, seconds: float) -> str:
     return "\n".join(rows)
 
 
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
 def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=100)
@@ -251,7 +255,7 @@ def cli() -> None:
             "# Scale-out benchmark\n\nWritten by `make bench` (`python -m bench.cluster`): "
             "loopback, 2 cores shared by every process, so 3 nodes measure the cluster's "
             "overhead and coordination rather than added capacity.\n\n"
-            f"{gate.verdict(start, end).capitalize()}\n\n"
+            f"{_sentence(gate.verdict(start, end))}\n\n"
         )
         args.out.write_text(header + text + "\n", encoding="utf-8")
     gate.exit_if_busy(start, end)
