@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import gate, report
+from bench import analysis, gate, report
 from bench.suite import Results, Settings
 
 OK = ("json.tool", "--help")  # any module that exits 0
@@ -70,3 +70,13 @@ def test_suite_report_says_targets_are_not_judged() -> None:
     assert "| yes |" not in tables
     rows = dict(report.machine(results, Settings()))
     assert rows["Targets"].startswith("**not judged**: load 1.70")
+
+
+def test_prose_of_a_busy_run_judges_nothing() -> None:
+    results = Results(load=[1.7, 2.1], judge_load=1.7)
+    for name, gbps in ((report.picows("ws"), 10.0), (report.SOCAT2, 8.0)):
+        results.add(name, {"up1": gbps, "down1": gbps, "rtt_p50": 60.0})
+    text = analysis.text(results)
+    assert "None is judged: the load average at the start of the run was 1.70" in text
+    assert "targets hold in this run" not in text
+    assert "it carried 1.25× / 1.25× (ws, up / down)" in text  # picows vs socat two hops
