@@ -12,7 +12,7 @@ all: test
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,uvloop]'
+	$(BIN)/python -m pip install -q -e '.[test]'
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
@@ -52,7 +52,7 @@ test-stress: venv system-deps
 BENCH_STAMP := $(VENV)/.bench-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 $(BENCH_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -q -e '.[test,uvloop,bench]'
+	$(BIN)/python -m pip install -q -e '.[test,bench]'
 	rm -f $(VENV)/.bench-*
 	touch $@
 
@@ -62,14 +62,15 @@ $(BENCH_STAMP): $(STAMP)
 # identity header per tunnel (their sections of docs/benchmarks.md, ~4 min); then the scale-out
 # figures (3 relays + Redis) into docs/benchmarks-cluster.md; then audit search on 1,000,000
 # records (SQLite and PostgreSQL) into docs/benchmarks-audit.md.
+# bench.gate runs those steps in order and judges the targets only when the 1-minute load average
+# at its start is at most 0.5: on a busier machine everything still runs and is written, the
+# output and the docs say the targets were not judged, and bench.gate exits 3 (1: a step failed);
+# make reports it as "Error 3" (make's own status is 2 for any failed recipe: scripts that
+# must tell a busy run from a failure run `.venv/bin/python -m bench.gate` themselves).
 # Tunnel-open latency alone: $(BIN)/python -m bench.handshake
 bench: $(BENCH_STAMP)
 	@bash scripts/install-bench-deps.sh
-	$(BIN)/python -m bench
-	$(BIN)/python -m bench.http_mode --out docs/benchmarks.md
-	$(BIN)/python -m bench.proxy_header --out docs/benchmarks.md
-	$(BIN)/python -m bench.cluster --out docs/benchmarks-cluster.md
-	$(BIN)/python -m bench.audit_search --out docs/benchmarks-audit.md
+	$(BIN)/python -m bench.gate --out docs/benchmarks.md
 
 demo: venv system-deps
 	$(BIN)/python -m scripts.demo

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import gate
 from tunnel_server.audit_store import AuditBackend, AuditQuery, Row, row_from_record
 from tunnel_server.audit_store.sqlite import SqliteBackend
 
@@ -204,7 +205,7 @@ def table(results: dict[str, tuple[float, list[Timing]]], count: int, load: str)
         f"# Audit search: {count:,} records",
         "",
         f"`python -m bench.audit_search` on {platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}; load average (1 min) {load}. A page of {PAGE} "
+        f"Python {platform.python_version()}; {load} A page of {PAGE} "
         "records, newest first, JSON decoded, through the store's `search` (what the console "
         "calls); each line is 30 searches with different values (users, targets, instants).",
         "",
@@ -225,14 +226,14 @@ def table(results: dict[str, tuple[float, list[Timing]]], count: int, load: str)
 
 async def main_async(args: argparse.Namespace) -> str:
     kinds = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
-    before = os.getloadavg()[0]
+    before = gate.start_load()
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-audit-") as tmp:
         for kind in kinds:
             print(f"{kind}: loading {args.records:,} records ...", file=sys.stderr, flush=True)
             results[kind] = await run_backend(kind, args.records, args.repeat, Path(tmp))
     after = os.getloadavg()[0]
-    return table(results, args.records, f"{before:.2f} before, {after:.2f} after")
+    return table(results, args.records, gate.verdict(before, after))
 
 
 def main() -> None:
@@ -246,6 +247,7 @@ def main() -> None:
     print(text)
     if args.out is not None:
         args.out.write_text(text, encoding="utf-8")
+    gate.exit_if_busy(gate.start_load(), gate.load1())
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from websockets.typing import Subprotocol
 from tunnel_protocol import NATIVE
 from tunnel_protocol.urls import InstanceTarget, connect_query
 
+from . import gate
 from .handshake import Issuer, _echo
 from .procs import Proc, free_port, kill_all, python_argv, spawn, wait_listening
 
@@ -231,25 +232,33 @@ async def main(samples: int, seconds: float) -> str:
     return "\n".join(rows)
 
 
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
 def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    start = gate.start_load()
     try:
         text = asyncio.run(main(args.samples, args.seconds))
     except KeyboardInterrupt:  # pragma: no cover
         kill_all()
         sys.exit(130)
+    end = gate.load1()
     print(text)
     if args.out is not None:
         header = (
             "# Scale-out benchmark\n\nWritten by `make bench` (`python -m bench.cluster`): "
             "loopback, 2 cores shared by every process, so 3 nodes measure the cluster's "
             "overhead and coordination rather than added capacity.\n\n"
+            f"{_sentence(gate.verdict(start, end))}\n\n"
         )
         args.out.write_text(header + text + "\n", encoding="utf-8")
+    gate.exit_if_busy(start, end)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import http_report
+from . import gate, http_report
 from .procs import (
     CLIENT_CPU,
     PINNING,
@@ -46,7 +46,7 @@ WRK = shutil.which("wrk") or "/usr/bin/wrk"
 TASKSET = shutil.which("taskset")
 HOST = "demo.localhost"
 BODY = "x" * 1024
-QUIET = 0.5  # load average above which targets are not judged
+QUIET = gate.QUIET  # load average at the start above which targets are not judged
 
 UPSTREAM_CONF = """
 worker_processes 1; daemon off; pid {dir}/{name}.pid; error_log {dir}/{name}-error.log warn;
@@ -217,7 +217,7 @@ def cases(ports: dict[str, int], bearer: str, cookie: str) -> list[Case]:
 async def bench(args: argparse.Namespace) -> Results:
     from tests.oidc_fixture import TestIssuer  # the bench's IdP: JWKS served from this process
 
-    results = Results(load_start=os.getloadavg()[0])
+    results = Results(load_start=gate.start_load())
     directory = Path(tempfile.mkdtemp(prefix="bench-http-"))
     procs: list[Proc] = []
     try:
@@ -277,6 +277,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                          for k, v in results.runs.items()}, indent=1))  # fmt: skip
     if args.out:
         http_report.write_section(args.out, text)
+    gate.exit_if_busy(results.load_start, results.load_end)
 
 
 if __name__ == "__main__":

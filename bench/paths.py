@@ -216,6 +216,38 @@ class BareChain(Websockify):
         return int(match.group(1))
 
 
+class PicowsChain(BareChain):
+    """``bench.picows_chain client`` -> ``bench.picows_chain relay`` -> target: the bare chain of
+    a callback-driven engine (picows: asyncio Protocols on both legs, no task per message), the
+    second calibration point of issue 18."""
+
+    short = "picows"
+
+    def __init__(self, tls: bool) -> None:
+        super().__init__(tls)
+        self.name = f"bare picows chain, {self.transport}, uvloop"
+
+    async def _server(self, files: Files, name: str, target_port: int) -> int:
+        argv = python_argv("bench.picows_chain", "relay", str(target_port))
+        if self.tls:
+            argv += ["--cert", str(files.cert), "--key", str(files.key)]
+        proc = await spawn(name, argv, files.workdir, cpu=SERVER_CPU)
+        self.servers.append(proc)
+        match = await proc.wait_for_line(r"Listening on wss?://127\.0\.0\.1:(\d+)")
+        return int(match.group(1))
+
+    async def _chain(self, files: Files, tag: str, target_port: int) -> int:
+        port = await self._server(files, f"{tag}-{self.short}-{target_port}", target_port)
+        argv = python_argv("bench.picows_chain", "client", f"{self.transport}://127.0.0.1:{port}")
+        if self.tls:
+            argv += ["--ca-file", str(files.cert)]
+        client = await spawn(f"{tag}-picows-client-{target_port}", argv, files.workdir,
+                             cpu=CLIENT_CPU)  # fmt: skip
+        self.clients.append(client)
+        match = await client.wait_for_line(r"Listening on port \[(\d+)\]")
+        return int(match.group(1))
+
+
 class Relay(Subject):
     """Our relay (``bench.relay_proc``) and ``tunnel-client`` (``bench.client_proc``), both on
     the same event loop; the load generator uses the client library on that loop too."""

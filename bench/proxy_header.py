@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import ssl
 import statistics
 import tempfile
@@ -33,6 +32,7 @@ from tunnel_server.relay.upstream_identity import proxy_header
 from tunnel_server.web.assertion import AssertionSigner
 from tunnel_upstream import IdentityCheck, parse_proxy_header, verify_identity
 
+from . import gate
 from .handshake import Issuer, _config
 from .http_report import write_section
 
@@ -148,7 +148,7 @@ async def tunnel_open(count: int) -> dict[str, list[float]]:
 
 
 def report(tunnels: int, headers: int) -> str:
-    load = os.getloadavg()[0]
+    load = gate.start_load()
     cost = header_cost(headers)
     opened = asyncio.run(tunnel_open(tunnels))
     plain, proxied = (statistics.median(opened[n]) for n in ("vm", "vmp"))
@@ -156,7 +156,9 @@ def report(tunnels: int, headers: int) -> str:
         "## PROXY v2 identity header, per tunnel (issue 17)",
         "",
         "`python -m bench.proxy_header`: loopback, one process. Load average at the start: "
-        f"{load:.2f} " + ("(quiet)" if load < 0.5 else "(busy: not evidence for a target)") + ".",
+        f"{load:.2f} "
+        + ("(quiet)" if gate.judged(load) else "(busy: not evidence for a target)")
+        + f", at the end {gate.load1():.2f}.",
         "",
         f"| per header ({headers} samples, median) | µs of one core |",
         "|---|---:|",
@@ -185,3 +187,4 @@ if __name__ == "__main__":
     print(text)
     if args.out is not None:
         write_section(args.out, text, name="proxy-header")
+    gate.exit_if_busy(gate.start_load(), gate.load1())

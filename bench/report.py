@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .gate import QUIET
 from .procs import PINNING
 
 if TYPE_CHECKING:
@@ -33,6 +34,10 @@ def bare(scheme: str) -> str:
     return f"bare websockets chain, {scheme}, uvloop"
 
 
+def picows(scheme: str) -> str:
+    return f"bare picows chain, {scheme}, uvloop"
+
+
 def relay(scheme: str, loop: str) -> str:
     return f"tunnel-client + relay, {scheme}, {loop}"
 
@@ -46,6 +51,8 @@ ROWS = [
     websockify("wss"),
     bare("ws"),
     bare("wss"),
+    picows("ws"),
+    picows("wss"),
     *OURS,
     GCLOUD,
 ]
@@ -89,7 +96,7 @@ def _cpu_model() -> str:
 
 def machine(results: Results, settings: Settings) -> list[tuple[str, str]]:
     load = " → ".join(f"{x:.2f}" for x in results.load)
-    busy = any(x > 0.5 for x in results.load)
+    busy = not results.judged or any(x > QUIET for x in results.load)
     return [
         ("Date", dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")),
         ("CPU", f"{_cpu_model()}, {os.cpu_count()} cores"),
@@ -97,6 +104,7 @@ def machine(results: Results, settings: Settings) -> list[tuple[str, str]]:
         ("Python", platform.python_version()),
         ("websockets", _package("websockets")),
         ("uvloop", _package("uvloop")),
+        ("picows", _package("picows")),
         ("websockify", _package("websockify")),
         ("OpenSSL (Python)", ssl.OPENSSL_VERSION),
         ("socat", _version(["socat", "-V"], r"socat version (\S+)")),
@@ -113,6 +121,13 @@ def machine(results: Results, settings: Settings) -> list[tuple[str, str]]:
             "Load average (1 min), start → end",
             load
             + (" — **other work was running: absolute figures are low and noisy**" if busy else ""),
+        ),
+        (
+            "Targets",
+            f"judged (load {results.judge_load:.2f} at the start of the run, ≤ {QUIET})"
+            if results.judged
+            else f"**not judged**: load {results.judge_load:.2f} at the start of the run "
+            f"(above {QUIET}); `make bench` exits 3",
         ),
     ]
 
@@ -368,7 +383,7 @@ def tables(results: Results, settings: Settings) -> str:
                     entry["measure"],
                     _f(per / 1024, 1),
                     "—" if n.startswith("websockify") else _fraction(_ratio(per, peer)),
-                    "—" if n.startswith("bare") else _r(_ratio(per, bare_per)),
+                    "—" if n.startswith("bare websockets") else _r(_ratio(per, bare_per)),
                     _f(entry["open"] / entry["open_seconds"], 0),
                     _f(entry["total"] / 2**20, 0),
                 ]
@@ -394,11 +409,20 @@ def tables(results: Results, settings: Settings) -> str:
         )
     )
 
-    rows = [
-        [t.text, t.measured, "—" if t.holds is None else "yes" if t.holds else "**no**"]
-        for t in targets(results)
-    ]
+    def held(t: Target) -> str:
+        if t.holds is None:
+            return "—"
+        if not results.judged:
+            return "not judged (busy)"
+        return "yes" if t.holds else "**no**"
+
+    rows = [[t.text, t.measured, held(t)] for t in targets(results)]
     out.append("\n### Targets (issue 7; product default: uvloop installed)\n")
+    if not results.judged:
+        out.append(
+            f"Not judged: the load average at the start of the run was {results.judge_load:.2f} "
+            f"(above {QUIET}). The figures are recorded, not evidence.\n"
+        )
     out.append(_table(["target", "measured (medians)", "holds"], rows, "lll"))
     if results.notes:
         out.append("\nNotes:\n" + "\n".join(f"- {n}" for n in results.notes))
@@ -427,7 +451,10 @@ METHOD = """\
   websockets TCP-to-WebSocket forwarder on uvloop (websockify has no client of its own); the
   *bare websockets chain*: the same `bench/wsclient.py` in front of `bench/bare_relay.py`, a
   websockets relay with no authentication, acks, resume or policy (the issue's calibration
-  point: the ceiling of a websockets design on this machine); *tunnel-client + relay* over ws
+  point: the ceiling of a websockets design on this machine); the *bare picows chain*
+  (`bench/picows_chain.py`: a picows client and relay, asyncio Protocols on both legs, no task
+  per message, one message per TCP read; issue 18's second calibration point, the ceiling of a
+  callback-driven engine); *tunnel-client + relay* over ws
   and wss, both on asyncio or both on uvloop (`bench/client_proc.py` and `bench/relay_proc.py`
   make the library calls of `tunnel-client start-tunnel` and `tunnel-server serve` with
   `runtime.run(use_uvloop=...)`); the *gcloud CLI* (`gcloud compute start-iap-tunnel`, IAP

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import shutil
@@ -30,7 +31,7 @@ import jwt
 
 from tunnel_server.ops.tls import write_self_signed
 
-from . import analysis, report
+from . import analysis, gate, report
 from .handshake import Issuer
 from .paths import (
     GCLOUD,
@@ -40,6 +41,7 @@ from .paths import (
     Files,
     Gcloud,
     LoadSpec,
+    PicowsChain,
     Relay,
     Socat,
     Subject,
@@ -89,6 +91,13 @@ class Results:
     errors: list[str] = field(default_factory=list)
     elapsed: float = 0.0
     load: list[float] = field(default_factory=list)  # 1-minute load average, start and end
+    # The load at the start of the `make bench` run (this suite's own start when run alone):
+    # targets are judged only when it was at most gate.QUIET.
+    judge_load: float = 0.0
+
+    @property
+    def judged(self) -> bool:
+        return gate.judged(self.judge_load)
 
     def add(self, name: str, figures: Figures) -> None:
         self.runs.setdefault(name, []).append(figures)
@@ -114,6 +123,10 @@ def _all_subjects() -> list[Subject]:
         Websockify(True, frozenset({"churn", "idle"})),
         BareChain(False),
         BareChain(True),
+    ]
+    if importlib.util.find_spec("picows") is not None:  # the bench extra
+        found += [PicowsChain(False), PicowsChain(True)]
+    found += [
         Relay(False, "asyncio"),
         Relay(False, "uvloop"),
         Relay(True, "asyncio"),
@@ -464,7 +477,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings.idle_big = 0
     if IPERF3 is None:
         sys.exit("iperf3 is required: run scripts/install-bench-deps.sh")
-    results = Results()
+    results = Results(judge_load=gate.start_load())
+    _log(f"load average (1 min) at the start: {results.judge_load:.2f}")
+    if not results.judged:
+        _log(f"busy machine (above {gate.QUIET}): measuring, but no target will be judged")
     settings.nofile = raise_nofile(65536)
     # The relay holds two descriptors per tunnel (WebSocket and target) plus a few of its own.
     fits = (settings.nofile - 200) // 2 - 100
@@ -485,6 +501,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             _log(f"logs kept in {workdir}")
     ran.notes[:0] = results.notes
+    ran.judge_load = results.judge_load
     if SOCAT is None:
         ran.notes.append("socat not installed: its rows are missing")
     if GCLOUD is None:
@@ -495,3 +512,4 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report.render(ran, settings, analysis.text))
     _log(f"wrote {args.out} ({ran.elapsed:.0f}s)")
+    gate.exit_if_busy(ran.judge_load, ran.load[-1] if ran.load else gate.load1())

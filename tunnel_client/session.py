@@ -26,7 +26,7 @@ from websockets.exceptions import (
 from websockets.typing import Subprotocol
 
 from tunnel_protocol import NATIVE, CloseCode, Side, Tunnel
-from tunnel_protocol.aio.pump import End, Pump
+from tunnel_protocol.aio.pump import ControlHandler, ControlJob, End, Pump
 from tunnel_protocol.aio.stream import ByteStream
 from tunnel_protocol.backoff import backoff
 from tunnel_protocol.tunnel import Event, ReauthAccepted, ReauthRequested, SidReceived
@@ -272,21 +272,26 @@ class TunnelSession:
         finally:
             stream.close()
 
-    def _control(self) -> Callable[[Event], Awaitable[None]]:
-        async def on_control(event: Event) -> None:
+    def _control(self) -> ControlHandler:
+        def on_control(event: Event) -> ControlJob | None:
             if isinstance(event, SidReceived):
                 self.established.set()
             elif isinstance(event, ReauthRequested):
-                try:
-                    token = await self.options.token()
-                except Exception as exc:  # the relay closes with 4004 at expiry; we resume then
-                    log.warning("cannot renew the credential in-band: %s", exc)
-                    return
-                self.tunnel.send_reauth(token)
+                # A refresh may call the identity provider: beside the data, not in the reader.
+                return self._reauth()
             elif isinstance(event, ReauthAccepted):
                 log.debug("re-authenticated; credential valid until %s", event.expires)
+            return None
 
         return on_control
+
+    async def _reauth(self) -> None:
+        try:
+            token = await self.options.token()
+        except Exception as exc:  # the relay closes with 4004 at expiry; we resume then
+            log.warning("cannot renew the credential in-band: %s", exc)
+            return
+        self.tunnel.send_reauth(token)
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         if self._pump is not None:

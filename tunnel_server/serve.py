@@ -11,6 +11,8 @@ import signal
 import sys
 from pathlib import Path
 
+from tunnel_runtime.loop import loop_name
+
 from .app import RunningServer, running
 from .build import build_policy
 from .config import ConfigError, ServerConfig, load_config
@@ -84,7 +86,7 @@ async def serve_forever(config: ServerConfig, path: Path | None = None) -> None:
             watcher = tasks.create_task(reloader.watch())
             with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
                 loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
-        log.info("listening on %s", srv.url)
+        log.info("listening on %s (event loop: %s)", srv.url, loop_name())
         print(f"Listening on {srv.url}", file=sys.stderr, flush=True)
         if srv.http_port is not None:
             print(f"HTTP mode listening on port {srv.http_port}", file=sys.stderr, flush=True)

@@ -4,6 +4,11 @@ The pump is the same on both sides. It ends with an ``Outcome`` saying whether t
 complete, the WebSocket was lost (resume may follow), the peer closed it with a code, or we closed
 it (protocol error, local stream failure, or an external ``close`` such as a revocation).
 
+Control frames never stall data: the reader hands a control event to ``on_control`` at once,
+and whatever that returns to await (a re-authentication that fetches JWKS, a token refresh) runs
+in a control task beside the data, one job at a time; the task exists only while jobs wait, so
+an idle tunnel pays for none.
+
 Only receiving decides that the peer is gone: a send (ACK, keepalive, data) that fails because
 the peer's close already arrived is not the end of the stream. Every DATA frame received before
 the peer's close frame is written to the local stream before the pump reports its outcome.
@@ -13,9 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from websockets.asyncio.connection import Connection
 from websockets.exceptions import ConnectionClosed
@@ -54,8 +59,15 @@ class _Stop(Exception):
         self.outcome = outcome
 
 
-ControlHandler = Callable[[Event], Awaitable[None]]
+# Called in the reader for each control event; it must not block. Work that waits (JWKS, a
+# token refresh) is returned as a coroutine and runs in the control task.
+ControlJob = Coroutine[Any, Any, None]
+ControlHandler = Callable[[Event], ControlJob | None]
 E = TypeVar("E", bound=BaseException)
+
+# Control jobs queued behind one that waits. Past this the reader waits too: only a peer that
+# floods control frames while its last one is still being checked slows its own data.
+MAX_CONTROL_JOBS = 4
 
 # Seconds to send a close (reason frame + close handshake) before the socket is dropped.
 CLOSE_TIMEOUT = 5.0
@@ -104,6 +116,9 @@ class Pump:
         self._on_control = on_control
         self._keepalive = keepalive
         self._send_lock = asyncio.Lock()
+        self._controls: asyncio.Queue[ControlJob] = asyncio.Queue(MAX_CONTROL_JOBS)
+        self._tasks: asyncio.TaskGroup | None = None  # run()'s, for the control task
+        self._control_task: asyncio.Task[None] | None = None
         self._capacity = asyncio.Event()
         self._timer_wake = asyncio.Event()
         self._timer_idle = False
@@ -131,6 +146,7 @@ class Pump:
         try:
             await self._flush()  # SID / RECONNECT_ACK / replay queued by attach
             async with asyncio.TaskGroup() as tg:
+                self._tasks = tg
                 tg.create_task(self._ws_to_stream())
                 tg.create_task(self._stream_to_ws())
                 tg.create_task(self._timers())
@@ -145,6 +161,7 @@ class Pump:
             outcome = Outcome(End.LOST)
         finally:
             self.tunnel.detach()
+            self._drop_controls()
         if outcome.end in (End.CLOSED, End.FINISHED):
             answered = await self._close_ws(outcome.code or CloseCode.NORMAL, outcome.reason)
             if outcome.end is End.FINISHED and not answered and self.tunnel.buffered:
@@ -254,7 +271,10 @@ class Pump:
                     except OSError as exc:
                         raise _Stop(Outcome(End.CLOSED, WRITE_FAILED, str(exc))) from None
                 elif self._on_control is not None:
-                    await self._on_control(event)
+                    job = self._on_control(event)
+                    if job is not None:
+                        await self._controls.put(job)  # waits only when MAX_CONTROL_JOBS wait
+                        self._start_controls()
             if tunnel.has_pending:
                 await self._flush()
             if self._timer_idle:
@@ -295,6 +315,24 @@ class Pump:
             await asyncio.Future()
         # IAP has no half-close: everything is sent, so the tunnel ends with a normal close.
         raise _Stop(Outcome(End.FINISHED, CloseCode.NORMAL, ""))
+
+    def _start_controls(self) -> None:
+        task, tasks = self._control_task, self._tasks
+        if (task is None or task.done()) and tasks is not None:
+            self._control_task = tasks.create_task(self._run_controls())
+
+    async def _run_controls(self) -> None:
+        """Control jobs, in arrival order, beside the data, until none is left; what a job
+        queued (REAUTH_OK, a REAUTH frame) is sent when it ends."""
+        while not self._controls.empty():
+            await self._controls.get_nowait()
+            if self.tunnel.has_pending:
+                await self._flush()
+
+    def _drop_controls(self) -> None:
+        # Jobs that never started when the attachment ended: close them (never awaited).
+        while not self._controls.empty():
+            self._controls.get_nowait().close()
 
     async def _timers(self) -> None:
         tunnel = self.tunnel

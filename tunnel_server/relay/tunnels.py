@@ -10,7 +10,7 @@ import asyncio
 from websockets.asyncio.server import ServerConnection
 
 from tunnel_protocol import DIALECTS, CloseCode, Side, Tunnel, TunnelError
-from tunnel_protocol.aio.pump import End, Pump
+from tunnel_protocol.aio.pump import ControlJob, End, Pump
 from tunnel_protocol.tunnel import Event, ReauthReceived
 from tunnel_protocol.urls import ConnectRequest, HostTarget, ReconnectRequest
 
@@ -202,9 +202,11 @@ class Tunnels:
     # -- one attachment -------------------------------------------------------------------------
 
     async def _attach(self, ws: ServerConnection, session: Session) -> None:
-        async def on_control(event: Event) -> None:
+        def on_control(event: Event) -> ControlJob | None:
+            # The token check may fetch JWKS: it runs beside the data, not in the reader.
             if isinstance(event, ReauthReceived):
-                await self.reauthorizer.reauth(session, pump, event.token)
+                return self.reauthorizer.reauth(session, pump, event.token)
+            return None
 
         settings = self.settings
         pump = Pump(
