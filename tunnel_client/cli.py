@@ -17,7 +17,7 @@ import click
 
 from tunnel_protocol.urls import HostTarget, InstanceTarget, Target
 
-from . import cli_auth, cli_config, cli_up, http_proxy, launchers, proxies
+from . import cli_auth, cli_config, cli_ssh, cli_up, http_proxy, launchers, proxies
 from .api import Client
 from .cli_options import (
     Settings,
@@ -158,6 +158,15 @@ http_proxy.register(main)
     is_flag=True,
     help="Skip opening a test tunnel before listening (gcloud's spelling works too).",
 )
+@click.option(
+    "--ssh-agent",
+    "ssh_agent",
+    type=click.Path(path_type=Path),
+    default=None,
+    metavar="SOCKET",
+    help="With --listen-on-stdin: first get an SSH certificate from the relay and serve it on "
+    "this agent socket (ssh-config's certificate logins).",
+)
 @target_options
 @click.pass_context
 def start_tunnel(
@@ -168,6 +177,7 @@ def start_tunnel(
     local_host_port: str | None,
     listen_on_stdin: bool,
     disable_connection_check: bool,
+    ssh_agent: Path | None,
     **kw: Any,
 ) -> None:
     """Forward a local port (or stdin/stdout) to PORT on INSTANCE through the relay.
@@ -179,6 +189,8 @@ def start_tunnel(
     """
     if listen_on_stdin and local_host_port is not None:
         raise click.UsageError("--listen-on-stdin conflicts with --local-host-port")
+    if ssh_agent is not None and not listen_on_stdin:
+        raise click.UsageError("--ssh-agent needs --listen-on-stdin")
     settings = resolve(ctx, kw)
     client = make_client(settings)
     target_for(instance, port, settings)  # usage errors before anything else
@@ -186,6 +198,10 @@ def start_tunnel(
     def options(c: Client) -> ConnectOptions:
         return _options(instance, port, {"settings": settings, "client": c})
 
+    if ssh_agent is not None:
+        socket_path = ssh_agent.absolute()
+        run_tunnel(settings, client, lambda c: cli_ssh.stdio_with_agent(options(c), socket_path))
+        return
     if listen_on_stdin:
         run_tunnel(settings, client, lambda c: run_stdio(options(c)))
         return
@@ -242,7 +258,12 @@ async def _listen(
     help="SSH port on the instance.",
 )
 @click.option("--ssh-binary", default="ssh", show_default=True, help="OpenSSH client to run.")
-@click.option("--dry-run", is_flag=True, help="Print the ssh command instead of running it.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print the ssh command (without certificate options) instead of running it.",
+)
+@cli_ssh.certificate_option
 @target_options
 @click.pass_context
 def ssh(
@@ -254,9 +275,13 @@ def ssh(
     ssh_port: int,
     ssh_binary: str,
     dry_run: bool,
+    certificate: bool | None,
     **kw: Any,
 ) -> None:
     """Run OpenSSH to INSTANCE through the relay (arguments after -- go to ssh).
+
+    When the relay issues SSH certificates, ssh logs in with a fresh one for a key made in
+    memory (held by a private ssh-agent until ssh exits) and checks the VM's host certificate.
 
     \b
     Example:
@@ -273,18 +298,32 @@ def ssh(
     extra = list(ssh_args)
     if ssh_port != 22:
         extra = ["-p", str(ssh_port), *extra]
-    try:
-        argv = launchers.ssh_argv(
-            instance, extra, launcher_args(settings), user=user, ssh_binary=ssh_binary
-        )
-    except launchers.LauncherError as exc:
-        raise click.UsageError(str(exc)) from None
+    args = launcher_args(settings)
+
+    def build(login: str | None, cert: launchers.CertificateLogin | None = None) -> list[str]:
+        try:
+            return launchers.ssh_argv(
+                instance, extra, args, user=login, ssh_binary=ssh_binary, certificate=cert
+            )
+        except launchers.LauncherError as exc:
+            raise click.UsageError(str(exc)) from None
+
+    argv = build(user)
     if dry_run:
         click.echo(subprocess.list2cmdline(argv) if sys.platform == "win32" else shlex.join(argv))
         return
-    # A stale login fails here with one clear message, not inside ssh's ProxyCommand.
-    run_tunnel(settings, client, lambda c: get_token(c.options(target)))
-    sys.exit(subprocess.call(argv))
+
+    async def connect(c: Client) -> int:
+        options = c.options(target)
+        # A stale login fails here with one clear message, not inside ssh's ProxyCommand.
+        await get_token(options)
+        prepared = await cli_ssh.prepare(options, certificate)
+        if prepared is None:
+            return await asyncio.to_thread(subprocess.call, argv)
+        login = cli_ssh.default_login(user, prepared.issued, _err)
+        return await cli_ssh.run_ssh(lambda cert: build(login, cert), prepared, instance)
+
+    sys.exit(run_tunnel(settings, client, connect))
 
 
 @main.command("ssh-config", context_settings=CONTEXT)
@@ -296,20 +335,47 @@ def ssh(
     default=None,
     help="Merge the block into this ssh_config file instead of printing it.",
 )
+@cli_ssh.certificate_option
 @target_options
 @click.pass_context
 def ssh_config(
-    ctx: click.Context, /, instances: tuple[str, ...], write_path: Path | None, **kw: Any
+    ctx: click.Context,
+    /,
+    instances: tuple[str, ...],
+    write_path: Path | None,
+    certificate: bool | None,
+    **kw: Any,
 ) -> None:
     """Print (or merge into a file) a marked Host block per INSTANCE using this client.
+
+    When the relay issues SSH certificates, each connection of plain `ssh INSTANCE` gets a
+    fresh one (the ProxyCommand serves it on the host's IdentityAgent).
 
     \b
     Example:
       tunnel-client ssh-config bastion db-1 --zone europe-west1-b --write ~/.ssh/config
     """
-    args = launcher_args(resolve(ctx, kw))
+    settings = resolve(ctx, kw)
+    args = launcher_args(settings)
+    hosts = [(i, args) for i in instances]
     try:
-        block = launchers.ssh_config_block([(i, args) for i in instances])
+        launchers.ssh_config_block(hosts)  # usage errors before asking the relay anything
+        named = [(i, launchers.host_key_alias(i, args)) for i in instances]
+    except launchers.LauncherError as exc:
+        raise click.UsageError(str(exc)) from None
+    logins: dict[str, launchers.CertificateLogin] = {}
+    # Auto asks the relay only when one is configured: the block works without one.
+    if certificate or (certificate is None and settings.server):
+        client = make_client(settings)
+        logins = run_tunnel(
+            settings,
+            client,
+            lambda c: cli_ssh.config_logins(
+                lambda i: c.options(target_for(i, 22, settings)), named, certificate
+            ),
+        )
+    try:
+        block = launchers.ssh_config_block(hosts, certificates=logins)
     except launchers.LauncherError as exc:
         raise click.UsageError(str(exc)) from None
     if write_path is None:

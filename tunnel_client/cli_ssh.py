@@ -1,0 +1,224 @@
+"""Certificate logins for ``tunnel-client ssh``, ``ssh-config`` and ``start-tunnel --ssh-agent``,
+and the ``ssh-cert`` command (docs/ssh-certificates.md, "The client").
+
+Discovery: ``--certificate/--no-certificate``, by default *auto*: the client asks the relay's
+public ``/v1/ssh/ca``; a relay without an SSH CA answers 404 and the user's own keys are used
+as before. In auto mode a relay that has a CA but grants this member no login name there (403)
+is reported on one line and the user's own keys are used; ``--certificate`` makes both errors.
+
+Each connection gets a fresh certificate for a fresh in-memory Ed25519 key, served to ssh by a
+short-lived ssh-agent (tunnel_client.ssh_agent), so nothing needs renewing: the wrapper runs the
+agent itself; the ssh-config form's ProxyCommand does (``start-tunnel --ssh-agent SOCKET``)."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import hashlib
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from . import launchers
+from .control import runtime_dir
+from .credentials import state_dir
+from .errors import ConnectionFailed
+from .listener import run_stdio
+from .session import ConnectOptions
+from .ssh_agent import running_agent, temporary_private_dir
+from .ssh_cert import (
+    CertificateRefused,
+    Issued,
+    ephemeral_key,
+    fetch_ca,
+    issue,
+    known_hosts_path,
+    write_known_hosts,
+)
+
+__all__ = [
+    "Prepared",
+    "agent_socket_for",
+    "certificate_option",
+    "config_logins",
+    "prepare",
+    "run_ssh",
+    "stdio_with_agent",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# What ssh prints when StrictHostKeyChecking refuses a host key it cannot verify.
+_HOST_KEY_FAILED = b"Host key verification failed."
+
+
+def certificate_option(func: F) -> F:
+    return click.option(
+        "--certificate/--no-certificate",
+        "certificate",
+        default=None,
+        help="Log in with a short-lived certificate from the relay (default: when the relay "
+        "issues them).",
+    )(func)
+
+
+def _report(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def ssh_state_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    """Where the known_hosts files of relays' host CAs live (0700)."""
+    return state_dir(environ) / "ssh"
+
+
+def agent_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    """Where agent sockets live (0700): the runtime directory, gone at logout."""
+    return runtime_dir(environ) / "ssh"
+
+
+def agent_socket_for(alias: str, environ: Mapping[str, str] = os.environ) -> Path:
+    """The agent socket of one ssh-config host: short (Unix socket paths are limited to ~100
+    bytes) and distinct per project/zone/instance."""
+    digest = hashlib.sha256(alias.encode()).hexdigest()[:16]
+    return agent_dir(environ) / f"agent-{digest}.sock"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A certificate login: the key and certificate, and the relay's known_hosts file (None
+    without a host CA)."""
+
+    issued: Issued
+    known_hosts: Path | None
+
+
+async def prepare(
+    options: ConnectOptions,
+    mode: bool | None,
+    report: Callable[[str], None] = _report,
+    environ: Mapping[str, str] = os.environ,
+) -> Prepared | None:
+    """A certificate for ``options.target``, or None to use the user's own keys (mode False;
+    or auto and the relay issues none here)."""
+    if mode is False:
+        return None
+    ca = await fetch_ca(options)
+    if ca is None:
+        if mode:
+            raise CertificateRefused(
+                f"The relay at {options.where} issues no SSH certificates (it publishes no CA "
+                "keys); drop --certificate to use your own keys.",
+                code=404,
+            )
+        return None
+    try:
+        issued = await issue(options, ephemeral_key())
+    except CertificateRefused as exc:
+        if mode:
+            raise
+        report(f"{str(exc).splitlines()[0]} Using your own keys.")
+        return None
+    known_hosts = None
+    if ca.host_ca is not None:
+        path = known_hosts_path(options.server, ssh_state_dir(environ))
+        known_hosts = await asyncio.to_thread(write_known_hosts, path, ca.host_ca)
+    return Prepared(issued, known_hosts)
+
+
+def default_login(user: str | None, issued: Issued, report: Callable[[str], None]) -> str | None:
+    """The login name: the user's choice; else ssh's default (the local user name) when the
+    certificate grants it; else the certificate's first login name, said on stderr."""
+    if user is not None or not issued.principals:
+        return user
+    local = getpass.getuser()
+    if local in issued.principals:
+        return None
+    report(f"Logging in as {issued.principals[0]} (your certificate's first login name).")
+    return issued.principals[0]
+
+
+async def _pump(stream: asyncio.StreamReader, tail: bytearray) -> None:
+    """ssh's stderr to ours as it comes (prompts and remote errors stay live), keeping the end
+    to explain a refused host key afterwards."""
+    out = sys.stderr.buffer
+    while chunk := await stream.read(4096):
+        out.write(chunk)
+        out.flush()
+        tail.extend(chunk)
+        del tail[:-4096]
+
+
+async def run_ssh(
+    build: Callable[[launchers.CertificateLogin], list[str]],
+    prepared: Prepared,
+    instance: str,
+    environ: Mapping[str, str] = os.environ,
+) -> int:
+    """Run ssh (argv from ``build``) with the certificate in a private agent; its exit status.
+    The agent's 0700 directory is removed on the way out."""
+    with temporary_private_dir(agent_dir(environ)) as directory:
+        socket_path = directory / "agent.sock"
+        known = None if prepared.known_hosts is None else str(prepared.known_hosts)
+        argv = build(launchers.CertificateLogin(str(socket_path), known))
+        async with running_agent(socket_path, prepared.issued):
+            process = await asyncio.create_subprocess_exec(*argv, stderr=asyncio.subprocess.PIPE)
+            assert process.stderr is not None
+            tail = bytearray()
+            await _pump(process.stderr, tail)
+            status = await process.wait()
+    if status == 255 and known is not None and _HOST_KEY_FAILED in tail:
+        _report(
+            f"ERROR: {instance} did not present a host certificate signed by the relay's host CA "
+            "(tunnel-client refuses unsigned host keys when the relay has a host CA); an admin "
+            "signs the VM's host key with `tunnel-server ssh sign-host`."
+        )
+    return 128 - status if status < 0 else status
+
+
+async def stdio_with_agent(options: ConnectOptions, socket_path: Path) -> None:
+    """The ssh-config ProxyCommand of a certificate login: a fresh certificate served on
+    ``socket_path`` (the host's IdentityAgent) while stdin/stdout carry the tunnel. ssh asks the
+    agent only after the key exchange, which needs the tunnel, which starts after the agent."""
+    issued = await issue(options, ephemeral_key())
+    async with running_agent(socket_path, issued):
+        await run_stdio(options)
+
+
+async def config_logins(
+    options: Callable[[str], ConnectOptions],
+    instances: Sequence[tuple[str, str]],
+    mode: bool | None,
+    report: Callable[[str], None] = _report,
+    environ: Mapping[str, str] = os.environ,
+) -> dict[str, launchers.CertificateLogin]:
+    """ssh-config's certificate logins per instance (``instances``: name, host key alias),
+    empty when the relay issues no certificates (auto) or ``mode`` is False."""
+    if mode is False or not instances:
+        return {}
+    first = options(instances[0][0])
+    try:
+        ca = await fetch_ca(first)
+    except ConnectionFailed as exc:
+        if mode:
+            raise
+        report(f"{str(exc).splitlines()[0]} Writing the block without certificates.")
+        return {}
+    if ca is None:
+        if mode:
+            raise CertificateRefused(
+                f"The relay at {first.where} issues no SSH certificates.", code=404
+            )
+        return {}
+    known = None
+    if ca.host_ca is not None:
+        path = known_hosts_path(first.server, ssh_state_dir(environ))
+        known = str(await asyncio.to_thread(write_known_hosts, path, ca.host_ca))
+    return {
+        name: launchers.CertificateLogin(str(agent_socket_for(alias, environ)), known)
+        for name, alias in instances
+    }
