@@ -6,6 +6,7 @@ to stderr; stdout carries data (stdin mode) or the one line wrappers wait for
 from __future__ import annotations
 
 import asyncio
+import os
 import shlex
 import subprocess
 import sys
@@ -384,6 +385,76 @@ def ssh_config(
     existing = write_path.read_text(encoding="utf-8") if write_path.exists() else ""
     write_path.write_text(launchers.merge_ssh_config(existing, block), encoding="utf-8")
     _err(f"Updated {write_path}.")
+
+
+@main.command("ssh-cert", context_settings=CONTEXT)
+@click.argument("instance")
+@click.option(
+    "--port",
+    "ssh_port",
+    type=click.IntRange(1, 65535),
+    default=22,
+    show_default=True,
+    help="SSH port on the instance.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write tunnel-INSTANCE (private key), -cert.pub and .pub here, each 0600.",
+)
+@click.option(
+    "--agent",
+    "to_agent",
+    is_flag=True,
+    help="Add the key and certificate to the ssh-agent at $SSH_AUTH_SOCK until it expires.",
+)
+@target_options
+@click.pass_context
+def ssh_cert(
+    ctx: click.Context,
+    /,
+    instance: str,
+    ssh_port: int,
+    out_dir: Path | None,
+    to_agent: bool,
+    **kw: Any,
+) -> None:
+    """Get a short-lived SSH certificate for INSTANCE for other tools (scp, rsync, Ansible,
+    VS Code Remote). Without --out or --agent, prints the private key then the certificate.
+
+    \b
+    Example:
+      tunnel-client ssh-cert db-1 --zone europe-west1-b --agent
+      tunnel-client ssh-cert db-1 --zone europe-west1-b --out ~/.ssh/tunnel
+      scp -i ~/.ssh/tunnel/tunnel-db-1 -o ProxyCommand=... file db-1:
+    """
+    if out_dir is not None and to_agent:
+        raise click.UsageError("--out conflicts with --agent")
+    agent_path = os.environ.get("SSH_AUTH_SOCK")
+    if to_agent and not agent_path:
+        raise click.UsageError("--agent needs a running ssh-agent (SSH_AUTH_SOCK is not set)")
+    settings = resolve(ctx, kw)
+    client = make_client(settings)
+    target = target_for(instance, ssh_port, settings)
+
+    async def get(c: Client) -> cli_ssh.Issued:
+        issued = await cli_ssh.issue(c.options(target), cli_ssh.ephemeral_key())
+        if to_agent and agent_path:
+            await cli_ssh.load_into_agent(Path(agent_path), issued)
+        return issued
+
+    issued = run_tunnel(settings, client, get)
+    if out_dir is not None:
+        key = cli_ssh.write_for_tools(issued, out_dir, f"tunnel-{instance}")
+        _err(f"Wrote {key}, {key}-cert.pub and {key}.pub (0600; the key is not encrypted).")
+    elif not to_agent:
+        click.echo(issued.key.export_private_key("openssh").decode(), nl=False)
+        click.echo(issued.text)
+    else:
+        _err("Added to the ssh-agent until the certificate expires.")
+    _err(cli_ssh.describe(issued))
 
 
 @main.command(context_settings=CONTEXT)

@@ -17,6 +17,7 @@ import getpass
 import hashlib
 import os
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from .credentials import state_dir
 from .errors import ConnectionFailed
 from .listener import run_stdio
 from .session import ConnectOptions
-from .ssh_agent import running_agent, temporary_private_dir
+from .ssh_agent import load_into_agent, running_agent, temporary_private_dir
 from .ssh_cert import (
     CertificateRefused,
     Issued,
@@ -42,13 +43,19 @@ from .ssh_cert import (
 )
 
 __all__ = [
+    "Issued",
     "Prepared",
+    "load_into_agent",
+    "describe",
+    "ephemeral_key",
+    "issue",
     "agent_socket_for",
     "certificate_option",
     "config_logins",
     "prepare",
     "run_ssh",
     "stdio_with_agent",
+    "write_for_tools",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -222,3 +229,37 @@ async def config_logins(
         name: launchers.CertificateLogin(str(agent_socket_for(alias, environ)), known)
         for name, alias in instances
     }
+
+
+# -- ssh-cert: a certificate for other tools ---------------------------------------------------
+
+
+def describe(issued: Issued) -> str:
+    until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(issued.valid_before))
+    serial = getattr(issued.certificate, "_serial", "?")
+    return (
+        f"Certificate for {', '.join(issued.principals) or 'no login name'}, valid until "
+        f"{until} (serial {serial})."
+    )
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` readable by the user only, replacing ``path`` atomically."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.replace(temporary, path)
+
+
+def write_for_tools(issued: Issued, directory: Path, name: str) -> Path:
+    """``NAME`` (the private key, OpenSSH format, unencrypted: tools must use it unattended;
+    it is worthless once the certificate expires), ``NAME-cert.pub`` and ``NAME.pub``, each 0600
+    in ``directory`` (created 0700). Returns the private key's path: ``ssh -i`` finds the
+    certificate beside it."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key = directory / name
+    _write_private(key, issued.key.export_private_key("openssh"))
+    _write_private(directory / f"{name}-cert.pub", issued.text.encode() + b"\n")
+    _write_private(directory / f"{name}.pub", issued.key.export_public_key("openssh"))
+    return key

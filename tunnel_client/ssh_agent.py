@@ -20,7 +20,7 @@ import asyncssh
 from .errors import TunnelFailed
 from .ssh_cert import Issued
 
-__all__ = ["AgentError", "private_dir", "running_agent", "temporary_private_dir"]
+__all__ = ["AgentError", "load_into_agent", "private_dir", "running_agent", "temporary_private_dir"]
 
 # ssh-agent prints its socket line once it listens; it takes milliseconds, this is only a bound.
 START_TIMEOUT = 10.0
@@ -85,7 +85,9 @@ async def _stop(process: asyncio.subprocess.Process) -> None:
             await process.wait()
 
 
-async def _load(path: Path, issued: Issued) -> None:
+async def load_into_agent(path: Path, issued: Issued) -> None:
+    """Add the key and its certificate to the agent at ``path`` (ours, or the user's for
+    ``ssh-cert --agent``) until the certificate expires."""
     agent = await asyncssh.connect_agent(str(path))
     try:
         # The agent forgets the key when the certificate expires.
@@ -116,7 +118,7 @@ async def running_agent(
     process = await _start(found, temporary)
     inode: int | None = None
     try:
-        await _load(temporary, issued)
+        await load_into_agent(temporary, issued)
         inode = _install(temporary, socket_path)
         yield socket_path
     finally:
