@@ -446,6 +446,8 @@ def ssh_cert(
         return issued
 
     issued = run_tunnel(settings, client, get)
+    if not issued.usable():
+        _err("WARNING: the certificate is expired or about to be: check the clocks.")
     if out_dir is not None:
         key = cli_ssh.write_for_tools(issued, out_dir, f"tunnel-{instance}")
         _err(f"Wrote {key}, {key}-cert.pub and {key}.pub (0600; the key is not encrypted).")

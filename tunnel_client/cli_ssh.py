@@ -28,7 +28,7 @@ import click
 from . import launchers
 from .control import runtime_dir
 from .credentials import state_dir
-from .errors import ConnectionFailed
+from .errors import ConnectionFailed, TunnelFailed
 from .listener import run_stdio
 from .session import ConnectOptions
 from .ssh_agent import load_into_agent, running_agent, temporary_private_dir
@@ -124,7 +124,7 @@ async def prepare(
             )
         return None
     try:
-        issued = await issue(options, ephemeral_key())
+        issued = usable(await issue(options, ephemeral_key()))
     except CertificateRefused as exc:
         if mode:
             raise
@@ -135,6 +135,17 @@ async def prepare(
         path = known_hosts_path(options.server, ssh_state_dir(environ))
         known_hosts = await asyncio.to_thread(write_known_hosts, path, ca.host_ca)
     return Prepared(issued, known_hosts)
+
+
+def usable(issued: Issued) -> Issued:
+    """``issued``, unless it is expired or about to be (sshd would refuse it with no word to the
+    user): then a clear error, since only a clock can be wrong here."""
+    if issued.usable():
+        return issued
+    raise TunnelFailed(
+        f"The relay issued a certificate that is expired or about to be ({describe(issued)}): "
+        "check the clocks of this machine and of the relay."
+    )
 
 
 def default_login(user: str | None, issued: Issued, report: Callable[[str], None]) -> str | None:
@@ -191,7 +202,7 @@ async def stdio_with_agent(options: ConnectOptions, socket_path: Path) -> None:
     """The ssh-config ProxyCommand of a certificate login: a fresh certificate served on
     ``socket_path`` (the host's IdentityAgent) while stdin/stdout carry the tunnel. ssh asks the
     agent only after the key exchange, which needs the tunnel, which starts after the agent."""
-    issued = await issue(options, ephemeral_key())
+    issued = usable(await issue(options, ephemeral_key()))
     async with running_agent(socket_path, issued):
         await run_stdio(options)
 
