@@ -33,6 +33,8 @@ from urllib.parse import urljoin
 import aiohttp
 from cryptography import x509
 
+from . import demo_certs
+
 ROOT = Path(__file__).resolve().parents[1]
 IDP_SERVER = ROOT / "deploy" / "dev-idp" / "server.js"
 BIN = Path(sys.executable).parent
@@ -69,6 +71,7 @@ access:  # merged with policy.yaml (the web app's binding)
   - members: [group:ops, user:alice@example.com]
     instances: [$project/$zone/$instance]
     ports: [$ssh_port]
+    logins: [$login]  # SSH certificates for the sshd's only user (scripts/demo_certs.py)
 policy_file: policy.yaml
 http:
   listen: {host: 127.0.0.1, port: $http_port}
@@ -147,17 +150,17 @@ def keygen(path: Path, comment: str) -> None:
 
 
 def sshd_config(state: Path, port: int, user: str) -> Path:
-    """The host key in .demo/sshd, the demo client key in .demo/ssh, authorized for ``user``."""
+    """The host key in .demo/sshd (signed by the demo host CA); logins by the relay's
+    certificates only, for ``user``: no authorized_keys."""
     server, client = state / "sshd", state / "ssh"
     for directory in (server, client):
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     keygen(server / "ssh_host_ed25519_key", "identity-tunnel-demo-host")
-    keygen(client / "id_ed25519", f"{user}@identity-tunnel-demo")
-    (server / "authorized_keys").write_bytes((client / "id_ed25519.pub").read_bytes())
     if os.geteuid() == 0:  # sshd's privilege separation directory
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
     lines = [f"Port {port}", f"HostKey {server}/ssh_host_ed25519_key", *SSHD_OPTIONS]
-    lines += [f"AuthorizedKeysFile {server}/authorized_keys", f"AllowUsers {user}"]
+    lines += demo_certs.sshd_lines(state, server / "ssh_host_ed25519_key", INSTANCE)
+    lines.append(f"AllowUsers {user}")
     config = server / "sshd_config"
     config.write_text("\n".join(["# Written by scripts/demo.py", *lines, ""]), encoding="utf-8")
     return config
@@ -181,7 +184,9 @@ def relay_config(
     values |= {"app": WEB_APP, "web_client": WEB_CLIENT, "web_secret": WEB_SECRET}
     numbers = {"relay_port": relay_port, "ssh_port": ssh_port, "http_port": http_port}
     numbers |= {"web_port": web_port, "admin_port": admin_port}
-    text = RELAY_CONFIG.substitute(values, **numbers)
+    login = pwd.getpwuid(os.getuid()).pw_name
+    text = RELAY_CONFIG.substitute(values, login=login, **numbers)
+    text += demo_certs.relay_ssh_section(state)
     (state / "policy.yaml").write_text(POLICY.substitute(app=WEB_APP), encoding="utf-8")
     config = state / "relay.yaml"
     config.write_text(text, encoding="utf-8")
@@ -363,14 +368,17 @@ class Demo:
         return [show(BIN / "tunnel-client"), *args]
 
     def ssh_options(self) -> list[str]:
-        key, known_hosts = show(self.state / "ssh/id_ed25519"), show(self.state / "ssh/known_hosts")
+        """For plain ssh to the forwarded port, with the files ``ssh-cert --out`` writes."""
+        key = show(self.state / f"ssh/tunnel-{INSTANCE}")
+        known_hosts = show(self.state / "ssh/known_hosts")
         options = ["IdentitiesOnly=yes", f"UserKnownHostsFile={known_hosts}"]
         options.append("StrictHostKeyChecking=accept-new")  # the demo host key is new once
         return ["-i", key, *(word for option in options for word in ("-o", option))]
 
     def ssh(self) -> list[str]:
+        # A certificate from the relay; the VM's host certificate is checked with no prompt.
         args = ["ssh", INSTANCE, "--zone", ZONE, "--port", str(self.ssh_port), "--user", self.user]
-        return self.client(*args, "--", *self.ssh_options())
+        return self.client(*args, "--")
 
     def instructions(self) -> str:
         ca_file = show(Path(self.env["TUNNEL_CA_FILE"]))
@@ -378,6 +386,8 @@ class Demo:
         tunnel = ["start-tunnel", INSTANCE, str(self.ssh_port), "--zone", ZONE]
         tunnel.append(f"--local-host-port=localhost:{LOCAL_PORT}")
         via_local = ["ssh", "-p", str(LOCAL_PORT), *self.ssh_options(), f"{self.user}@localhost"]
+        cert = ["ssh-cert", INSTANCE, "--zone", ZONE, "--port", str(self.ssh_port)]
+        cert.append(f"--out={show(self.state / 'ssh')}")
         app = web_url(self.http_port) + "/"
         token = shlex.join(self.client("print-access-token"))
         return "\n".join(
@@ -400,8 +410,10 @@ class Demo:
                 f"  {shlex.join(self.client('login'))}",
                 "  # 2. SSH to the demo VM through the relay",
                 f"  {shlex.join(self.ssh())}",
-                "  # 3. or forward a local port, then ssh to it from a third terminal",
+                "  # 3. or forward a local port, then ssh to it from a third terminal with a",
+                "  #    certificate written for other tools (the VM has no authorized_keys)",
                 f"  {shlex.join(self.client(*tunnel))}",
+                f"  {shlex.join(self.client(*cert))}",
                 f"  {shlex.join(via_local)}",
                 f"  # 4. Open {app} in a browser (sign in as alice), or after step 1:",
                 f'  curl -H "Authorization: Bearer $({token})" {app}',
