@@ -1,0 +1,186 @@
+"""Keyless SSH costs (issue 13): certificate issuance latency on a warm relay (the client's
+``issue``: HTTPS request, token check, policy, Ed25519 signature, audit), the client's own key
+generation, and the end-to-end time of ``tunnel-client ssh vm -- true`` with a certificate (CA
+discovery, issuance, private ssh-agent, host certificate check) against the same command with a
+key in authorized_keys.
+
+Loopback only: an in-process issuer and relay, a real sshd trusting both the relay's user CA and
+one authorized key, the real OpenSSH client; runs interleaved so drift hits both alike.
+
+    .venv/bin/python -m bench.ssh_cert [--issues N] [--logins N] [--out docs/benchmarks.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import pwd
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.e2e.sshd import SSH_KEYGEN, Sshd, keygen, running_sshd
+from tests.helpers import relay_config_data, start_relay
+from tests.oidc_fixture import TestIssuer
+from tunnel_client.session import ConnectOptions
+from tunnel_client.ssh_cert import ephemeral_key, fetch_ca, issue
+from tunnel_protocol.urls import InstanceTarget
+
+from .http_report import write_section
+
+CLIENT = [sys.executable, "-m", "tunnel_client"]
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _run(argv: list[str]) -> None:
+    subprocess.run(argv, check=True, capture_output=True, stdin=subprocess.DEVNULL, timeout=60)
+
+
+async def _setup(tmp: Path, issuer: TestIssuer) -> tuple[dict[str, Any], list[str]]:
+    """The relay's config (user and host CA) and the sshd_config lines that trust it."""
+    assert SSH_KEYGEN is not None
+    for name in ("user_ca", "host_ca"):
+        _run([SSH_KEYGEN, "-q", "-t", "ed25519", "-N", "", "-f", str(tmp / name)])
+    host_key = keygen(tmp / "vm_host_key", "vm")
+    _run([SSH_KEYGEN, "-q", "-s", str(tmp / "host_ca"), "-h", "-I", "vm", "-n", "vm",
+          f"{host_key}.pub"])  # fmt: skip
+    data = relay_config_data(issuer, tmp, instances={"vm": 0})
+    data["access"][0]["logins"] = [pwd.getpwuid(os.getuid()).pw_name]
+    data["ssh"] = {"user_ca_key_file": str(tmp / "user_ca"),
+                   "host_ca_key_file": str(tmp / "host_ca")}  # fmt: skip
+    extra = [f"TrustedUserCAKeys {tmp / 'user_ca.pub'}", f"HostKey {host_key}",
+             f"HostCertificate {host_key}-cert.pub"]  # fmt: skip
+    return data, extra
+
+
+async def issuance(options: ConnectOptions, count: int) -> dict[str, list[float]]:
+    """Milliseconds per issuance (fresh key each time, as the client does) and per CA fetch;
+    microseconds per key generation."""
+    samples: dict[str, list[float]] = {"issue": [], "ca": [], "keygen": []}
+    for _ in range(10):  # warm: JWKS cache, TLS session, first signature
+        await issue(options, ephemeral_key())
+    for _ in range(count):
+        start = time.perf_counter()
+        key = ephemeral_key()
+        samples["keygen"].append((time.perf_counter() - start) * 1e6)
+        start = time.perf_counter()
+        await issue(options, key)
+        samples["issue"].append((time.perf_counter() - start) * 1000)
+        start = time.perf_counter()
+        await fetch_ca(options)
+        samples["ca"].append((time.perf_counter() - start) * 1000)
+    return samples
+
+
+async def _timed(argv: list[str], env: dict[str, str]) -> float:
+    start = time.perf_counter()
+    process = await asyncio.create_subprocess_exec(
+        *argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await process.communicate()
+    elapsed = (time.perf_counter() - start) * 1000
+    if process.returncode != 0:
+        raise RuntimeError(f"{argv[3:5]} exited {process.returncode}: {err.decode()[-500:]}")
+    return elapsed
+
+
+async def logins(
+    sshd: Sshd, server: str, tmp: Path, token: Path, count: int
+) -> dict[str, list[float]]:
+    """Milliseconds per ``tunnel-client ssh vm -- true``: certificate vs authorized key."""
+    common = [f"--server={server}", "--project=p", "--zone=z", f"--port={sshd.port}",
+              f"--access-token-file={token}", f"--ca-file={tmp / 'relay-cert.pem'}"]  # fmt: skip
+    ssh = ["-F", "none", "-o", "BatchMode=yes"]
+    argv = {
+        "certificate": [*CLIENT, "ssh", "vm", *common, "--certificate", "--", *ssh, "true"],
+        "key": [*CLIENT, "ssh", "vm", *common, "--no-certificate", "--", *ssh,
+                "-i", str(sshd.client_key), "-o", "IdentitiesOnly=yes",
+                "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "true"],
+    }  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TUNNEL_", "SSH_AUTH"))}
+    env["TUNNEL_CLIENT_HOME"] = str(tmp / "client-home")
+    samples: dict[str, list[float]] = {name: [] for name in argv}
+    for name in argv:  # warm: page cache, relay JWKS
+        await _timed(argv[name], env)
+    for _ in range(count):
+        for name in argv:
+            samples[name].append(await _timed(argv[name], env))
+    return samples
+
+
+async def measure(issues: int, runs: int) -> dict[str, dict[str, list[float]]]:
+    with tempfile.TemporaryDirectory() as directory:
+        tmp = Path(directory)
+        async with TestIssuer() as issuer:
+            data, extra = await _setup(tmp, issuer)
+            async with running_sshd(tmp / "sshd", extra=extra) as sshd:
+                async with start_relay(data) as relay:
+                    relay.relay.audit.sink = lambda line: None
+                    token = issuer.mint(lifetime=3600)
+
+                    async def provide() -> str:
+                        return token
+
+                    context = ssl.create_default_context(cafile=str(tmp / "relay-cert.pem"))
+                    options = ConnectOptions(relay.url, InstanceTarget("p", "z", "vm", "nic0",
+                                             22), provide, context)  # fmt: skip
+                    issued = await issuance(options, issues)
+                    token_file = tmp / "token"
+                    token_file.write_text(token + "\n")
+                    ran = await logins(sshd, relay.url, tmp, token_file, runs)
+    return {"issuance": issued, "logins": ran}
+
+
+def report(issues: int, runs: int) -> str:
+    load = os.getloadavg()[0]
+    result = asyncio.run(measure(issues, runs))
+    issued, ran = result["issuance"], result["logins"]
+
+    def row(label: str, values: list[float], unit: str = "ms") -> str:
+        p50, p99 = statistics.median(values), _quantile(values, 0.99)
+        return f"| {label} | {p50:.2f} | {p99:.2f} | {unit} |"
+
+    cert, key = statistics.median(ran["certificate"]), statistics.median(ran["key"])
+    lines = [
+        "## SSH certificates (issue 13)",
+        "",
+        "`python -m bench.ssh_cert`: loopback, the relay in the bench's process, real sshd and "
+        f"ssh. Load average at the start: {load:.2f} "
+        + ("(quiet)" if load < 0.5 else "(busy: not evidence for a target)") + ".",
+        "",
+        "| step | p50 | p99 | unit |",
+        "|---|---:|---:|---|",
+        row(f"issuance, warm, HTTPS + token + policy + sign + audit ({issues})", issued["issue"]),
+        row(f"`/v1/ssh/ca` fetch ({issues})", issued["ca"]),
+        row(f"client Ed25519 key generation ({issues})", issued["keygen"], "µs"),
+        row(f"`tunnel-client ssh vm -- true`, certificate ({runs})", ran["certificate"]),
+        row(f"`tunnel-client ssh vm -- true`, authorized key ({runs})", ran["key"]),
+        "",
+        f"A certificate login costs {cert - key:+.0f} ms at the median over a keyed one "
+        "(CA discovery, issuance, starting and loading ssh-agent, host certificate check).",
+        "",
+    ]  # fmt: skip
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--issues", type=int, default=300)
+    parser.add_argument("--logins", type=int, default=15)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    text = report(args.issues, args.logins)
+    print(text)
+    if args.out is not None:
+        write_section(args.out, text, name="ssh-certificates")
