@@ -15,8 +15,6 @@ import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import asyncssh
-
 from .errors import TunnelFailed
 from .ssh_cert import Issued
 
@@ -88,6 +86,8 @@ async def _stop(process: asyncio.subprocess.Process) -> None:
 async def load_into_agent(path: Path, issued: Issued) -> None:
     """Add the key and its certificate to the agent at ``path`` (ours, or the user's for
     ``ssh-cert --agent``) until the certificate expires."""
+    import asyncssh  # here: slow to import, and only certificate logins need it
+
     agent = await asyncssh.connect_agent(str(path))
     try:
         # The agent forgets the key when the certificate expires.

@@ -13,8 +13,8 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import asyncssh
 import httpx2
 
 from tunnel_protocol.urls import SSH_CA_PATH, SSH_PUBLIC_KEY_HEADER, certificate_query
@@ -30,6 +30,11 @@ from .errors import (
 )
 from .http import client_kwargs, http_url, request_failure
 from .session import ConnectOptions, get_token
+
+if TYPE_CHECKING:
+    # Imported where used: asyncssh takes ~0.3 s to import, which every start-tunnel (ssh's
+    # ProxyCommand) would pay otherwise.
+    import asyncssh
 
 __all__ = [
     "CaKeys",
@@ -86,6 +91,8 @@ class Issued:
 
 def ephemeral_key() -> asyncssh.SSHKey:
     """A fresh Ed25519 key; it lives in this process (and the agent it is handed to) only."""
+    import asyncssh
+
     return asyncssh.generate_private_key("ssh-ed25519", comment="tunnel-client ephemeral")
 
 
@@ -143,6 +150,8 @@ async def issue(options: ConnectOptions, key: asyncssh.SSHKey) -> Issued:
 
 
 def _issued(key: asyncssh.SSHKey, text: str) -> Issued:
+    import asyncssh
+
     try:
         certificate = asyncssh.import_certificate(text.strip())
     except (asyncssh.KeyImportError, ValueError) as exc:
