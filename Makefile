@@ -59,15 +59,16 @@ $(BENCH_STAMP): $(STAMP)
 # Benchmarks (loopback only, ~6 min on 2 cores): tunnel-client + relay against direct TCP, socat,
 # websockify, a bare websockets chain and the gcloud CLI; prints the tables and writes
 # docs/benchmarks.md; HTTP mode against nginx and a bare aiohttp proxy with wrk, and the PROXY v2
-# identity header per tunnel (their sections of docs/benchmarks.md, ~4 min); then the scale-out
-# figures (3 relays + Redis) into docs/benchmarks-cluster.md; then audit search on 1,000,000
-# records (SQLite and PostgreSQL) into docs/benchmarks-audit.md.
+# identity header per tunnel and SSH certificates (their sections of docs/benchmarks.md, ~5 min);
+# then the scale-out figures (3 relays + Redis) into docs/benchmarks-cluster.md; then audit
+# search on 1,000,000 records (SQLite and PostgreSQL) into docs/benchmarks-audit.md.
 # Tunnel-open latency alone: $(BIN)/python -m bench.handshake
 bench: $(BENCH_STAMP)
 	@bash scripts/install-bench-deps.sh
 	$(BIN)/python -m bench
 	$(BIN)/python -m bench.http_mode --out docs/benchmarks.md
 	$(BIN)/python -m bench.proxy_header --out docs/benchmarks.md
+	$(BIN)/python -m bench.ssh_cert --out docs/benchmarks.md
 	$(BIN)/python -m bench.cluster --out docs/benchmarks-cluster.md
 	$(BIN)/python -m bench.audit_search --out docs/benchmarks-audit.md
 

@@ -114,6 +114,10 @@ async def prepare(
     or auto and the relay issues none here)."""
     if mode is False:
         return None
+    if sys.platform == "win32":  # OpenSSH for Windows has no `ssh-agent -D -a SOCKET`
+        if mode:
+            raise TunnelFailed("SSH certificates need a Unix ssh-agent: not on Windows yet.")
+        return None
     ca = await fetch_ca(options)
     if ca is None:
         if mode:
@@ -200,10 +204,16 @@ async def run_ssh(
 
 async def stdio_with_agent(options: ConnectOptions, socket_path: Path) -> None:
     """The ssh-config ProxyCommand of a certificate login: a fresh certificate served on
-    ``socket_path`` (the host's IdentityAgent) while stdin/stdout carry the tunnel. ssh asks the
-    agent only after the key exchange, which needs the tunnel, which starts after the agent."""
-    issued = usable(await issue(options, ephemeral_key()))
-    async with running_agent(socket_path, issued):
+    ``socket_path`` (the host's IdentityAgent) while stdin/stdout carry the tunnel, and the
+    relay's host CA refreshed in its known_hosts file. ssh asks the agent only after the key
+    exchange, which needs the tunnel, which starts after the agent."""
+    issued, ca = await asyncio.gather(issue(options, ephemeral_key()), fetch_ca(options))
+    if ca is not None and ca.host_ca is not None:
+        # ssh reads known_hosts after the key exchange, so a rotated host CA is picked up by
+        # this very connection.
+        path = known_hosts_path(options.server, ssh_state_dir())
+        await asyncio.to_thread(write_known_hosts, path, ca.host_ca)
+    async with running_agent(socket_path, usable(issued)):
         await run_stdio(options)
 
 
