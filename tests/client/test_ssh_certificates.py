@@ -313,3 +313,25 @@ def test_runtime_dirs_follow_the_client_home(tmp_path: Path) -> None:
     other = cli_ssh.agent_socket_for("tunnel-client:zone=y:instance=vm1", environ)
     assert other != socket_path
     assert cli_ssh.ssh_state_dir(environ) == tmp_path / "ssh"
+
+
+# -- command line ----------------------------------------------------------------------------
+
+
+def test_certificate_options_usage_errors() -> None:
+    from .test_cli import SERVER, invoke, usage_error
+
+    assert "--ssh-agent needs --listen-on-stdin" in usage_error(
+        invoke("start-tunnel", "vm1", "22", "--zone=z", *SERVER, "--ssh-agent=/tmp/a.sock")
+    )
+    assert "--out conflicts with --agent" in usage_error(
+        invoke("ssh-cert", "vm1", "--zone=z", *SERVER, "--out=/tmp/x", "--agent")
+    )
+    assert "SSH_AUTH_SOCK is not set" in usage_error(
+        invoke("ssh-cert", "vm1", "--zone=z", *SERVER, "--agent", SSH_AUTH_SOCK=None)
+    )
+    # --no-certificate: ssh-config asks the relay nothing and writes the block as before.
+    result = invoke("ssh-config", "vm1", "--zone=z", *SERVER, "--no-certificate")
+    assert result.exit_code == 0, result.output
+    assert "IdentityAgent" not in result.stdout
+    assert "--ssh-agent" not in result.stdout

@@ -23,6 +23,8 @@ import asyncssh
 import pytest
 
 import tunnel_client
+from tunnel_client.ssh_agent import running_agent
+from tunnel_client.ssh_cert import Issued, ephemeral_key
 from tunnel_server.app import RunningServer
 
 from ..helpers import capture_audit, relay_config_data, start_relay
@@ -298,6 +300,35 @@ async def test_ssh_cert_for_other_tools_source_address_and_krl(stack: Stack) -> 
     revoked = await stack.run(direct(stack, key, "127.0.0.1"))
     assert revoked.returncode == 255
     assert stack.sshd_log().count("Accepted publickey") == 1
+
+
+async def test_ssh_cert_to_stdout_and_into_an_agent(stack: Stack) -> None:
+    argv = [*CLIENT, "ssh-cert", "vm1", f"--port={stack.vm.port}", *stack.options()]
+    printed = (await stack.run(argv)).check().stdout.decode().splitlines()
+    assert printed[0] == "-----BEGIN OPENSSH PRIVATE KEY-----"
+    assert printed[-1].startswith("ssh-ed25519-cert-v01@openssh.com ")
+    assert asyncssh.import_private_key("\n".join(printed[:-1]) + "\n")
+    # --agent: into the user's running agent (here one of ours, started with a throw-away
+    # certificate), then any ssh that uses the agent logs in with it; nothing is written.
+    agent_dir = stack.tmp / "user-agent"
+    async with running_agent(agent_dir / "agent.sock", _throwaway()) as socket_path:
+        env = {**stack.env(), "SSH_AUTH_SOCK": str(socket_path)}
+        added = (await stack.run([*argv, "--agent"], env=env)).check()
+        assert added.stdout == b""
+        assert "Added to the ssh-agent" in _text(added)
+        login = ["ssh", "-F", "none", "-o", f"IdentityAgent={socket_path}", "-o", "BatchMode=yes",
+                 "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                 "-p", str(stack.vm.port), "root@127.0.0.1", "true"]  # fmt: skip
+        (await stack.run(login, env=env)).check()
+        assert [p.name for p in agent_dir.iterdir()] == ["agent.sock"]
+
+
+def _throwaway() -> Issued:
+    ca, key = asyncssh.generate_private_key("ssh-ed25519"), ephemeral_key()
+    now = int(time.time())
+    cert = ca.generate_user_certificate(key, "x", principals=["x"], valid_before=now + 600)
+    text = cert.export_certificate().decode().strip()
+    return Issued(key, asyncssh.import_certificate(text), text, ("x",), now + 600)
 
 
 async def test_asyncssh_through_the_tunnel_with_the_issued_certificate(stack: Stack) -> None:
