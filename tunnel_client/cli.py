@@ -321,7 +321,7 @@ def ssh(
         prepared = await cli_ssh.prepare(options, certificate)
         if prepared is None:
             return await asyncio.to_thread(subprocess.call, argv)
-        login = cli_ssh.default_login(user, prepared.issued, _err)
+        login = cli_ssh.default_login(user, prepared.issued, _err, ssh_args)
         return await cli_ssh.run_ssh(lambda cert: build(login, cert), prepared, instance)
 
     sys.exit(run_tunnel(settings, client, connect))

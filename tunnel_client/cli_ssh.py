@@ -152,13 +152,24 @@ def usable(issued: Issued) -> Issued:
     )
 
 
-def default_login(user: str | None, issued: Issued, report: Callable[[str], None]) -> str | None:
-    """The login name: the user's choice; else ssh's default (the local user name) when the
-    certificate grants it; else the certificate's first login name, said on stderr."""
-    if user is not None or not issued.principals:
+def default_login(
+    user: str | None,
+    issued: Issued,
+    report: Callable[[str], None],
+    ssh_args: Sequence[str] = (),
+) -> str | None:
+    """The login name: the user's choice (``--user``, ``USER@``, or ``-l`` among the ssh
+    arguments); else ssh's default (the local user name) when the certificate grants it; else
+    the certificate's first login name, said on stderr. A choice the certificate does not grant
+    is warned about: sshd will refuse it."""
+    granted = ", ".join(issued.principals) or "no login name"
+    if user is not None:
+        if user not in issued.principals:
+            report(f"Warning: your certificate is for {granted}, not {user}: sshd will refuse it.")
         return user
-    local = getpass.getuser()
-    if local in issued.principals:
+    if any(arg.startswith("-l") for arg in ssh_args) or not issued.principals:
+        return None
+    if getpass.getuser() in issued.principals:
         return None
     report(f"Logging in as {issued.principals[0]} (your certificate's first login name).")
     return issued.principals[0]

@@ -215,6 +215,11 @@ def test_default_login_and_expiry() -> None:
     said: list[str] = []
     issued = _issued(("deploy-user-that-is-not-local",))
     assert cli_ssh.default_login("bob", issued, said.append) == "bob"
+    assert said == ["Warning: your certificate is for deploy-user-that-is-not-local, not bob: "
+                    "sshd will refuse it."]  # fmt: skip
+    said.clear()
+    assert cli_ssh.default_login(None, issued, said.append, ["-l", "carol"]) is None
+    assert said == []  # ssh's -l decides
     assert cli_ssh.default_login(None, issued, said.append) == "deploy-user-that-is-not-local"
     assert said == ["Logging in as deploy-user-that-is-not-local (your certificate's first "
                     "login name)."]  # fmt: skip

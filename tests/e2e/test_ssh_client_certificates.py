@@ -216,6 +216,7 @@ async def test_plain_ssh_through_the_generated_ssh_config(stack: Stack) -> None:
 async def test_a_login_name_the_policy_does_not_grant_is_refused(stack: Stack) -> None:
     result = await stack.ssh("nobody@vm1", "true")
     assert result.returncode == 255, _text(result)
+    assert "your certificate is for alice, root, not nobody" in _text(result)
     assert "Accepted publickey" not in stack.sshd_log()
     assert "Certificate invalid: name is not a listed principal" in stack.sshd_log()
 
