@@ -10,6 +10,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import asyncssh
 import pytest
@@ -340,3 +341,31 @@ def test_certificate_options_usage_errors() -> None:
     assert result.exit_code == 0, result.output
     assert "IdentityAgent" not in result.stdout
     assert "--ssh-agent" not in result.stdout
+
+
+def test_ssh_config_auto_without_a_reachable_relay(tmp_path: Path) -> None:
+    from .test_cli import invoke
+
+    result = invoke("ssh-config", "vm1", "--zone=z", "--server=wss://127.0.0.1:1",
+                    TUNNEL_CLIENT_HOME=str(tmp_path))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "Writing the block without certificates." in result.stderr
+    assert "IdentityAgent" not in result.stdout
+
+
+async def test_ssh_config_auto_with_a_relay_that_issues_certificates(
+    relay: RunningServer, tmp_path: Path
+) -> None:
+    from .test_cli import invoke
+
+    def generate() -> Any:
+        return invoke("ssh-config", "vm1", "--project=p", "--zone=z", f"--server={relay.url}",
+                      f"--ca-file={tmp_path / 'relay-cert.pem'}",
+                      TUNNEL_CLIENT_HOME=str(tmp_path / "home"))  # fmt: skip
+
+    result = await asyncio.to_thread(generate)  # the relay serves in this loop meanwhile
+    assert result.exit_code == 0, result.output
+    socket_path = tmp_path / "home" / "run" / "ssh"
+    assert f"IdentityAgent {socket_path}/agent-" in result.stdout
+    assert f"--ssh-agent={socket_path}/agent-" in result.stdout
+    assert "StrictHostKeyChecking" not in result.stdout  # this relay has no host CA
