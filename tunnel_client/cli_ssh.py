@@ -13,12 +13,14 @@ agent itself; the ssh-config form's ProxyCommand does (``start-tunnel --ssh-agen
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import hashlib
 import os
+import signal
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -186,6 +188,27 @@ async def _pump(stream: asyncio.StreamReader, tail: bytearray) -> None:
         del tail[:-4096]
 
 
+@contextlib.contextmanager
+def _forwarding_signals(process: asyncio.subprocess.Process) -> Iterator[None]:
+    """SIGTERM and SIGHUP go to ssh instead of ending us at once: ssh exits, and the agent and
+    its directory are cleaned up on the normal way out."""
+    loop = asyncio.get_running_loop()
+    installed = []
+    for sig in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)):
+        if sig is None:
+            continue
+        try:
+            loop.add_signal_handler(sig, process.send_signal, sig)
+        except (NotImplementedError, RuntimeError, ValueError):  # Windows, not the main thread
+            continue
+        installed.append(sig)
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
 async def run_ssh(
     build: Callable[[launchers.CertificateLogin], list[str]],
     prepared: Prepared,
@@ -202,8 +225,9 @@ async def run_ssh(
             process = await asyncio.create_subprocess_exec(*argv, stderr=asyncio.subprocess.PIPE)
             assert process.stderr is not None
             tail = bytearray()
-            await _pump(process.stderr, tail)
-            status = await process.wait()
+            with _forwarding_signals(process):
+                await _pump(process.stderr, tail)
+                status = await process.wait()
     if status == 255 and known is not None and _HOST_KEY_FAILED in tail:
         _report(
             f"ERROR: {instance} did not present a host certificate signed by the relay's host CA "

@@ -193,6 +193,24 @@ async def test_tunnel_client_ssh_logs_in_with_a_certificate_and_no_authorized_ke
     assert _private_keys(stack.home) == []
 
 
+async def test_sigterm_ends_ssh_and_cleans_up(stack: Stack) -> None:
+    argv = [*CLIENT, "ssh", "vm1", f"--port={stack.vm.port}", *stack.options(), "--",
+            "-F", "none", "-o", "BatchMode=yes", "echo ready; exec sleep 600"]  # fmt: skip
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env=stack.env(),
+    )  # fmt: skip
+    assert process.stdout is not None
+    async with asyncio.timeout(RUN_TIMEOUT):
+        assert await process.stdout.readline() == b"ready\n"
+        assert len(list((stack.home / "run" / "ssh").iterdir())) == 1  # the agent's directory
+        process.terminate()
+        await process.communicate()
+    assert process.returncode != 0
+    # The agent was stopped and its directory removed on the way out.
+    assert list((stack.home / "run" / "ssh").iterdir()) == []
+
+
 async def test_plain_ssh_through_the_generated_ssh_config(stack: Stack) -> None:
     config = stack.tmp / "ssh_config"
     (await stack.run([*CLIENT, "ssh-config", "vm1", *stack.options(), "--write", str(config)]))\
