@@ -31,8 +31,11 @@ class AgentError(TunnelFailed):
 def private_dir(path: Path) -> Path:
     """Create ``path`` (0700) if needed and refuse one that others can reach or that is not
     ours: the agent socket in it gives its key to whoever can connect."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = path.lstat()
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = path.lstat()
+    except OSError as exc:
+        raise AgentError(f"cannot create {path} for the ssh-agent: {exc.strerror}") from None
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
         raise AgentError(f"{path} is not a directory owned by you; remove it and retry.")
     if info.st_mode & 0o077:

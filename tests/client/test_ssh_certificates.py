@@ -25,7 +25,7 @@ from tunnel_client.launchers import (
     ssh_config_block,
 )
 from tunnel_client.session import ConnectOptions
-from tunnel_client.ssh_agent import AgentError, running_agent
+from tunnel_client.ssh_agent import AgentError, private_dir, running_agent
 from tunnel_client.ssh_cert import (
     CaKeys,
     CertificateRefused,
@@ -369,3 +369,14 @@ async def test_ssh_config_auto_with_a_relay_that_issues_certificates(
     assert f"IdentityAgent {socket_path}/agent-" in result.stdout
     assert f"--ssh-agent={socket_path}/agent-" in result.stdout
     assert "StrictHostKeyChecking" not in result.stdout  # this relay has no host CA
+
+
+def test_an_unusable_runtime_directory_is_one_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(AgentError, match="cannot create .* for the ssh-agent"):
+        private_dir(blocker / "ssh")
+    other = tmp_path / "open"
+    other.mkdir(mode=0o755)
+    other.chmod(0o755)
+    assert private_dir(other).stat().st_mode & 0o777 == 0o700  # tightened, not refused
