@@ -378,7 +378,7 @@ class Demo:
     def ssh(self) -> list[str]:
         # A certificate from the relay; the VM's host certificate is checked with no prompt.
         args = ["ssh", INSTANCE, "--zone", ZONE, "--port", str(self.ssh_port), "--user", self.user]
-        return self.client(*args, "--")
+        return self.client(*args)
 
     def instructions(self) -> str:
         ca_file = show(Path(self.env["TUNNEL_CA_FILE"]))
@@ -501,7 +501,7 @@ async def check_login(demo: Demo, env: dict[str, str]) -> None:
 
 
 async def check_ssh(demo: Demo, env: dict[str, str]) -> None:
-    process = await launch([*demo.ssh(), "-o", "BatchMode=yes", "echo demo-ok"], env)
+    process = await launch([*demo.ssh(), "--", "-o", "BatchMode=yes", "echo demo-ok"], env)
     out, err = await process.communicate()
     if process.returncode != 0 or b"demo-ok\n" not in out:
         raise DemoError(f"ssh exited with {process.returncode}: {(out + err).decode()}")
