@@ -227,6 +227,14 @@ async def test_plain_ssh_through_the_generated_ssh_config(stack: Stack) -> None:
     assert stack.sshd_log().count("ED25519-CERT") >= 2
     issued = [r for r in stack.audit if r["event"] == "ssh_certificate"]
     assert len({r["serial"] for r in issued}) == 2
+    # A stale host CA line (the relay rotated its host CA since) is replaced by the
+    # ProxyCommand before ssh reads the file: still no prompt, no failure.
+    (known_hosts,) = (stack.home / "ssh").glob("known_hosts-*")
+    current = known_hosts.read_text()
+    stale = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode()
+    known_hosts.write_text(f"@cert-authority * {stale}")
+    assert (await stack.run(argv)).check().stdout == b"hello\n"
+    assert known_hosts.read_text() == current
     assert not any((stack.home / "run" / "ssh").glob("*.sock"))  # each agent removed its socket
     assert _private_keys(stack.home) == []
 
