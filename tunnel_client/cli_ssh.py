@@ -19,6 +19,7 @@ import hashlib
 import os
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -85,9 +86,18 @@ def ssh_state_dir(environ: Mapping[str, str] = os.environ) -> Path:
     return state_dir(environ) / "ssh"
 
 
+# A Unix socket path has room for ~104 bytes; the agent's names inside need ~40 of them.
+_SOCKET_DIR_MAX = 64
+
+
 def agent_dir(environ: Mapping[str, str] = os.environ) -> Path:
-    """Where agent sockets live (0700): the runtime directory, gone at logout."""
-    return runtime_dir(environ) / "ssh"
+    """Where agent sockets live (0700): the runtime directory, gone at logout; a per-user
+    directory in the system's temporary directory when that path is too long for sockets
+    (``private_dir`` refuses one that someone else made)."""
+    directory = runtime_dir(environ) / "ssh"
+    if len(os.fsencode(directory)) <= _SOCKET_DIR_MAX:
+        return directory
+    return Path(tempfile.gettempdir()) / f"tunnel-client-{os.getuid()}"
 
 
 def agent_socket_for(alias: str, environ: Mapping[str, str] = os.environ) -> Path:
@@ -261,7 +271,7 @@ async def config_logins(
 ) -> dict[str, launchers.CertificateLogin]:
     """ssh-config's certificate logins per instance (``instances``: name, host key alias),
     empty when the relay issues no certificates (auto) or ``mode`` is False."""
-    if mode is False or not instances:
+    if mode is False or not instances or sys.platform == "win32":
         return {}
     first = options(instances[0][0])
     try:

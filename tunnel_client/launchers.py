@@ -139,7 +139,12 @@ def certificate_options(instance: str, login: CertificateLogin) -> list[tuple[st
     relay's known_hosts file is the only one and strict: a host key not signed by the CA is
     refused, never prompted for; HostKeyAlias is the instance name, which the host
     certificate's principals name (``tunnel-server ssh sign-host --principal``)."""
-    options = [("IdentityAgent", _ssh_path(login.agent_socket, "agent socket"))]
+    options = [
+        ("IdentityAgent", _ssh_path(login.agent_socket, "agent socket")),
+        # The agent is ours and holds only the certificate: a user's "IdentitiesOnly yes"
+        # (meant to keep a crowded agent quiet) would otherwise hide it from ssh.
+        ("IdentitiesOnly", "no"),
+    ]
     if login.known_hosts is not None:
         options += [
             ("UserKnownHostsFile", _ssh_path(login.known_hosts, "known_hosts file")),

@@ -202,6 +202,7 @@ def test_generated_ssh_config_as_ssh_reads_it(tmp_path: Path) -> None:
 
     vm = resolved("vm1")
     assert vm["identityagent"] == login.agent_socket
+    assert vm["identitiesonly"] == "no"
     assert vm["userknownhostsfile"] == "/s/kh-relay"
     assert vm["stricthostkeychecking"] == "true"
     assert vm["hostkeyalias"] == "vm1"
@@ -380,3 +381,10 @@ def test_an_unusable_runtime_directory_is_one_clear_error(tmp_path: Path) -> Non
     other.mkdir(mode=0o755)
     other.chmod(0o755)
     assert private_dir(other).stat().st_mode & 0o777 == 0o700  # tightened, not refused
+
+
+def test_agent_sockets_move_out_of_a_long_runtime_path(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 80)
+    socket_path = cli_ssh.agent_socket_for("alias", {"TUNNEL_CLIENT_HOME": str(deep)})
+    assert len(str(socket_path)) < 90
+    assert socket_path.parent.name.startswith("tunnel-client-")

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack
@@ -140,7 +142,10 @@ async def stack(issuer: TestIssuer, tmp_path: Path) -> AsyncIterator[Stack]:
                    f"HostCertificate {signed}"],
         ))  # fmt: skip
         relay = await stack.enter_async_context(start_relay(data))
-        home = tmp_path / "home"
+        # Short: agent sockets live under it (pytest's tmp_path is too long for a socket path,
+        # which would move them to the shared temporary directory).
+        home = Path(tempfile.mkdtemp(prefix="tc-"))
+        stack.callback(shutil.rmtree, home, ignore_errors=True)
         yield Stack(relay, vm, plain, rotated, tmp_path, home, config, krl, token_file, issuer,
                     capture_audit(relay))  # fmt: skip
 
@@ -191,6 +196,18 @@ async def test_tunnel_client_ssh_logs_in_with_a_certificate_and_no_authorized_ke
     # On exit the agent is gone with its directory, and nothing holds a key.
     assert list((stack.home / "run" / "ssh").iterdir()) == []
     assert _private_keys(stack.home) == []
+
+
+async def test_a_user_config_with_identities_only_still_uses_the_certificate(
+    stack: Stack,
+) -> None:
+    config = stack.tmp / "user_ssh_config"
+    config.write_text("Host *\n    IdentitiesOnly yes\n    IdentityFile /nonexistent/id\n")
+    result = await stack.run([
+        *CLIENT, "ssh", "vm1", f"--port={stack.vm.port}", *stack.options(), "--",
+        "-F", str(config), "-o", "BatchMode=yes", "whoami",
+    ])  # fmt: skip
+    assert result.check().stdout == b"root\n"
 
 
 async def test_sigterm_ends_ssh_and_cleans_up(stack: Stack) -> None:
