@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
+import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -312,7 +313,16 @@ async def test_a_missing_ssh_agent_is_one_clear_error(tmp_path: Path) -> None:
             pass
 
 
-def test_runtime_dirs_follow_the_client_home(tmp_path: Path) -> None:
+@pytest.fixture
+def short_home() -> Iterator[Path]:
+    """A client home short enough for socket paths (pytest's tmp_path is not)."""
+    home = Path(tempfile.mkdtemp(prefix="tc-"))
+    yield home
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def test_runtime_dirs_follow_the_client_home(short_home: Path) -> None:
+    tmp_path = short_home
     environ = {"TUNNEL_CLIENT_HOME": str(tmp_path)}
     socket_path = cli_ssh.agent_socket_for("tunnel-client:zone=z:instance=vm1", environ)
     assert socket_path.parent == tmp_path / "run" / "ssh"
@@ -355,18 +365,18 @@ def test_ssh_config_auto_without_a_reachable_relay(tmp_path: Path) -> None:
 
 
 async def test_ssh_config_auto_with_a_relay_that_issues_certificates(
-    relay: RunningServer, tmp_path: Path
+    relay: RunningServer, tmp_path: Path, short_home: Path
 ) -> None:
     from .test_cli import invoke
 
     def generate() -> Any:
         return invoke("ssh-config", "vm1", "--project=p", "--zone=z", f"--server={relay.url}",
                       f"--ca-file={tmp_path / 'relay-cert.pem'}",
-                      TUNNEL_CLIENT_HOME=str(tmp_path / "home"))  # fmt: skip
+                      TUNNEL_CLIENT_HOME=str(short_home))  # fmt: skip
 
     result = await asyncio.to_thread(generate)  # the relay serves in this loop meanwhile
     assert result.exit_code == 0, result.output
-    socket_path = tmp_path / "home" / "run" / "ssh"
+    socket_path = short_home / "run" / "ssh"
     assert f"IdentityAgent {socket_path}/agent-" in result.stdout
     assert f"--ssh-agent={socket_path}/agent-" in result.stdout
     assert "StrictHostKeyChecking" not in result.stdout  # this relay has no host CA
