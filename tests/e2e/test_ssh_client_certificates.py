@@ -244,6 +244,13 @@ async def test_plain_ssh_through_the_generated_ssh_config(stack: Stack) -> None:
     assert stack.sshd_log().count("ED25519-CERT") >= 2
     issued = [r for r in stack.audit if r["event"] == "ssh_certificate"]
     assert len({r["serial"] for r in issued}) == 2
+    # Tools that run OpenSSH with the config get a certificate the same way: scp.
+    payload = stack.tmp / "payload"
+    payload.write_bytes(os.urandom(4096))
+    copy = ["scp", "-F", str(config), "-o", "BatchMode=yes", "-P", str(stack.vm.port),
+            str(payload), f"root@vm1:{stack.tmp / 'copied'}"]  # fmt: skip
+    (await stack.run(copy)).check()
+    assert (stack.tmp / "copied").read_bytes() == payload.read_bytes()
     # A stale host CA line (the relay rotated its host CA since) is replaced by the
     # ProxyCommand before ssh reads the file: still no prompt, no failure.
     (known_hosts,) = (stack.home / "ssh").glob("known_hosts-*")
