@@ -231,14 +231,18 @@ async def run_ssh(
         socket_path = directory / "agent.sock"
         known = None if prepared.known_hosts is None else str(prepared.known_hosts)
         argv = build(launchers.CertificateLogin(str(socket_path), known))
+        # ssh's stderr passes through us only to explain a refused host key, so only with a
+        # host CA: the pipe is shared with the ProxyCommand, whose end of it closes a few
+        # hundred milliseconds after ssh exits (it closes the tunnel first).
+        piped = asyncio.subprocess.PIPE if known is not None else None
+        tail = bytearray()
         async with running_agent(socket_path, prepared.issued):
-            process = await asyncio.create_subprocess_exec(*argv, stderr=asyncio.subprocess.PIPE)
-            assert process.stderr is not None
-            tail = bytearray()
+            process = await asyncio.create_subprocess_exec(*argv, stderr=piped)
             with _forwarding_signals(process):
-                await _pump(process.stderr, tail)
+                if process.stderr is not None:
+                    await _pump(process.stderr, tail)
                 status = await process.wait()
-    if status == 255 and known is not None and _HOST_KEY_FAILED in tail:
+    if status == 255 and _HOST_KEY_FAILED in tail:
         _report(
             f"ERROR: {instance} did not present a host certificate signed by the relay's host CA "
             "(tunnel-client refuses unsigned host keys when the relay has a host CA); an admin "

@@ -84,12 +84,13 @@ class Stack:
         return Result(process.returncode, out, err)
 
     async def ssh(self, destination: str, *remote: str, sshd: Sshd | None = None,
-                  extra: Sequence[str] = (), token_file: Path | None = None) -> Result:  # fmt: skip
+                  extra: Sequence[str] = (), token_file: Path | None = None,
+                  ssh_options: Sequence[str] = ()) -> Result:  # fmt: skip
         """``tunnel-client ssh DESTINATION -- REMOTE``: no -i, no agent, no user config."""
         port = (sshd or self.vm).port
         return await self.run([
             *CLIENT, "ssh", destination, f"--port={port}", *self.options(token_file), *extra,
-            "--", "-F", "none", "-o", "BatchMode=yes", *remote,
+            "--", "-F", "none", "-o", "BatchMode=yes", *ssh_options, *remote,
         ])  # fmt: skip
 
     def sshd_log(self) -> str:
@@ -208,6 +209,17 @@ async def test_a_user_config_with_identities_only_still_uses_the_certificate(
         "-F", str(config), "-o", "BatchMode=yes", "whoami",
     ])  # fmt: skip
     assert result.check().stdout == b"root\n"
+
+
+async def test_without_a_host_ca_host_keys_are_checked_as_before(stack: Stack) -> None:
+    certificates = stack.relay.relay.certificates
+    assert certificates is not None
+    certificates.ca.host_key = None  # the relay publishes no @cert-authority line now
+    result = await stack.ssh("vm1", "whoami", extra=["--certificate"], ssh_options=[
+        "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])  # fmt: skip
+    assert result.check().stdout == b"root\n"
+    assert "ED25519-CERT" in stack.sshd_log()
+    assert not (stack.home / "ssh").exists()  # no known_hosts file without a host CA
 
 
 async def test_sigterm_ends_ssh_and_cleans_up(stack: Stack) -> None:
