@@ -58,10 +58,10 @@ $(BENCH_STAMP): $(STAMP)
 
 # Benchmarks (loopback only, ~6 min on 2 cores): tunnel-client + relay against direct TCP, socat,
 # websockify, a bare websockets chain and the gcloud CLI; prints the tables and writes
-# docs/benchmarks.md; HTTP mode against nginx and a bare aiohttp proxy with wrk, and the PROXY v2
-# identity header per tunnel (their sections of docs/benchmarks.md, ~4 min); then the scale-out
-# figures (3 relays + Redis) into docs/benchmarks-cluster.md; then audit search on 1,000,000
-# records (SQLite and PostgreSQL) into docs/benchmarks-audit.md.
+# docs/benchmarks.md; HTTP mode against nginx and a bare aiohttp proxy with wrk, the PROXY v2
+# identity header per tunnel and SSH certificates (their sections of docs/benchmarks.md, ~5 min);
+# then the scale-out figures (3 relays + Redis) into docs/benchmarks-cluster.md; then audit search
+# on 1,000,000 records (SQLite and PostgreSQL) into docs/benchmarks-audit.md.
 # bench.gate runs those steps in order and judges the targets only when the 1-minute load average
 # at its start is at most 0.5: on a busier machine everything still runs and is written, the
 # output and the docs say the targets were not judged, and bench.gate exits 3 (1: a step failed);

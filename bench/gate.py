@@ -25,12 +25,13 @@ BUSY_EXIT = 3  # exit code of a run that measured but judged nothing
 FAILED_EXIT = 1
 ENV = "BENCH_LOAD_START"
 
-# The steps of `make bench`, in order: the suite writes docs/benchmarks.md whole, the next two
+# The steps of `make bench`, in order: the suite writes docs/benchmarks.md whole, the next three
 # replace their own sections of it.
 STEPS: tuple[tuple[str, ...], ...] = (
     ("bench",),
     ("bench.http_mode", "--out", "docs/benchmarks.md"),
     ("bench.proxy_header", "--out", "docs/benchmarks.md"),
+    ("bench.ssh_cert", "--out", "docs/benchmarks.md"),
     ("bench.cluster", "--out", "docs/benchmarks-cluster.md"),
     ("bench.audit_search", "--out", "docs/benchmarks-audit.md"),
 )

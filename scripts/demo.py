@@ -70,6 +70,8 @@ def instructions(demo: Demo) -> str:
     tunnel = ["start-tunnel", INSTANCE, str(demo.ssh_port), "--zone", ZONE]
     tunnel.append(f"--local-host-port=localhost:{LOCAL_PORT}")
     via_local = ["ssh", "-p", str(LOCAL_PORT), *demo.ssh_options(), f"{demo.user}@localhost"]
+    cert = ["ssh-cert", INSTANCE, "--zone", ZONE, "--port", str(demo.ssh_port)]
+    cert.append(f"--out={show(demo.state / 'ssh')}")
     app = web_url(demo.http_port) + "/"
     token = shlex.join(demo.client("print-access-token"))
     admin_token = show(demo.state / "admin.token")
@@ -93,8 +95,10 @@ def instructions(demo: Demo) -> str:
             f"  {shlex.join(demo.client('login'))}",
             "  # 2. SSH to the demo VM through the relay",
             f"  {shlex.join(demo.ssh())}",
-            "  # 3. or forward a local port, then ssh to it from a third terminal",
+            "  # 3. or forward a local port, then ssh to it from a third terminal with a",
+            "  #    certificate written for other tools (the VM has no authorized_keys)",
             f"  {shlex.join(demo.client(*tunnel))}",
+            f"  {shlex.join(demo.client(*cert))}",
             f"  {shlex.join(via_local)}",
             f"  # 4. Open {app} in a browser (sign in as alice), or after step 1:",
             f'  curl -H "Authorization: Bearer $({token})" {app}',

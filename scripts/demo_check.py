@@ -104,7 +104,7 @@ async def check_login(demo: Demo, env: dict[str, str]) -> None:
 
 
 async def check_ssh(demo: Demo, env: dict[str, str]) -> None:
-    process = await launch([*demo.ssh(), "-o", "BatchMode=yes", "echo demo-ok"], env)
+    process = await launch([*demo.ssh(), "--", "-o", "BatchMode=yes", "echo demo-ok"], env)
     out, err = await process.communicate()
     if process.returncode != 0 or b"demo-ok\n" not in out:
         raise DemoError(f"ssh exited with {process.returncode}: {(out + err).decode()}")

@@ -27,6 +27,8 @@ from string import Template
 import aiohttp
 from cryptography import x509
 
+from . import demo_certs
+
 ROOT = Path(__file__).resolve().parents[1]
 IDP_SERVER = ROOT / "deploy" / "dev-idp" / "server.js"
 BIN = Path(sys.executable).parent
@@ -43,7 +45,7 @@ ALICE = "alice@example.com"
 START_TIMEOUT = 30.0  # per service, until ready
 STOP_TIMEOUT = 5.0  # per service, from SIGTERM to SIGKILL
 
-SSHD_OPTIONS = (  # besides Port, HostKey, AuthorizedKeysFile and AllowUsers
+SSHD_OPTIONS = (  # besides Port, HostKey, AllowUsers and the certificate lines
     *("ListenAddress 127.0.0.1", "PermitRootLogin prohibit-password", "UsePAM no"),
     *("PasswordAuthentication no", "KbdInteractiveAuthentication no", "StrictModes no"),
     *("AllowTcpForwarding no", "AllowAgentForwarding no", "X11Forwarding no", "PidFile none"),
@@ -62,6 +64,7 @@ access:  # merged with policy.yaml (the web app's binding)
   - members: [group:ops, user:alice@example.com]
     instances: [$project/$zone/$instance]
     ports: [$ssh_port]
+    logins: [$login]  # SSH certificates for the sshd's only user (scripts/demo_certs.py)
 policy_file: policy.yaml
 http:
   listen: {host: 127.0.0.1, port: $http_port}
@@ -140,20 +143,18 @@ def keygen(path: Path, comment: str) -> None:
 
 
 def sshd_config(state: Path, port: int, user: str) -> Path:
-    """All of the demo VM's sshd setup: the host key in <state>/sshd, the demo client key in
-    <state>/ssh, authorized for ``user``, and sshd_config. Keys are kept across runs, so the
-    printed known_hosts stays valid; options that change how users authenticate (an SSH
-    certificate authority, say) belong here too."""
+    """All of the demo VM's sshd setup: the host key in <state>/sshd, signed by the demo host CA
+    for the instance name, and sshd_config: logins by the relay's certificates only, for
+    ``user`` (no authorized_keys; scripts/demo_certs.py). Keys are kept across runs."""
     server, client = state / "sshd", state / "ssh"
     for directory in (server, client):
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     keygen(server / "ssh_host_ed25519_key", "identity-tunnel-demo-host")
-    keygen(client / "id_ed25519", f"{user}@identity-tunnel-demo")
-    (server / "authorized_keys").write_bytes((client / "id_ed25519.pub").read_bytes())
     if os.geteuid() == 0:  # sshd's privilege separation directory
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
     lines = [f"Port {port}", f"HostKey {server}/ssh_host_ed25519_key", *SSHD_OPTIONS]
-    lines += [f"AuthorizedKeysFile {server}/authorized_keys", f"AllowUsers {user}"]
+    lines += demo_certs.sshd_lines(state, server / "ssh_host_ed25519_key", INSTANCE)
+    lines.append(f"AllowUsers {user}")
     config = server / "sshd_config"
     config.write_text("\n".join(["# Written by scripts/demo_services.py", *lines, ""]), "utf-8")
     return config
@@ -191,7 +192,9 @@ def relay_config(
     values |= {"app": WEB_APP, "web_client": WEB_CLIENT, "web_secret": WEB_SECRET}
     numbers = {"relay_port": relay_port, "ssh_port": ssh_port, "http_port": http_port}
     numbers |= {"web_port": web_port, "admin_port": admin_port}
-    text = RELAY_CONFIG.substitute(values, **numbers)
+    login = pwd.getpwuid(os.getuid()).pw_name
+    text = RELAY_CONFIG.substitute(values, login=login, **numbers)
+    text += demo_certs.relay_ssh_section(state)
     (state / "policy.yaml").write_text(POLICY.substitute(app=WEB_APP), encoding="utf-8")
     config = state / "relay.yaml"
     config.write_text(text, encoding="utf-8")
@@ -375,14 +378,17 @@ class Demo:
         return [show(BIN / "tunnel-client"), *args]
 
     def ssh_options(self) -> list[str]:
-        key, known_hosts = show(self.state / "ssh/id_ed25519"), show(self.state / "ssh/known_hosts")
+        """For plain ssh to the forwarded port, with the files ``ssh-cert --out`` writes."""
+        key = show(self.state / f"ssh/tunnel-{INSTANCE}")
+        known_hosts = show(self.state / "ssh/known_hosts")
         options = ["IdentitiesOnly=yes", f"UserKnownHostsFile={known_hosts}"]
         options.append("StrictHostKeyChecking=accept-new")  # the demo host key is new once
         return ["-i", key, *(word for option in options for word in ("-o", option))]
 
     def ssh(self) -> list[str]:
+        # A certificate from the relay; the VM's host certificate is checked with no prompt.
         args = ["ssh", INSTANCE, "--zone", ZONE, "--port", str(self.ssh_port), "--user", self.user]
-        return self.client(*args, "--", *self.ssh_options())
+        return self.client(*args)
 
     def sessions_list(self, token_file: Path) -> list[str]:
         """The admin CLI against the admin listener, with an admin's (alice's) token."""

@@ -5,6 +5,7 @@
     async with client.forward(client.instance("db-1", 5432)) as (host, port): ...
     with client.forward(client.instance("db-1", 5432)) as (host, port): ...     # own thread
     sock = client.open_socket(client.instance("vm1", 22))                        # paramiko
+    issued = await client.ssh_certificate(client.instance("vm1", 22))           # SSH certificate
     await asyncssh.connect("vm1", tunnel=client.asyncssh_tunnel())               # asyncssh
 
 A ``Client`` holds the relay, TLS, proxy and credential settings; the same sources as the CLI
@@ -30,7 +31,7 @@ from typing import Any
 from tunnel_protocol.aio.stream import TcpStream
 from tunnel_protocol.urls import HostTarget, InstanceTarget, Target
 
-from . import tokens
+from . import ssh_cert, tokens
 from .config import ConfigFile
 from .errors import TunnelFailed
 from .listener import LocalListener
@@ -178,6 +179,20 @@ class Client:
             resume_timeout=self.resume_timeout,
             proxy=self.proxy,
         )
+
+    # -- SSH certificates ---------------------------------------------------------------------
+
+    async def ssh_certificate(self, target: Target) -> ssh_cert.Issued:
+        """A fresh in-memory Ed25519 key and the relay's certificate for it to reach ``target``:
+        ``asyncssh.connect(..., client_keys=[(issued.key, issued.certificate)])``."""
+        return await ssh_cert.issue(self.options(target), ssh_cert.ephemeral_key())
+
+    async def ssh_ca(self) -> ssh_cert.CaKeys | None:
+        """The relay's published CA keys (None: it issues no certificates); ``host_ca`` is a
+        known_hosts line for ``asyncssh.import_known_hosts``."""
+        # The request names no target; the options carry the relay, TLS and proxy settings.
+        unused = InstanceTarget(self.project, "any", "any", "nic0", 22)
+        return await ssh_cert.fetch_ca(self.options(unused))
 
     # -- the forms ------------------------------------------------------------------------------
 

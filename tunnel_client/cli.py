@@ -6,6 +6,7 @@ to stderr; stdout carries data (stdin mode) or the one line wrappers wait for
 from __future__ import annotations
 
 import asyncio
+import os
 import shlex
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import click
 
 from tunnel_protocol.urls import HostTarget, InstanceTarget, Target
 
-from . import cli_auth, cli_config, cli_up, http_proxy, launchers, proxies
+from . import cli_auth, cli_config, cli_ssh, cli_up, http_proxy, launchers, proxies
 from .api import Client
 from .cli_options import (
     Settings,
@@ -158,6 +159,15 @@ http_proxy.register(main)
     is_flag=True,
     help="Skip opening a test tunnel before listening (gcloud's spelling works too).",
 )
+@click.option(
+    "--ssh-agent",
+    "ssh_agent",
+    type=click.Path(path_type=Path),
+    default=None,
+    metavar="SOCKET",
+    help="With --listen-on-stdin: first get an SSH certificate from the relay and serve it on "
+    "this agent socket (ssh-config's certificate logins).",
+)
 @target_options
 @click.pass_context
 def start_tunnel(
@@ -168,6 +178,7 @@ def start_tunnel(
     local_host_port: str | None,
     listen_on_stdin: bool,
     disable_connection_check: bool,
+    ssh_agent: Path | None,
     **kw: Any,
 ) -> None:
     """Forward a local port (or stdin/stdout) to PORT on INSTANCE through the relay.
@@ -179,6 +190,8 @@ def start_tunnel(
     """
     if listen_on_stdin and local_host_port is not None:
         raise click.UsageError("--listen-on-stdin conflicts with --local-host-port")
+    if ssh_agent is not None and not listen_on_stdin:
+        raise click.UsageError("--ssh-agent needs --listen-on-stdin")
     settings = resolve(ctx, kw)
     client = make_client(settings)
     target_for(instance, port, settings)  # usage errors before anything else
@@ -186,6 +199,10 @@ def start_tunnel(
     def options(c: Client) -> ConnectOptions:
         return _options(instance, port, {"settings": settings, "client": c})
 
+    if ssh_agent is not None:
+        socket_path = ssh_agent.absolute()
+        run_tunnel(settings, client, lambda c: cli_ssh.stdio_with_agent(options(c), socket_path))
+        return
     if listen_on_stdin:
         run_tunnel(settings, client, lambda c: run_stdio(options(c)))
         return
@@ -242,7 +259,12 @@ async def _listen(
     help="SSH port on the instance.",
 )
 @click.option("--ssh-binary", default="ssh", show_default=True, help="OpenSSH client to run.")
-@click.option("--dry-run", is_flag=True, help="Print the ssh command instead of running it.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print the ssh command (without certificate options) instead of running it.",
+)
+@cli_ssh.certificate_option
 @target_options
 @click.pass_context
 def ssh(
@@ -254,9 +276,13 @@ def ssh(
     ssh_port: int,
     ssh_binary: str,
     dry_run: bool,
+    certificate: bool | None,
     **kw: Any,
 ) -> None:
     """Run OpenSSH to INSTANCE through the relay (arguments after -- go to ssh).
+
+    When the relay issues SSH certificates, ssh logs in with a fresh one for a key made in
+    memory (held by a private ssh-agent until ssh exits) and checks the VM's host certificate.
 
     \b
     Example:
@@ -273,18 +299,32 @@ def ssh(
     extra = list(ssh_args)
     if ssh_port != 22:
         extra = ["-p", str(ssh_port), *extra]
-    try:
-        argv = launchers.ssh_argv(
-            instance, extra, launcher_args(settings), user=user, ssh_binary=ssh_binary
-        )
-    except launchers.LauncherError as exc:
-        raise click.UsageError(str(exc)) from None
+    args = launcher_args(settings)
+
+    def build(login: str | None, cert: launchers.CertificateLogin | None = None) -> list[str]:
+        try:
+            return launchers.ssh_argv(
+                instance, extra, args, user=login, ssh_binary=ssh_binary, certificate=cert
+            )
+        except launchers.LauncherError as exc:
+            raise click.UsageError(str(exc)) from None
+
+    argv = build(user)
     if dry_run:
         click.echo(subprocess.list2cmdline(argv) if sys.platform == "win32" else shlex.join(argv))
         return
-    # A stale login fails here with one clear message, not inside ssh's ProxyCommand.
-    run_tunnel(settings, client, lambda c: get_token(c.options(target)))
-    sys.exit(subprocess.call(argv))
+
+    async def connect(c: Client) -> int:
+        options = c.options(target)
+        # A stale login fails here with one clear message, not inside ssh's ProxyCommand.
+        await get_token(options)
+        prepared = await cli_ssh.prepare(options, certificate)
+        if prepared is None:
+            return await asyncio.to_thread(subprocess.call, argv)
+        login = cli_ssh.default_login(user, prepared.issued, _err, ssh_args)
+        return await cli_ssh.run_ssh(lambda cert: build(login, cert), prepared, instance)
+
+    sys.exit(run_tunnel(settings, client, connect))
 
 
 @main.command("ssh-config", context_settings=CONTEXT)
@@ -296,20 +336,47 @@ def ssh(
     default=None,
     help="Merge the block into this ssh_config file instead of printing it.",
 )
+@cli_ssh.certificate_option
 @target_options
 @click.pass_context
 def ssh_config(
-    ctx: click.Context, /, instances: tuple[str, ...], write_path: Path | None, **kw: Any
+    ctx: click.Context,
+    /,
+    instances: tuple[str, ...],
+    write_path: Path | None,
+    certificate: bool | None,
+    **kw: Any,
 ) -> None:
     """Print (or merge into a file) a marked Host block per INSTANCE using this client.
+
+    When the relay issues SSH certificates, each connection of plain `ssh INSTANCE` gets a
+    fresh one (the ProxyCommand serves it on the host's IdentityAgent).
 
     \b
     Example:
       tunnel-client ssh-config bastion db-1 --zone europe-west1-b --write ~/.ssh/config
     """
-    args = launcher_args(resolve(ctx, kw))
+    settings = resolve(ctx, kw)
+    args = launcher_args(settings)
+    hosts = [(i, args) for i in instances]
     try:
-        block = launchers.ssh_config_block([(i, args) for i in instances])
+        launchers.ssh_config_block(hosts)  # usage errors before asking the relay anything
+        named = [(i, launchers.host_key_alias(i, args)) for i in instances]
+    except launchers.LauncherError as exc:
+        raise click.UsageError(str(exc)) from None
+    logins: dict[str, launchers.CertificateLogin] = {}
+    # Auto asks the relay only when one is configured: the block works without one.
+    if certificate or (certificate is None and settings.server):
+        client = make_client(settings)
+        logins = run_tunnel(
+            settings,
+            client,
+            lambda c: cli_ssh.config_logins(
+                lambda i: c.options(target_for(i, 22, settings)), named, certificate
+            ),
+        )
+    try:
+        block = launchers.ssh_config_block(hosts, certificates=logins)
     except launchers.LauncherError as exc:
         raise click.UsageError(str(exc)) from None
     if write_path is None:
@@ -318,6 +385,78 @@ def ssh_config(
     existing = write_path.read_text(encoding="utf-8") if write_path.exists() else ""
     write_path.write_text(launchers.merge_ssh_config(existing, block), encoding="utf-8")
     _err(f"Updated {write_path}.")
+
+
+@main.command("ssh-cert", context_settings=CONTEXT)
+@click.argument("instance")
+@click.option(
+    "--port",
+    "ssh_port",
+    type=click.IntRange(1, 65535),
+    default=22,
+    show_default=True,
+    help="SSH port on the instance.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write tunnel-INSTANCE (private key), -cert.pub and .pub here, each 0600.",
+)
+@click.option(
+    "--agent",
+    "to_agent",
+    is_flag=True,
+    help="Add the key and certificate to the ssh-agent at $SSH_AUTH_SOCK until it expires.",
+)
+@target_options
+@click.pass_context
+def ssh_cert(
+    ctx: click.Context,
+    /,
+    instance: str,
+    ssh_port: int,
+    out_dir: Path | None,
+    to_agent: bool,
+    **kw: Any,
+) -> None:
+    """Get a short-lived SSH certificate for INSTANCE for other tools (scp, rsync, Ansible,
+    VS Code Remote). Without --out or --agent, prints the private key then the certificate.
+
+    \b
+    Example:
+      tunnel-client ssh-cert db-1 --zone europe-west1-b --agent
+      tunnel-client ssh-cert db-1 --zone europe-west1-b --out ~/.ssh/tunnel
+      scp -i ~/.ssh/tunnel/tunnel-db-1 -o ProxyCommand=... file db-1:
+    """
+    if out_dir is not None and to_agent:
+        raise click.UsageError("--out conflicts with --agent")
+    agent_path = os.environ.get("SSH_AUTH_SOCK")
+    if to_agent and not agent_path:
+        raise click.UsageError("--agent needs a running ssh-agent (SSH_AUTH_SOCK is not set)")
+    settings = resolve(ctx, kw)
+    client = make_client(settings)
+    target = target_for(instance, ssh_port, settings)
+
+    async def get(c: Client) -> cli_ssh.Issued:
+        issued = await cli_ssh.issue(c.options(target), cli_ssh.ephemeral_key())
+        if to_agent and agent_path:
+            await cli_ssh.load_into_agent(Path(agent_path), issued)
+        return issued
+
+    issued = run_tunnel(settings, client, get)
+    if not issued.usable():
+        _err("WARNING: the certificate is expired or about to be: check the clocks.")
+    if out_dir is not None:
+        key = cli_ssh.write_for_tools(issued, out_dir, f"tunnel-{instance}")
+        _err(f"Wrote {key}, {key}-cert.pub and {key}.pub (0600; the key is not encrypted).")
+    elif not to_agent:
+        click.echo(issued.key.export_private_key("openssh").decode(), nl=False)
+        click.echo(issued.text)
+    else:
+        _err("Added to the ssh-agent until the certificate expires.")
+    _err(cli_ssh.describe(issued))
 
 
 @main.command(context_settings=CONTEXT)

@@ -9,12 +9,13 @@ import shlex
 import shutil
 import string
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 __all__ = [
     "INSTANCE_RE",
     "USER_RE",
+    "CertificateLogin",
     "LauncherError",
     "TunnelArgs",
     "client_argv",
@@ -24,6 +25,7 @@ __all__ = [
     "proxy_command",
     "quote_proxy_token",
     "rdp_command",
+    "certificate_options",
     "ssh_argv",
     "ssh_config_block",
     "tunnel_options",
@@ -109,6 +111,51 @@ class TunnelArgs:
     proxy: str | None = None
 
 
+@dataclass(frozen=True)
+class CertificateLogin:
+    """How ssh logs in with a relay certificate: the agent socket holding the ephemeral key and
+    its certificate, and the known_hosts file with the relay's host CA (None: host keys are
+    checked as without certificates)."""
+
+    agent_socket: str
+    known_hosts: str | None = None
+
+
+# Paths written into ssh options: absolute, and nothing ssh_config's tokenizer would split.
+_SSH_PATH_RE = re.compile(r"/[A-Za-z0-9_@+=:,./%-]*")
+
+
+def _ssh_path(path: str, what: str) -> str:
+    if _SSH_PATH_RE.fullmatch(path) is None:
+        raise LauncherError(
+            f"{what} {path!r} must be an absolute path without spaces, quotes or shell "
+            "characters (set TUNNEL_CLIENT_HOME or XDG_RUNTIME_DIR to a plainer directory)"
+        )
+    return path.replace("%", "%%")  # ssh expands %-tokens in these options
+
+
+def certificate_options(instance: str, login: CertificateLogin) -> list[tuple[str, str]]:
+    """ssh options (name, value) for a certificate login to ``instance``. With a host CA, the
+    relay's known_hosts file is the only one and strict: a host key not signed by the CA is
+    refused, never prompted for; HostKeyAlias is the instance name, which the host
+    certificate's principals name (``tunnel-server ssh sign-host --principal``)."""
+    options = [
+        ("IdentityAgent", _ssh_path(login.agent_socket, "agent socket")),
+        # The agent is ours and holds only the certificate: a user's "IdentitiesOnly yes"
+        # (meant to keep a crowded agent quiet) would otherwise hide it from ssh.
+        ("IdentitiesOnly", "no"),
+    ]
+    if login.known_hosts is not None:
+        options += [
+            ("UserKnownHostsFile", _ssh_path(login.known_hosts, "known_hosts file")),
+            ("GlobalKnownHostsFile", "none"),
+            ("StrictHostKeyChecking", "yes"),
+            # ssh compares it lower-cased with the certificate's principals.
+            ("HostKeyAlias", validate_name("instance", instance).lower()),
+        ]
+    return options
+
+
 def client_argv() -> list[str]:
     """How to re-invoke this client without relying on PATH, a shell or an entry-point script."""
     if not sys.executable:
@@ -175,12 +222,17 @@ def tunnel_options(args: TunnelArgs) -> list[str]:
 
 
 def proxy_command(
-    args: TunnelArgs, *, client: Sequence[str] | None = None, instance: str | None = None
+    args: TunnelArgs,
+    *,
+    client: Sequence[str] | None = None,
+    instance: str | None = None,
+    agent_socket: str | None = None,
 ) -> str:
     """The ssh ProxyCommand: ``<client...> start-tunnel <instance|%h> %p --listen-on-stdin ...``.
 
     With ``instance`` the validated name is written literally instead of ``%h``; the launchers
-    do that because ssh lower-cases ``%h`` (instance names are case-sensitive)."""
+    do that because ssh lower-cases ``%h`` (instance names are case-sensitive). With
+    ``agent_socket`` the command first gets a certificate and serves it there (``--ssh-agent``)."""
     words = list(client_argv() if client is None else client)
     if not words:
         raise LauncherError("the client command must not be empty")
@@ -194,6 +246,9 @@ def proxy_command(
     for option in tunnel_options(args):
         flag = option.split("=", 1)[0]
         parts.append(quote_proxy_token(option, f"{flag} value"))
+    if agent_socket is not None:
+        _ssh_path(agent_socket, "agent socket")
+        parts.append(quote_proxy_token(f"--ssh-agent={agent_socket}", "--ssh-agent value"))
     return " ".join(parts)
 
 
@@ -220,6 +275,7 @@ def ssh_argv(
     ssh_binary: str = "ssh",
     client: Sequence[str] | None = None,
     set_host_key_alias: bool = True,
+    certificate: CertificateLogin | None = None,
 ) -> list[str]:
     """argv (no shell) for the system ssh through the tunnel.
 
@@ -227,6 +283,8 @@ def ssh_argv(
     still parses options there, and any non-option words become the remote command instead of
     being mistaken for the host. Our ``-o`` options come first, and ssh keeps the first value it
     sees, so ``ssh_args`` cannot override them (pass ``set_host_key_alias=False`` to drop that one).
+    With ``certificate`` ssh logs in through its agent (the caller runs it) and, with a host CA,
+    checks host keys against the relay's known_hosts file only.
     """
     validate_name("instance", instance)
     destination = instance if user is None else f"{_validate_user(user)}@{instance}"
@@ -237,7 +295,10 @@ def ssh_argv(
         "-o",
         "ProxyUseFdpass=no",
     ]
-    if set_host_key_alias:
+    options = [] if certificate is None else certificate_options(instance, certificate)
+    for name, value in options:
+        argv += ["-o", f"{name}={value}"]
+    if set_host_key_alias and not any(name == "HostKeyAlias" for name, _ in options):
         argv += ["-o", f"HostKeyAlias={host_key_alias(instance, args)}"]
     argv.append(destination)
     argv.extend(ssh_args)
@@ -255,8 +316,11 @@ def ssh_config_block(
     *,
     marker: str = "tunnel-client",
     client: Sequence[str] | None = None,
+    certificates: Mapping[str, CertificateLogin] | None = None,
 ) -> str:
-    """A marked ssh_config block with one ``Host`` per instance, sorted by name."""
+    """A marked ssh_config block with one ``Host`` per instance, sorted by name. An instance in
+    ``certificates`` logs in with a fresh relay certificate per connection: its ProxyCommand
+    serves one on the agent socket that IdentityAgent names."""
     begin, end = _markers(marker)
     names = [validate_name("instance", name) for name, _ in hosts]
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -264,12 +328,14 @@ def ssh_config_block(
         raise LauncherError(f"duplicate host in ssh-config: {', '.join(dupes)}")
     lines = [begin, f"# Edits between these markers are replaced when {marker} regenerates it."]
     for name, args in sorted(hosts, key=lambda h: h[0]):
-        lines += [
-            f"Host {name}",
-            f"    ProxyCommand {proxy_command(args, client=client, instance=name)}",
-            "    ProxyUseFdpass no",
-            f"    HostKeyAlias {host_key_alias(name, args)}",
-        ]
+        login = (certificates or {}).get(name)
+        agent = None if login is None else login.agent_socket
+        command = proxy_command(args, client=client, instance=name, agent_socket=agent)
+        lines += [f"Host {name}", f"    ProxyCommand {command}", "    ProxyUseFdpass no"]
+        options = [] if login is None else certificate_options(name, login)
+        lines += [f"    {option} {value}" for option, value in options]
+        if not any(option == "HostKeyAlias" for option, _ in options):
+            lines.append(f"    HostKeyAlias {host_key_alias(name, args)}")
     if hosts:
         # ssh_config has no "end of Host": without this, lines a user later adds after the
         # block would silently apply only to our last host.
