@@ -12,7 +12,7 @@ from .gate import QUIET
 from .report import SOCAT2, bare, picows, relay, targets, websockify
 
 if TYPE_CHECKING:
-    from .suite import Results
+    from .results import Results
 
 
 def _n(value: float | None, digits: int = 0) -> str:

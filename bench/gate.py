@@ -117,7 +117,7 @@ def run_all(out: Path, steps: Sequence[tuple[str, ...]] = STEPS) -> int:
         if code not in (0, BUSY_EXIT):
             print(f"make bench: python -m {' '.join(argv)} exited {code}", flush=True)
     end = load1()
-    from .http_report import write_section  # the section writer the other steps use
+    from .sections import write_section
 
     write_section(out, _section(start, end, done, began), name="make-bench")
     print(f"make bench: {verdict(start, end)}", flush=True)

@@ -21,14 +21,14 @@ import os
 import re
 import secrets
 import shutil
-import statistics
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import gate, http_report
+from .http_report import Results, Run
 from .procs import (
     CLIENT_CPU,
     PINNING,
@@ -40,6 +40,7 @@ from .procs import (
     spawn,
     wait_listening,
 )
+from .sections import write_section
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
@@ -59,26 +60,6 @@ http {{
   server {{ listen 127.0.0.1:{port}; location / {{ {location} }} }}
 }}
 """
-
-
-@dataclass
-class Run:
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    cpu_us: float = 0.0  # the proxy's CPU (user + system) per request, from /proc
-
-
-@dataclass
-class Results:
-    load_start: float
-    load_end: float = 0.0
-    runs: dict[str, list[Run]] = field(default_factory=dict)
-
-    def median(self, case: str) -> Run:
-        runs = self.runs[case]
-        return Run(*(statistics.median(getattr(r, f) for r in runs)
-                     for f in ("rps", "p50_ms", "p99_ms", "cpu_us")))  # fmt: skip
 
 
 def nginx_conf(directory: Path, name: str, port: int, upstream: int | None) -> Path:
@@ -276,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.json.write_text(json.dumps({k: [r.__dict__ for r in v]
                                          for k, v in results.runs.items()}, indent=1))  # fmt: skip
     if args.out:
-        http_report.write_section(args.out, text)
+        write_section(args.out, text, name="http-mode")
     gate.exit_if_busy(results.load_start, results.load_end)
 
 

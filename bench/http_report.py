@@ -4,13 +4,29 @@ ratios, and issue 17's targets, judged only when the machine was quiet."""
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
-from pathlib import Path
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
-if TYPE_CHECKING:  # pragma: no cover - types only
-    from .http_mode import Results
+
+@dataclass
+class Run:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    cpu_us: float = 0.0  # the proxy's CPU (user + system) per request, from /proc
+
+
+@dataclass
+class Results:
+    load_start: float
+    load_end: float = 0.0
+    runs: dict[str, list[Run]] = field(default_factory=dict)
+
+    def median(self, case: str) -> Run:
+        runs = self.runs[case]
+        return Run(*(statistics.median(getattr(r, f) for r in runs)
+                     for f in ("rps", "p50_ms", "p99_ms", "cpu_us")))  # fmt: skip
+
 
 BARE = "bare aiohttp proxy, uvloop"
 NGINX = "nginx reverse proxy"
@@ -83,16 +99,3 @@ def render(results: Results, quiet: float, args: argparse.Namespace) -> str:
         lines += ["", f"Not judged: the load average at the start ({results.load_start:.2f}) "
                   f"was above {quiet}; rerun on a quiet machine."]  # fmt: skip
     return "\n".join(lines) + "\n"
-
-
-def write_section(path: Path, text: str, name: str = "http-mode") -> None:
-    """Replace the section ``name`` of ``path`` (between its markers), or append it."""
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    old = path.read_text() if path.exists() else ""
-    block = f"{begin}\n{text}{end}\n"
-    if begin in old and end in old:
-        new = re.sub(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", lambda _: block, old,
-                     flags=re.S)  # fmt: skip
-    else:
-        new = old.rstrip("\n") + "\n\n" + block
-    path.write_text(new)

@@ -34,7 +34,7 @@ from tunnel_upstream import IdentityCheck, parse_proxy_header, verify_identity
 
 from . import gate
 from .handshake import Issuer, _config
-from .http_report import write_section
+from .sections import write_section
 
 
 async def _target(reader_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

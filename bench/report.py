@@ -18,7 +18,7 @@ from .gate import QUIET
 from .procs import PINNING
 
 if TYPE_CHECKING:
-    from .suite import Results, Settings
+    from .results import Results, Settings
 
 DIRECT = "direct TCP"
 SOCAT1 = "socat, one hop"

@@ -35,7 +35,7 @@ from tunnel_client.ssh_cert import ephemeral_key, fetch_ca, issue
 from tunnel_protocol.urls import InstanceTarget
 from tunnel_server.app import RunningServer
 
-from .http_report import write_section
+from .sections import write_section
 
 CLIENT = [sys.executable, "-m", "tunnel_client"]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bench import analysis, gate, report
-from bench.suite import Results, Settings
+from bench.results import Results, Settings
 
 OK = ("json.tool", "--help")  # any module that exits 0
 FAILS = ("bench.no_such_step",)
