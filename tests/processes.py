@@ -78,3 +78,22 @@ async def started(
             except TimeoutError:
                 process.kill()
                 await process.wait()
+
+
+# Set in the environment of every client process the tests start, so that ``exited`` can ask a
+# stuck one where it is: faulthandler dumps every thread's Python stack on SIGABRT.
+FAULTHANDLER_ENV = {"PYTHONFAULTHANDLER": "1"}
+
+
+async def exited(process: asyncio.subprocess.Process, limit: float) -> tuple[bytes, bytes]:
+    """``process.communicate()`` within ``limit`` seconds; past it, abort the process (its
+    faulthandler prints where each thread was) and fail with what it wrote to stderr, so that a
+    hang says where it hung instead of only that it did."""
+    try:
+        return await asyncio.wait_for(process.communicate(), limit)
+    except TimeoutError:
+        if process.returncode is None:
+            process.send_signal(signal.SIGABRT)
+        out, err = await asyncio.wait_for(process.communicate(), 100 * UNIT)
+        tail = err.decode(errors="replace")[-6000:]
+        raise AssertionError(f"still running after {limit} s; its stderr:\n{tail}") from None

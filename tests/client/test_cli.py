@@ -21,6 +21,7 @@ from tunnel_server.app import RunningServer
 
 from ..helpers import UNIT, TcpTarget, capture_audit, relay_config_data, start_relay
 from ..oidc_fixture import TestIssuer
+from ..processes import FAULTHANDLER_ENV, exited
 
 CLIENT = [sys.executable, "-m", "tunnel_client"]
 # A fresh client process (imports, TLS, connection check) answering.
@@ -293,6 +294,7 @@ async def client_process(
     args: Sequence[str], stdin: int = asyncio.subprocess.DEVNULL
 ) -> AsyncIterator[asyncio.subprocess.Process]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNNEL_")}
+    env |= FAULTHANDLER_ENV
     process = await asyncio.create_subprocess_exec(
         *CLIENT,
         *args,
@@ -313,7 +315,7 @@ async def finish(process: asyncio.subprocess.Process) -> tuple[bytes, str]:
     """Remaining stdout and all of stderr, once the process has exited (bounded)."""
     assert process.stdout is not None
     assert process.stderr is not None
-    out, err = await asyncio.wait_for(process.communicate(), STARTUP_TIMEOUT)
+    out, err = await exited(process, STARTUP_TIMEOUT)
     return out, err.decode(errors="replace")
 
 

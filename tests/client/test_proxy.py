@@ -6,6 +6,7 @@ the tunnel does not sneak around it; the proxy password never appears in any out
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pty
 import signal
@@ -20,6 +21,7 @@ from tunnel_server.app import RunningServer
 
 from ..helpers import UNIT, TcpTarget, relay_config_data, start_relay
 from ..oidc_fixture import TestIssuer
+from ..processes import FAULTHANDLER_ENV
 from .tinyproxy import MICROSOCKS, Proxy, microsocks, missing, tinyproxy
 
 pytestmark = pytest.mark.skipif(missing() is not None, reason=missing() or "")
@@ -215,7 +217,7 @@ async def test_proxy_password_prompt_on_a_terminal(
         controller, terminal = pty.openpty()
         environ = {k: v for k, v in os.environ.items() if not k.startswith("TUNNEL_")}
         environ.update(HTTPS_PROXY=proxy.url(credentials=False),
-                       TUNNEL_CLIENT_HOME=str(tmp_path / "home"))  # fmt: skip
+                       TUNNEL_CLIENT_HOME=str(tmp_path / "home"), **FAULTHANDLER_ENV)  # fmt: skip
         process = await asyncio.create_subprocess_exec(
             *CLIENT, "start-tunnel", "vm1", str(echo.port), "--project=p", "--zone=z",
             f"--server={relay.url}", f"--ca-file={tmp_path / 'relay-cert.pem'}",
@@ -238,7 +240,15 @@ async def test_proxy_password_prompt_on_a_terminal(
             assert await asyncio.wait_for(reader.readexactly(8), LIMIT) == b"prompted"
             writer.close()
             process.send_signal(signal.SIGINT)
-            await asyncio.wait_for(process.wait(), LIMIT)
+            try:
+                await asyncio.wait_for(process.wait(), LIMIT)
+            except TimeoutError:  # where it hung: faulthandler's dump on the terminal
+                process.send_signal(signal.SIGABRT)
+                await asyncio.wait_for(process.wait(), LIMIT)
+                os.set_blocking(controller, False)
+                with contextlib.suppress(OSError):
+                    screen += os.read(controller, 65536).decode(errors="replace")
+                raise AssertionError(f"still running after SIGINT:\n{screen[-6000:]}") from None
         finally:
             if process.returncode is None:
                 process.kill()

@@ -20,6 +20,7 @@ from tunnel_server.app import RunningServer
 
 from ..helpers import UNIT, TcpTarget, capture_audit, relay_config_data, start_relay
 from ..oidc_fixture import TestIssuer
+from ..processes import FAULTHANDLER_ENV, exited
 
 pytestmark = pytest.mark.e2e
 
@@ -78,7 +79,7 @@ async def client_process(
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env={**environ, **env},
+        env={**environ, **FAULTHANDLER_ENV, **env},
     )
     try:
         yield process
@@ -131,7 +132,7 @@ async def test_start_tunnel_carries_4mib_both_ways(
                 lambda: sum(r["event"] == "tunnel_closed" for r in audit) == 2
             )
         process.send_signal(signal.SIGINT)
-        out, err = await asyncio.wait_for(process.communicate(), TIMEOUT)
+        out, err = await exited(process, TIMEOUT)
     assert out == b""
     stderr = err.decode()
     assert "Closed [1] local connection(s)." in stderr
