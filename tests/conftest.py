@@ -19,6 +19,13 @@ from .postgres_fixture import postgres_cluster as postgres_cluster  # Debian's P
 from .postgres_fixture import postgres_dsn as postgres_dsn  # a fresh database on it per test
 from .redis_fixture import redis as redis  # the `redis` fixture: a real redis-server on loopback
 
+# A suite started in the background by a shell without job control (`make test &` in a script,
+# some CI runners) inherits SIGINT ignored, and so does every program it starts: the tests that end
+# a client or a relay with Ctrl-C (SIGINT) would wait for it forever. With a handler here instead,
+# the programs the tests start begin with the default disposition again (exec resets handlers).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 class _Collect(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
