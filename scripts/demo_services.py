@@ -12,6 +12,7 @@ import datetime
 import json
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -117,8 +118,23 @@ def show(path: Path) -> str:
     return str(path)
 
 
+def _unclaimable_ports() -> range:
+    """Ports below the kernel's ephemeral range: a port found by binding port 0 is an ephemeral
+    one, and an outgoing connection may take it before the service it was chosen for binds it
+    (seen as "port already in use" on busy machines); below the range only an explicit bind can."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return range(10000, low) if low - 10000 >= 1000 else range(0)
+
+
 def free_port(preferred: int = 0) -> int:
-    for port in dict.fromkeys((preferred, 0)):
+    """``preferred`` when it is free, else a free port outside the ephemeral range (else any)."""
+    pool = _unclaimable_ports()
+    candidates = [preferred] if preferred else []
+    candidates += random.sample(pool, min(50, len(pool))) + [0]
+    for port in candidates:
         with socket.socket() as sock, contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(("127.0.0.1", port))
