@@ -29,6 +29,7 @@ from ..web.sessions import (
     SessionStoreUnavailable,
     SessionTooLarge,
     WebSession,
+    signed_in_session,
 )
 
 SESSION_COOKIE = "__Host-tunnel_console"
@@ -207,15 +208,7 @@ class ConsoleAuth:
         pending: PendingLogin,
     ) -> web.StreamResponse:
         now = self.clock()
-        auth_time = claims.get("auth_time")
-        session = WebSession(
-            sid=secrets.token_urlsafe(32),  # always a new id on sign-in (session fixation)
-            identity=identity,
-            origin=self.origin,
-            created=now,
-            auth_time=float(auth_time) if isinstance(auth_time, int | float) else now,
-            expires=now + self.config.session.max_age,
-        )
+        session = signed_in_session(identity, self.origin, claims, now, self.config.session.max_age)
         try:
             old = request.cookies.get(SESSION_COOKIE)
             if old and len(old) <= MAX_ID:

@@ -28,8 +28,8 @@ from .sessions import (
     SessionStore,
     SessionStoreUnavailable,
     SessionTooLarge,
-    WebSession,
     session_key,
+    signed_in_session,
 )
 
 __all__ = ["CSRF_HEADER", "LOGIN_COOKIE", "MAX_ID", "SESSION_COOKIE", "BrowserLogin"]
@@ -132,15 +132,7 @@ class BrowserLogin:
         pending: PendingLogin,
     ) -> web.StreamResponse:
         now = self.clock()
-        auth_time = claims.get("auth_time")
-        session = WebSession(
-            sid=secrets.token_urlsafe(32),  # always a new id on login (session fixation)
-            identity=identity,
-            origin=origin,
-            created=now,
-            auth_time=float(auth_time) if isinstance(auth_time, int | float) else now,
-            expires=now + self.config.session.max_age,
-        )
+        session = signed_in_session(identity, origin, claims, now, self.config.session.max_age)
         try:
             old = request.cookies.get(SESSION_COOKIE)
             if old and len(old) <= MAX_ID:

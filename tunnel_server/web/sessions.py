@@ -61,6 +61,22 @@ class WebSession:
     csrf: str = field(default_factory=lambda: secrets.token_urlsafe(32))
 
 
+def signed_in_session(
+    identity: Identity, origin: str, claims: dict[str, Any], now: float, max_age: float
+) -> WebSession:
+    """The session a browser sign-in creates: always a new id (no session fixation), the ID
+    token's ``auth_time`` when it has one, else now."""
+    auth_time = claims.get("auth_time")
+    return WebSession(
+        sid=secrets.token_urlsafe(32),
+        identity=identity,
+        origin=origin,
+        created=now,
+        auth_time=float(auth_time) if isinstance(auth_time, int | float) else now,
+        expires=now + max_age,
+    )
+
+
 @dataclass
 class PendingLogin:
     state: str
